@@ -1,0 +1,66 @@
+"""The ``corral`` command: ``serve`` and ``check``.
+
+Exit codes: 0 fine, 2 invalid configuration (or model files that cannot be used).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import structlog
+
+from corral import __version__
+from corral.config import Config, check_model_files, config_path, load_config
+from corral.errors import ConfigError
+from corral.logs import configure_logging
+
+EXIT_CONFIG = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="corral", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"corral {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("serve", "run the proxy and supervisor"),
+                       ("check", "validate the configuration and the model files")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("-c", "--config", help="YAML file (default $CORRAL_CONFIG, ./corral.yaml)")
+    args = parser.parse_args(argv)
+
+    path = config_path(args.config)
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print(f"corral: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.command == "check":
+        return check(config)
+    return serve(config)
+
+
+def check(config: Config) -> int:
+    problems = check_model_files(config)
+    if problems:
+        print(f"corral: {ConfigError(config.source, problems)}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"{config.source}: ok, {len(config.models)} model(s): {', '.join(config.models)}")
+    return 0
+
+
+def serve(config: Config) -> int:
+    from corral.server import serve as run_server
+
+    configure_logging(config.file.log_level)
+    log = structlog.get_logger("corral")
+    for problem in check_model_files(config):
+        # One bad model must not keep the others from serving: it fails when it is requested.
+        log.warning("model_file_problem", problem=problem)
+    log.info("corral_starting", config=config.source, host=config.file.listen.host,
+             port=config.file.listen.port, models=list(config.models))
+    run_server(config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,16 @@
+"""YAML -> typed, validated configuration. Everything else receives a ``Config``."""
+
+from __future__ import annotations
+
+from corral.config.loader import Config, check_model_files, config_path, load_config, parse_config
+from corral.config.schema import ConfigFile, ModelSpec
+
+__all__ = [
+    "Config",
+    "ConfigFile",
+    "ModelSpec",
+    "check_model_files",
+    "config_path",
+    "load_config",
+    "parse_config",
+]

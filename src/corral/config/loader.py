@@ -1,0 +1,164 @@
+"""Read the YAML file once, at the edge, into a validated ``Config``.
+
+Usage::
+
+    config = load_config("corral.yaml")      # raises ConfigError listing every problem
+    spec = config.resolve("smol")            # alias -> ModelSpec
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from corral.config.schema import ConfigFile, ModelSpec
+from corral.errors import ConfigError
+
+DEFAULT_CONFIG = "corral.yaml"
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The validated configuration: the file as written plus each model resolved."""
+
+    file: ConfigFile
+    source: str
+    models: dict[str, ModelSpec]
+    _names: dict[str, str] = field(repr=False)
+
+    def resolve(self, name: str) -> ModelSpec | None:
+        """The model called ``name`` (its name or one of its aliases), or None."""
+        canonical = self._names.get(name)
+        return None if canonical is None else self.models[canonical]
+
+    @property
+    def default_model(self) -> ModelSpec | None:
+        name = self.file.default_model
+        return None if name is None else self.resolve(name)
+
+    def model_names(self) -> list[str]:
+        """Every name a request may use: model names, then aliases."""
+        return list(self._names)
+
+
+def config_path(explicit: str | None) -> str:
+    """The file to read: ``-c`` if given, else ``$CORRAL_CONFIG``, else ``./corral.yaml``."""
+    return explicit or os.environ.get("CORRAL_CONFIG") or DEFAULT_CONFIG
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate ``path``; raise ``ConfigError`` naming each bad key path and value."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(source, [f"cannot read the file: {exc.strerror or exc}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, [f"not valid YAML: {exc}"]) from None
+    return parse_config(data, source=source, base_dir=Path(path).resolve().parent)
+
+
+def parse_config(data: Any, *, source: str = "<memory>", base_dir: Path | None = None) -> Config:
+    """Validate already-parsed YAML ``data``; relative model paths are taken from ``base_dir``."""
+    if not isinstance(data, dict):
+        got = "an empty file" if data is None else type(data).__name__
+        raise ConfigError(source, [f"the top level must be a mapping of keys, got {got}"])
+    try:
+        file = ConfigFile.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, list(_describe(exc))) from None
+    base = base_dir or Path.cwd()
+    defaults = file.defaults
+    models: dict[str, ModelSpec] = {}
+    names: dict[str, str] = {}
+    for name, model in file.models.items():
+        path = Path(os.path.expanduser(model.path))
+        models[name] = ModelSpec(
+            name=name,
+            path=path if path.is_absolute() else (base / path).resolve(),
+            aliases=tuple(model.aliases),
+            ttl=defaults.ttl if model.ttl is None else model.ttl,
+            slots=defaults.slots if model.slots is None else model.slots,
+            ctx_per_slot=(
+                defaults.ctx_per_slot if model.ctx_per_slot is None else model.ctx_per_slot
+            ),
+            gpu_layers=defaults.gpu_layers if model.gpu_layers is None else model.gpu_layers,
+            args=(*file.llama_server.args, *model.args),
+            env={**file.llama_server.env, **model.env},
+            preload=model.preload,
+        )
+        names[name] = name
+    for name, model in file.models.items():
+        names.update({alias: name for alias in model.aliases})
+    return Config(file=file, source=source, models=models, _names=names)
+
+
+def check_model_files(config: Config) -> list[str]:
+    """Problems with the model files themselves: missing, unreadable, or not GGUF."""
+    problems = []
+    for name, spec in config.models.items():
+        where = f"models.{name}.path"
+        try:
+            with spec.path.open("rb") as fh:
+                magic = fh.read(4)
+        except FileNotFoundError:
+            problems.append(f"{where}: file does not exist, got {str(spec.path)!r}")
+            continue
+        except OSError as exc:
+            problems.append(f"{where}: cannot read {str(spec.path)!r}: {exc.strerror or exc}")
+            continue
+        if magic != GGUF_MAGIC:
+            problems.append(
+                f"{where}: not a GGUF file (bad magic {magic!r}), got {str(spec.path)!r}"
+            )
+    return problems
+
+
+_MESSAGES = {
+    "extra_forbidden": "unknown key",
+    "missing": "required key is missing",
+}
+
+
+def _describe(exc: ValidationError) -> Iterator[str]:
+    """One ``key.path: message, got value`` line per pydantic error."""
+    for error in exc.errors(include_url=False):
+        loc = [str(part) for part in error["loc"] if not _is_union_tag(part)]
+        kind = error["type"]
+        ctx = error.get("ctx") or {}
+        if kind in _MESSAGES:
+            message = _MESSAGES[kind]
+        elif kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+            op = {"greater_than_equal": ">=", "greater_than": ">",
+                  "less_than_equal": "<=", "less_than": "<"}[kind]
+            bound = next(iter(ctx.values()))
+            message = f"must be {op} {bound}"
+        elif kind == "value_error":
+            message = str(ctx.get("error", error["msg"]))
+        else:
+            message = error["msg"][0].lower() + error["msg"][1:]
+        path = ".".join(loc)
+        if kind == "value_error" and not loc:
+            # A cross-field check: its message already names the key path.
+            yield message
+        elif kind in ("missing", "extra_forbidden"):
+            yield f"{path}: {message}"
+        else:
+            yield f"{path}: {message}, got {error['input']!r}"
+
+
+def _is_union_tag(part: int | str) -> bool:
+    # pydantic puts the union member it tried into the location (``int``, ``literal['auto']``);
+    # a user only needs the key path.
+    return isinstance(part, str) and (
+        part in ("int", "str", "float", "bool") or part.startswith(("literal[", "constrained-"))
+    )

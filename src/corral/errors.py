@@ -1,0 +1,75 @@
+"""Every error corral raises on purpose, in one hierarchy.
+
+``CorralError`` is the root; catch it to handle anything corral means to report. Each child says
+which part failed and carries what a user needs to act on it:
+
+- ``ConfigError``: the YAML file is invalid; ``.problems`` lists ``key.path: message`` lines.
+- ``ModelNotFoundError``: a request named a model that is not configured.
+- ``ModelLoadError``: a child llama-server could not be started or made ready; ``.retry_after``
+  says when trying again makes sense, ``.log_tail`` what the child printed last.
+- ``ModelUnavailableError``: the model exists but is stopping or being unloaded.
+- ``UpstreamError``: a ready child failed mid-request (connection refused or reset).
+
+The proxy maps each to an HTTP status in one place (``corral.proxy.errors``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class CorralError(Exception):
+    """Base class of every error corral raises deliberately."""
+
+
+class ConfigError(CorralError):
+    """The configuration file cannot be used; ``problems`` has one line per mistake."""
+
+    def __init__(self, source: str, problems: Sequence[str]) -> None:
+        self.source = source
+        self.problems = list(problems)
+        lines = "\n".join(f"  {p}" for p in self.problems)
+        super().__init__(f"invalid configuration {source}:\n{lines}")
+
+
+class ModelNotFoundError(CorralError):
+    """A request named a model (or alias) that the configuration does not have."""
+
+    def __init__(self, name: str, available: Sequence[str]) -> None:
+        self.name = name
+        self.available = list(available)
+        names = ", ".join(self.available) or "(none)"
+        super().__init__(f"model {name!r} does not exist; available models: {names}")
+
+
+class ModelLoadError(CorralError):
+    """A model could not be loaded; the message carries llama-server's own last lines."""
+
+    def __init__(
+        self, model: str, reason: str, log_tail: Sequence[str] = (), retry_after: float = 1.0
+    ) -> None:
+        self.model = model
+        self.reason = reason
+        self.log_tail = list(log_tail)
+        self.retry_after = retry_after
+        message = f"model {model!r} could not be loaded: {reason}"
+        if self.log_tail:
+            message += "\nlast lines from llama-server:\n" + "\n".join(self.log_tail)
+        super().__init__(message)
+
+
+class ModelUnavailableError(CorralError):
+    """The model exists but cannot take requests now (it is being unloaded or shut down)."""
+
+    def __init__(self, model: str, reason: str, retry_after: float = 1.0) -> None:
+        self.model = model
+        self.retry_after = retry_after
+        super().__init__(f"model {model!r} is unavailable: {reason}")
+
+
+class UpstreamError(CorralError):
+    """A child llama-server failed while serving a request."""
+
+    def __init__(self, model: str, reason: str) -> None:
+        self.model = model
+        super().__init__(f"model {model!r} failed while serving the request: {reason}")

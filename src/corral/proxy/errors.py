@@ -1,0 +1,71 @@
+"""OpenAI-shaped error responses, and the one mapping from corral's errors to HTTP statuses."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from starlette.responses import Response
+
+from corral.errors import (
+    CorralError,
+    ModelLoadError,
+    ModelNotFoundError,
+    ModelUnavailableError,
+    UpstreamError,
+)
+
+
+class BadRequestError(CorralError):
+    """The client sent something corral cannot route (the proxy's own 4xx errors)."""
+
+    def __init__(self, message: str, code: str = "invalid_request", status: int = 400) -> None:
+        self.code = code
+        self.status = status
+        super().__init__(message)
+
+
+def error_body(message: str, type_: str, code: str | None) -> bytes:
+    return json.dumps({"error": {"message": message, "type": type_, "code": code}}).encode()
+
+
+def error_response(
+    status: int,
+    message: str,
+    *,
+    type_: str = "invalid_request_error",
+    code: str | None = None,
+    retry_after: float | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    """``{"error": {"message", "type", "code"}}`` with ``status`` (and ``Retry-After``)."""
+    all_headers = dict(headers or {})
+    if retry_after is not None:
+        all_headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+    return Response(
+        error_body(message, type_, code),
+        status_code=status,
+        headers=all_headers,
+        media_type="application/json",
+    )
+
+
+def response_for(exc: CorralError, headers: dict[str, str] | None = None) -> Response:
+    """The HTTP answer for one of corral's errors."""
+    if isinstance(exc, BadRequestError):
+        return error_response(exc.status, str(exc), code=exc.code, headers=headers)
+    if isinstance(exc, ModelNotFoundError):
+        return error_response(404, str(exc), code="model_not_found", headers=headers)
+    if isinstance(exc, ModelLoadError):
+        return error_response(503, str(exc), type_="service_unavailable",
+                              code="model_load_failed", retry_after=exc.retry_after,
+                              headers=headers)
+    if isinstance(exc, ModelUnavailableError):
+        return error_response(503, str(exc), type_="service_unavailable",
+                              code="model_unavailable", retry_after=exc.retry_after,
+                              headers=headers)
+    if isinstance(exc, UpstreamError):
+        return error_response(502, str(exc), type_="server_error", code="upstream_failed",
+                              headers=headers)
+    return error_response(500, str(exc), type_="server_error", code="internal_error",
+                          headers=headers)

@@ -1,0 +1,117 @@
+"""Forwarding one request to a child and streaming its answer back, untouched.
+
+This is the hot path: the request body goes upstream as the client sent it, and the response
+body comes back as raw chunks (``aiter_raw``: no decoding, no re-encoding, no buffering), so an
+SSE token reaches the client as soon as llama-server writes it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import anyio
+import httpx
+from starlette.types import Message, Receive, Scope, Send
+
+from corral.errors import UpstreamError
+
+# Never forwarded: connection-level headers, and the client's credentials (the child has its own
+# private key, which the pooled client adds).
+_DROP_REQUEST = frozenset({
+    b"host", b"content-length", b"connection", b"keep-alive", b"proxy-authorization",
+    b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade",
+    b"authorization", b"x-api-key", b"accept-encoding",
+})
+_DROP_RESPONSE = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "trailer", "transfer-encoding", "upgrade",
+    "server", "date",
+})
+
+
+async def send_upstream(
+    client: httpx.AsyncClient,
+    model: str,
+    method: str,
+    path: str,
+    query: bytes,
+    headers: list[tuple[bytes, bytes]],
+    body: bytes,
+) -> httpx.Response:
+    """Send the request to the child; the response is open for streaming (close it!)."""
+    url = httpx.URL(path=path, query=query)
+    request = client.build_request(
+        method, url, content=body,
+        headers=[(k, v) for k, v in headers if k.lower() not in _DROP_REQUEST],
+    )
+    try:
+        return await client.send(request, stream=True)
+    except httpx.HTTPError as exc:
+        raise UpstreamError(model, f"{type(exc).__name__}: {exc}") from None
+
+
+class UpstreamResponse:
+    """An ASGI response that streams an open upstream response through, then cleans up.
+
+    ``on_close`` runs exactly once, whether the stream ends, the client goes away (the upstream
+    request is closed at once, freeing the child's slot) or the child fails mid-stream.
+    """
+
+    def __init__(
+        self,
+        upstream: httpx.Response,
+        on_close: Callable[[], None],
+        extra_headers: list[tuple[bytes, bytes]] = (),  # type: ignore[assignment]
+    ) -> None:
+        self.upstream = upstream
+        self.on_close = on_close
+        self.headers = [
+            (k.encode("latin-1"), v.encode("latin-1"))
+            for k, v in upstream.headers.multi_items()
+            if k.lower() not in _DROP_RESPONSE
+        ]
+        self.headers.extend(extra_headers)
+        content_type = upstream.headers.get("content-type", "")
+        self.is_sse = content_type.startswith("text/event-stream")
+        self.client_gone = False
+        self.upstream_error: str | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(self._watch_disconnect, receive, group.cancel_scope)
+                await self._stream(send)
+                group.cancel_scope.cancel()
+        finally:
+            await self.upstream.aclose()
+            self.on_close()
+
+    async def _stream(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.upstream.status_code,
+                    "headers": self.headers})
+        try:
+            async for chunk in self.upstream.aiter_raw():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except httpx.HTTPError as exc:
+            self.upstream_error = f"{type(exc).__name__}: {exc}"
+            if not self.is_sse:
+                # Headers are out and the body is cut: only closing the connection tells the
+                # client the response is incomplete.
+                raise
+            await send({"type": "http.response.body", "body": sse_error(
+                f"the model failed mid-stream: {self.upstream_error}"), "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _watch_disconnect(self, receive: Receive, scope: anyio.CancelScope) -> None:
+        while True:
+            message: Message = await receive()
+            if message["type"] == "http.disconnect":
+                self.client_gone = True
+                scope.cancel()
+                return
+
+
+def sse_error(message: str, code: str = "upstream_failed") -> bytes:
+    """An SSE ``error`` event in the OpenAI error shape."""
+    payload = json.dumps({"error": {"message": message, "type": "server_error", "code": code}})
+    return f"event: error\ndata: {payload}\n\n".encode()

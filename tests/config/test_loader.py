@@ -1,0 +1,158 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from corral.cli import main
+from corral.config import check_model_files, load_config, parse_config
+from corral.errors import ConfigError
+
+
+def problems(data: object) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    return info.value.problems
+
+
+def test_full_example_resolves_defaults_and_overrides(tmp_path: Path) -> None:
+    text = """
+listen: {host: 127.0.0.1, port: 9000}
+llama_server: {binary: /opt/llama-server, startup_timeout: 2m, stop_timeout: 10s,
+               args: [--threads, "2"], env: {A: "1"}}
+defaults: {ttl: 10m, slots: 4, ctx_per_slot: 4096, gpu_layers: auto}
+default_model: smol
+models:
+  smollm2:
+    path: models/smol.gguf
+    aliases: [smol]
+    ttl: 5m
+    slots: 2
+    ctx_per_slot: 2048
+    gpu_layers: 10
+    args: ["--temp", "0.7"]
+    env: {B: "2"}
+    preload: true
+  other:
+    path: /abs/other.gguf
+"""
+    path = tmp_path / "corral.yaml"
+    path.write_text(text)
+    config = load_config(path)
+    smol = config.models["smollm2"]
+    assert smol.path == tmp_path / "models" / "smol.gguf"
+    assert (smol.ttl, smol.slots, smol.ctx_per_slot, smol.gpu_layers) == (300, 2, 2048, 10)
+    assert smol.args == ("--threads", "2", "--temp", "0.7")
+    assert smol.env == {"A": "1", "B": "2"}
+    assert smol.preload is True
+    other = config.models["other"]
+    assert (other.ttl, other.slots, other.ctx_per_slot, other.gpu_layers) == (600, 4, 4096, "auto")
+    assert other.path == Path("/abs/other.gguf")
+    assert config.file.llama_server.startup_timeout == 120
+    assert config.resolve("smol") is smol
+    assert config.resolve("nope") is None
+    assert config.default_model is smol
+    assert config.model_names() == ["smollm2", "other", "smol"]
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"models": {"smollm2": {"path": "x", "slots": 0}}},
+         "models.smollm2.slots: must be >= 1, got 0"),
+        ({"models": {"m": {"path": "x", "ttl": "soon"}}},
+         "models.m.ttl: not a duration (use e.g. 90s, 10m, 1h), got 'soon'"),
+        ({"models": {"m": {"path": "x", "ttl": -5}}}, "models.m.ttl: must not be negative, got -5"),
+        ({"models": {"m": {"path": "x", "ctx_per_slot": 1000}}},
+         "models.m.ctx_per_slot: must be a multiple of 256 and >= 256, got 1000"),
+        ({"models": {"m": {"path": "x", "gpu_layers": "most"}}},
+         "models.m.gpu_layers: must be 'auto', 'all' or a number of layers >= 0, got 'most'"),
+        ({"models": {"m": {"path": "x", "gpu_layers": True}}},
+         "models.m.gpu_layers: must be 'auto', 'all' or a number of layers >= 0, got True"),
+        ({"models": {"m": {"path": "x", "colour": "red"}}}, "models.m.colour: unknown key"),
+        ({"models": {"m": {"path": "x"}}, "listen": {"port": 70000}},
+         "listen.port: must be <= 65535, got 70000"),
+        ({"models": {"m": {}}}, "models.m.path: required key is missing"),
+        ({"models": {"m": {"path": " "}}}, "models.m.path: must not be empty, got ' '"),
+        ({}, "models: required key is missing"),
+        ({"models": {"m": {"path": "x", "args": ["-np", "8"]}}},
+         "models.m.args: '-np' is set by corral (use `slots`), got ['-np', '8']"),
+        ({"models": {"m": {"path": "x"}}, "llama_server": {"args": ["--port=1"]}},
+         "llama_server.args: '--port' is set by corral (corral picks a free port), "
+         "got ['--port=1']"),
+        ({"models": {"m": {"path": "x"}}, "llama_server": {"startup_timeout": 0}},
+         "llama_server.startup_timeout: must be greater than 0, got 0"),
+        ({"models": {"a": {"path": "x", "aliases": ["b"]}, "b": {"path": "y"}}},
+         "models.a.aliases: 'b' is already the name or an alias of model 'b'"),
+        ({"models": {"a": {"path": "x"}}, "default_model": "z"},
+         "default_model: 'z' is not a configured model or alias"),
+        ({"models": {"has space": {"path": "x"}}},
+         "models.has space.[key]: string should match pattern '^[^\\s]+$', got 'has space'"),
+        ({"models": {"a": {"path": "x"}}, "log_level": "loud"},
+         "log_level: input should be 'debug', 'info', 'warning' or 'error', got 'loud'"),
+    ],
+)
+def test_errors_name_the_key_path_and_the_bad_value(data: object, expected: str) -> None:
+    assert problems(data) == [expected]
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    found = problems({"models": {"m": {"path": "x", "slots": 0, "ttl": "x"}}, "bogus": 1})
+    assert len(found) == 3
+
+
+def test_top_level_must_be_a_mapping(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("")
+    with pytest.raises(ConfigError, match="got an empty file"):
+        load_config(path)
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="got list"):
+        load_config(path)
+    path.write_text("models: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="cannot read the file"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_check_model_files(tmp_path: Path, smollm2: Path) -> None:
+    (tmp_path / "junk.gguf").write_bytes(b"not a model at all")
+    config = parse_config(
+        {"models": {"good": {"path": str(smollm2)}, "junk": {"path": "junk.gguf"},
+                    "gone": {"path": "gone.gguf"}}},
+        base_dir=tmp_path,
+    )
+    assert check_model_files(config) == [
+        f"models.junk.path: not a GGUF file (bad magic b'not '), got '{tmp_path}/junk.gguf'",
+        f"models.gone.path: file does not exist, got '{tmp_path}/gone.gguf'",
+    ]
+
+
+def test_corral_check_exit_codes(
+    tmp_path: Path, smollm2: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump({"models": {"smollm2": {"path": str(smollm2)}}}))
+    assert main(["check", "-c", str(good)]) == 0
+    assert "ok, 1 model(s): smollm2" in capsys.readouterr().out
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"models": {"smollm2": {"path": str(smollm2), "slots": 0}}}))
+    assert main(["check", "-c", str(bad)]) == 2
+    assert "models.smollm2.slots: must be >= 1, got 0" in capsys.readouterr().err
+
+    missing = tmp_path / "missing.yaml"
+    missing.write_text(yaml.safe_dump({"models": {"m": {"path": "nowhere.gguf"}}}))
+    assert main(["check", "-c", str(missing)]) == 2
+    assert "models.m.path: file does not exist" in capsys.readouterr().err
+
+    # No -c: $CORRAL_CONFIG, then ./corral.yaml.
+    monkeypatch.setenv("CORRAL_CONFIG", str(good))
+    assert main(["check"]) == 0
+    monkeypatch.delenv("CORRAL_CONFIG")
+    monkeypatch.chdir(tmp_path)
+    assert main(["check"]) == 2
+    assert "invalid configuration corral.yaml:\n  cannot read the file" in capsys.readouterr().err
