@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import psutil
 import pytest
 import yaml
@@ -93,6 +94,13 @@ class CorralProcess:
         )
         self.http = httpx.Client(base_url=self.url, timeout=60.0)
         self._seen: set[psutil.Process] = set()
+        self._clients: list[openai.OpenAI] = []
+
+    def openai(self) -> openai.OpenAI:
+        """The official client pointed at corral (closed with the server)."""
+        client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0)
+        self._clients.append(client)
+        return client
 
     def wait_healthy(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -145,6 +153,8 @@ class CorralProcess:
     def close(self) -> None:
         self.stop()
         self.http.close()
+        for client in self._clients:
+            client.close()
         self._log.close()
         for child in self._seen:  # whatever corral failed to stop, so no test leaks processes
             if child.is_running():

@@ -112,7 +112,7 @@ class ModelProcess:
                 retry_after=30.0,
             )
         self.port = free_port()
-        env = {**os.environ, **self.spec.env, "LLAMA_ARG_API_KEY": self.api_key}
+        env = {**os.environ, **self.spec.env, "LLAMA_API_KEY": self.api_key}
         argv = self.command(binary)
         try:
             self._proc = await asyncio.create_subprocess_exec(

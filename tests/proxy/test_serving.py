@@ -1,0 +1,242 @@
+"""Serving through corral with the real llama-server and SmolLM2 (the official openai client)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import CorralProcess
+
+pytestmark = pytest.mark.integration
+
+Start = Callable[..., CorralProcess]
+CHAT = [{"role": "user", "content": "Say hello."}]
+
+
+def two_models(smollm2: Path, **extra: Any) -> dict[str, Any]:
+    return {
+        "models": {
+            "smollm2": {"path": str(smollm2), "aliases": ["smol"], "slots": 2,
+                        "ctx_per_slot": 1024},
+            "smollm2-wide": {"path": str(smollm2), "slots": 3, "ctx_per_slot": 512},
+        },
+        **extra,
+    }
+
+
+def test_two_models_from_one_gguf_with_their_own_slots(corral: Start, smollm2: Path) -> None:
+    server = corral(two_models(smollm2))
+    oai = server.openai()
+    for name in ("smollm2", "smollm2-wide"):
+        reply = oai.chat.completions.create(model=name, messages=CHAT, max_tokens=8)
+        assert reply.choices[0].message.content
+        assert reply.model == name
+    assert len(server.children()) == 2
+    slots = server.http.get("/slots", params={"model": "smollm2"}).json()
+    assert [s["n_ctx"] for s in slots] == [1024, 1024]
+    wide = server.http.get("/slots", params={"model": "smollm2-wide"}).json()
+    assert [s["n_ctx"] for s in wide] == [512, 512, 512]
+    listed = {m["id"]: m["corral"] for m in oai.models.list().model_dump()["data"]}
+    assert listed["smollm2"] == {"state": "ready", "slots": 2, "ctx_per_slot": 1024,
+                                 "alias_of": None}
+    assert listed["smol"]["alias_of"] == "smollm2"
+    assert listed["smollm2-wide"]["slots"] == 3
+
+
+def test_chat_streamed_and_not_and_completions(corral: Start, smollm2: Path) -> None:
+    server = corral(two_models(smollm2))
+    oai = server.openai()
+    reply = oai.chat.completions.create(model="smol", messages=CHAT, max_tokens=16)
+    assert reply.choices[0].message.content
+    assert reply.usage is not None and reply.usage.completion_tokens > 0
+
+    chunks = list(oai.chat.completions.create(
+        model="smol", messages=CHAT, max_tokens=16, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(chunks) > 3 and text.strip()
+
+    completion = oai.completions.create(model="smollm2", prompt="The capital of France is",
+                                        max_tokens=8, temperature=0)
+    assert completion.choices[0].text
+
+
+def test_stream_is_passed_through_as_it_is_produced(corral: Start, smollm2: Path) -> None:
+    server = corral(two_models(smollm2))
+    body = {"model": "smollm2", "messages": CHAT, "max_tokens": 200, "stream": True,
+            "ignore_eos": True}
+    assert server.http.post("/admin/models/smollm2/load").status_code == 200
+    arrivals = []
+    started = time.monotonic()
+    with server.http.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        raw = b""
+        for chunk in response.iter_raw():
+            arrivals.append(time.monotonic() - started)
+            raw += chunk
+    events = [line for line in raw.decode().split("\n") if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    assert len(events) >= 200
+    # 200 tokens take seconds on a CPU; a buffering proxy would deliver them all at the end.
+    assert len(arrivals) > 20
+    assert arrivals[0] < arrivals[-1] / 2
+
+
+def test_embeddings(corral: Start, smollm2: Path) -> None:
+    server = corral({"models": {"embed": {"path": str(smollm2), "slots": 1,
+                                          "ctx_per_slot": 512,
+                                          "args": ["--embeddings", "--pooling", "mean"]}}})
+    result = server.openai().embeddings.create(model="embed", input=["hello", "world"])
+    assert len(result.data) == 2
+    assert len(result.data[0].embedding) == 576  # SmolLM2-135M's n_embd
+
+
+def test_concurrent_requests_during_a_cold_load_share_one_process(
+    corral: Start, smollm2: Path
+) -> None:
+    server = corral(two_models(smollm2))
+    assert server.children() == []
+
+    def ask(_: int) -> int:
+        body = {"model": "smollm2-wide", "prompt": "Hi", "max_tokens": 4}
+        return server.http.post("/v1/completions", json=body).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(ask, range(8)))
+    assert codes == [200] * 8
+    assert len(server.children()) == 1
+    assert server.model("smollm2-wide")["loads"] == 1
+    assert server.model("smollm2")["state"] == "unloaded"
+
+
+def test_idle_model_is_stopped_after_its_ttl_and_reloaded(corral: Start, smollm2: Path) -> None:
+    config = two_models(smollm2)
+    config["models"]["smollm2"]["ttl"] = "2s"
+    server = corral(config)
+    oai = server.openai()
+    oai.completions.create(model="smollm2", prompt="Hi", max_tokens=2)
+    pid = server.model("smollm2")["pid"]
+    assert [p.pid for p in server.children()] == [pid]
+    server.wait_for(lambda: server.model("smollm2")["state"] == "unloaded", timeout=10)
+    info = server.model("smollm2")
+    assert info["last_stop_reason"] == "idle"
+    assert server.children() == []
+    oai.completions.create(model="smollm2", prompt="Hi", max_tokens=2)
+    info = server.model("smollm2")
+    assert info["state"] == "ready" and info["loads"] == 2 and info["pid"] != pid
+
+
+def test_admin_load_and_unload(corral: Start, smollm2: Path) -> None:
+    server = corral(two_models(smollm2))
+    loaded = server.http.post("/admin/models/smol/load")
+    assert loaded.status_code == 200
+    info = loaded.json()
+    assert info["name"] == "smollm2" and info["state"] == "ready"
+    assert info["slots"] == 2 and info["ctx_per_slot"] == 1024
+    assert info["pid"] == server.children()[0].pid and info["port"] > 0
+    assert info["uptime_seconds"] >= 0
+
+    unloaded = server.http.post("/admin/models/smollm2/unload")
+    assert unloaded.status_code == 200
+    assert unloaded.json()["state"] == "unloaded"
+    assert unloaded.json()["last_stop_reason"] == "manual"
+    assert server.children() == []
+    missing = server.http.post("/admin/models/nope/load")
+    assert missing.status_code == 404
+    assert "available models: smollm2, smollm2-wide, smol" in missing.json()["error"]["message"]
+
+
+def test_invalid_gguf_gives_503_with_the_reason_and_others_keep_serving(
+    corral: Start, smollm2: Path, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\x00" * 64)  # the magic, then nonsense
+    config = two_models(smollm2)
+    config["models"]["broken"] = {"path": str(broken), "slots": 1, "ctx_per_slot": 256}
+    server = corral(config)
+    response = server.http.post("/v1/chat/completions",
+                                json={"model": "broken", "messages": CHAT})
+    assert response.status_code == 503
+    assert int(response.headers["retry-after"]) >= 1
+    error = response.json()["error"]
+    assert error["code"] == "model_load_failed"
+    assert "llama-server exited with code" in error["message"]
+    assert "last lines from llama-server" in error["message"]
+    assert "failed to load model" in error["message"]  # llama-server's own words
+    info = server.model("broken")
+    assert info["state"] == "failed" and "exited with code" in info["last_error"]
+    reply = server.openai().chat.completions.create(model="smol", messages=CHAT, max_tokens=4)
+    assert reply.choices[0].message.content
+
+
+def test_request_errors_are_openai_shaped(corral: Start, smollm2: Path) -> None:
+    server = corral(two_models(smollm2))
+    post = server.http.post
+    cases = [
+        (post("/v1/chat/completions", json={"messages": CHAT}), 400, "model_required"),
+        (post("/v1/chat/completions", content=b"{nope"), 400, "invalid_json"),
+        (post("/v1/chat/completions", json=[1]), 400, "invalid_body"),
+        (post("/v1/chat/completions", json={"model": 5}), 400, "invalid_model"),
+        (post("/v1/chat/completions", json={"model": "gpt-4"}), 404, "model_not_found"),
+        (server.http.get("/v1/chat/completions"), 405, "method_not_allowed"),
+        (server.http.get("/nowhere"), 404, "not_found"),
+        (server.http.get("/props"), 400, "model_required"),
+    ]
+    for response, status, code in cases:
+        assert response.status_code == status, response.text
+        assert set(response.json()["error"]) == {"message", "type", "code"}
+        assert response.json()["error"]["code"] == code
+    assert "available models: smollm2, smollm2-wide, smol" in cases[4][0].json()["error"][
+        "message"]
+    assert server.children() == []  # no mistake loaded anything
+    assert server.http.get("/health").json() == {"status": "ok"}
+
+
+def test_default_model_serves_clients_written_for_one_llama_server(
+    corral: Start, smollm2: Path
+) -> None:
+    server = corral(two_models(smollm2, default_model="smol"))
+    # /slots never loads a model: monitoring must not keep one from going idle.
+    slots = server.http.get("/slots")
+    assert slots.status_code == 503 and server.children() == []
+    props = server.http.get("/props")
+    assert props.status_code == 200
+    assert props.json()["total_slots"] == 2
+    tokens = server.http.post("/tokenize", json={"content": "hello world"})
+    assert tokens.status_code == 200 and tokens.json()["tokens"]
+    reply = server.http.post("/completion", json={"prompt": "Hi", "n_predict": 4})
+    assert reply.status_code == 200 and "content" in reply.json()
+    assert len(server.http.get("/slots").json()) == 2
+    assert len(server.children()) == 1
+    assert reply.headers["x-request-id"]
+
+
+def test_client_disconnect_frees_the_slot(corral: Start, smollm2: Path) -> None:
+    server = corral(two_models(smollm2))
+    body = {"model": "smollm2", "messages": CHAT, "max_tokens": 4000, "stream": True,
+            "ignore_eos": True}
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        with http.stream("POST", "/v1/chat/completions", json=body) as response:
+            for _ in response.iter_raw():
+                break
+            busy = server.http.get("/slots", params={"model": "smollm2"}).json()
+            assert any(s["is_processing"] for s in busy)
+    # Leaving the block closed the client's connection mid-stream.
+    started = time.monotonic()
+
+    def idle() -> bool:
+        slots = server.http.get("/slots", params={"model": "smollm2"}).json()
+        return not any(s["is_processing"] for s in slots)
+
+    server.wait_for(idle, timeout=5)
+    assert time.monotonic() - started < 2.0
+    assert server.model("smollm2")["in_flight"] == 0
+    logs = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    assert any(e.get("event") == "request" and e.get("client_gone") for e in logs)

@@ -1,0 +1,131 @@
+"""corral's children over their whole life, with the real llama-server."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import CorralProcess, free_port
+
+pytestmark = pytest.mark.integration
+
+Start = Callable[..., CorralProcess]
+
+
+def model(smollm2: Path, **extra: object) -> dict[str, object]:
+    return {"path": str(smollm2), "slots": 1, "ctx_per_slot": 512, **extra}
+
+
+def test_preload_starts_at_startup(corral: Start, smollm2: Path) -> None:
+    server = corral({"models": {"eager": model(smollm2, preload=True), "lazy": model(smollm2)}})
+    server.wait_for(lambda: server.model("eager")["state"] == "ready")
+    assert server.model("lazy")["state"] == "unloaded"
+    assert len(server.children()) == 1
+
+
+def test_sigterm_finishes_requests_stops_children_and_exits_0(
+    corral: Start, smollm2: Path
+) -> None:
+    server = corral({"models": {"a": model(smollm2, slots=2), "b": model(smollm2)}})
+    for name in ("a", "b"):
+        assert server.http.post(f"/admin/models/{name}/load").status_code == 200
+    children = server.children()
+    assert len(children) == 2
+
+    def generate(_: int) -> tuple[int, str]:
+        body = {"model": "a", "prompt": "Count:", "max_tokens": 60, "ignore_eos": True}
+        response = server.http.post("/v1/completions", json=body)
+        return response.status_code, response.json()["choices"][0]["text"]
+
+    with ThreadPoolExecutor(2) as pool:
+        results = pool.map(generate, range(2))
+        time.sleep(0.3)  # both requests are in flight
+        assert server.stop(signal.SIGTERM) == 0
+        finished = list(results)
+    assert [code for code, _ in finished] == [200, 200]
+    assert all(text for _, text in finished)
+    for child in children:
+        assert not child.is_running()
+
+
+def test_sigkill_of_corral_takes_the_children_with_it(corral: Start, smollm2: Path) -> None:
+    server = corral({"models": {"a": model(smollm2, preload=True)}})
+    server.wait_for(lambda: server.model("a")["state"] == "ready")
+    children = server.children()
+    assert len(children) == 1
+    server.proc.kill()
+    server.proc.wait()
+    _, alive = psutil.wait_procs(children, timeout=2.0)
+    assert alive == []
+
+
+def test_leftovers_of_an_earlier_run_are_stopped_at_startup(
+    corral: Start, smollm2: Path, llama_server: str, tmp_path: Path
+) -> None:
+    # A llama-server with no parent-death signal, as if an earlier corral had been killed on a
+    # system that does not deliver it, recorded in that corral's state file.
+    orphan = subprocess.Popen(
+        [llama_server, "-m", str(smollm2), "--port", str(free_port()), "-c", "512"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        state_file = tmp_path / "state.json"
+        created = psutil.Process(orphan.pid).create_time()
+        state_file.write_text(json.dumps(
+            {str(orphan.pid): {"create_time": created, "model": "a"}}))
+        corral({"models": {"a": model(smollm2)}, "state_file": str(state_file)})
+        assert orphan.wait(timeout=10) == -signal.SIGKILL
+        assert json.loads(state_file.read_text()) == {}
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+            orphan.wait()
+
+
+def test_state_file_ignores_a_recycled_pid(corral: Start, smollm2: Path, tmp_path: Path) -> None:
+    bystander = subprocess.Popen(["sleep", "30"])
+    try:
+        state_file = tmp_path / "state.json"
+        state_file.write_text(json.dumps({str(bystander.pid): {"create_time": 1.0,
+                                                               "model": "a"}}))
+        corral({"models": {"a": model(smollm2)}, "state_file": str(state_file)})
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_a_crashed_child_is_reported_and_loaded_again(corral: Start, smollm2: Path) -> None:
+    server = corral({"models": {"a": model(smollm2)}})
+    assert server.http.post("/admin/models/a/load").status_code == 200
+    (child,) = server.children()
+    child.kill()
+    server.wait_for(lambda: server.model("a")["state"] == "failed", timeout=5)
+    info = server.model("a")
+    assert "exited unexpectedly" in info["last_error"]
+    assert info["last_stop_reason"] == "crash"
+    server.wait_for(
+        lambda: server.http.post("/v1/completions", json={
+            "model": "a", "prompt": "Hi", "max_tokens": 2}).status_code == 200,
+        timeout=10,
+    )
+    assert server.model("a")["loads"] == 2
+    assert len(server.children()) == 1
+
+
+def test_child_output_becomes_log_events(corral: Start, smollm2: Path) -> None:
+    server = corral({"models": {"a": model(smollm2)}, "log_level": "debug"})
+    assert server.http.post("/admin/models/a/load").status_code == 200
+    events = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    pid = server.model("a")["pid"]
+    lines = [e for e in events if e["event"] == "child_output"]
+    assert lines and all(e["model"] == "a" and e["pid"] == pid for e in lines)
+    assert any("server is listening" in e["line"] or "model loaded" in e["line"] for e in lines)
