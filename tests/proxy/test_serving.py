@@ -222,20 +222,20 @@ def test_client_disconnect_frees_the_slot(corral: Start, smollm2: Path) -> None:
     server = corral(two_models(smollm2))
     body = {"model": "smollm2", "messages": CHAT, "max_tokens": 4000, "stream": True,
             "ignore_eos": True}
+
+    def busy() -> bool:
+        slots = server.http.get("/slots", params={"model": "smollm2"}).json()
+        return any(s["is_processing"] for s in slots)
+
     with httpx.Client(base_url=server.url, timeout=30) as http:
         with http.stream("POST", "/v1/chat/completions", json=body) as response:
             for _ in response.iter_raw():
                 break
-            busy = server.http.get("/slots", params={"model": "smollm2"}).json()
-            assert any(s["is_processing"] for s in busy)
+            # The first chunk (the role) can come before the slot starts; wait for it to work.
+            server.wait_for(busy, timeout=5)
     # Leaving the block closed the client's connection mid-stream.
     started = time.monotonic()
-
-    def idle() -> bool:
-        slots = server.http.get("/slots", params={"model": "smollm2"}).json()
-        return not any(s["is_processing"] for s in slots)
-
-    server.wait_for(idle, timeout=5)
+    server.wait_for(lambda: not busy(), timeout=5)
     assert time.monotonic() - started < 2.0
     assert server.model("smollm2")["in_flight"] == 0
     logs = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
