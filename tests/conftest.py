@@ -132,6 +132,10 @@ class CorralProcess:
         models = self.http.get("/admin/models").json()["models"]
         return next(m for m in models if m["name"] == name)
 
+    def model_status(self, name: str) -> dict[str, Any]:
+        models = self.http.get("/admin/status").json()["models"]
+        return next(m for m in models if m["name"] == name)
+
     def wait_for(self, condition: Callable[[], bool], timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while not condition():

@@ -9,6 +9,8 @@ which part failed and carries what a user needs to act on it:
   says when trying again makes sense, ``.log_tail`` what the child printed last.
 - ``ModelUnavailableError``: the model exists but is stopping or being unloaded.
 - ``UpstreamError``: a ready child failed mid-request (connection refused or reset).
+- ``QueueFullError`` / ``QueueTimeoutError``: admission refused a request (429 / 503).
+- ``ClientGoneError``: the client left while its request was queued.
 
 The proxy maps each to an HTTP status in one place (``corral.proxy.errors``).
 """
@@ -73,3 +75,27 @@ class UpstreamError(CorralError):
     def __init__(self, model: str, reason: str) -> None:
         self.model = model
         super().__init__(f"model {model!r} failed while serving the request: {reason}")
+
+
+class QueueFullError(CorralError):
+    """A model's admission queue is full; the client should retry later (429)."""
+
+    def __init__(self, model: str, limit: int, retry_after: float = 1.0) -> None:
+        self.model = model
+        self.retry_after = retry_after
+        super().__init__(
+            f"model {model!r} is busy: all slots are in use and {limit} requests already wait"
+        )
+
+
+class QueueTimeoutError(CorralError):
+    """A request waited for a slot longer than the queue timeout (503)."""
+
+    def __init__(self, model: str, waited: float, retry_after: float = 1.0) -> None:
+        self.model = model
+        self.retry_after = retry_after
+        super().__init__(f"model {model!r} had no free slot within {waited:g}s")
+
+
+class ClientGoneError(CorralError):
+    """The client disconnected before its request was sent upstream; nobody reads the answer."""

@@ -95,6 +95,10 @@ def parse_config(data: Any, *, source: str = "<memory>", base_dir: Path | None =
             args=(*file.llama_server.args, *model.args),
             env={**file.llama_server.env, **model.env},
             preload=model.preload,
+            queue_max=defaults.queue.max if model.queue.max is None else model.queue.max,
+            queue_timeout=(
+                defaults.queue.timeout if model.queue.timeout is None else model.queue.timeout
+            ),
         )
         names[name] = name
     for name, model in file.models.items():

@@ -90,8 +90,21 @@ class LlamaServerSettings(StrictModel):
     _args = field_validator("args")(_check_args)
 
 
+class QueueSettings(StrictModel):
+    """The admission queue in front of a model's slots."""
+
+    max: Annotated[int, Field(ge=0)] | None = None  # None: 4 x slots
+    timeout: PositiveDuration = 60.0
+
+
+class QueueOverrides(StrictModel):
+    max: Annotated[int, Field(ge=0)] | None = None
+    timeout: PositiveDuration | None = None
+
+
 class ModelDefaults(StrictModel):
     ttl: Duration = 600.0
+    queue: QueueSettings = Field(default_factory=QueueSettings)
     slots: Slots = 4
     ctx_per_slot: int = 4096
     gpu_layers: GpuLayers = "auto"
@@ -106,6 +119,7 @@ class ModelConfig(StrictModel):
     slots: Slots | None = None
     ctx_per_slot: int | None = None
     gpu_layers: GpuLayers | None = None
+    queue: QueueOverrides = Field(default_factory=QueueOverrides)
     args: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
     preload: bool = False
@@ -163,3 +177,9 @@ class ModelSpec:
     args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
     preload: bool = False
+    queue_max: int | None = None  # None: 4 x slots
+    queue_timeout: float = 60.0
+
+    def queue_limit(self, slots: int) -> int:
+        """How many requests may wait for ``slots`` busy slots."""
+        return 4 * slots if self.queue_max is None else self.queue_max

@@ -8,12 +8,18 @@ import math
 from starlette.responses import Response
 
 from corral.errors import (
+    ClientGoneError,
     CorralError,
     ModelLoadError,
     ModelNotFoundError,
     ModelUnavailableError,
+    QueueFullError,
+    QueueTimeoutError,
     UpstreamError,
 )
+
+# nginx's "client closed request": logged and counted, never read by anyone.
+CLIENT_CLOSED_REQUEST = 499
 
 
 class BadRequestError(CorralError):
@@ -63,6 +69,15 @@ def response_for(exc: CorralError, headers: dict[str, str] | None = None) -> Res
     if isinstance(exc, ModelUnavailableError):
         return error_response(503, str(exc), type_="service_unavailable",
                               code="model_unavailable", retry_after=exc.retry_after,
+                              headers=headers)
+    if isinstance(exc, QueueFullError):
+        return error_response(429, str(exc), type_="rate_limit_error", code="queue_full",
+                              retry_after=exc.retry_after, headers=headers)
+    if isinstance(exc, QueueTimeoutError):
+        return error_response(503, str(exc), type_="service_unavailable", code="queue_timeout",
+                              retry_after=exc.retry_after, headers=headers)
+    if isinstance(exc, ClientGoneError):
+        return error_response(CLIENT_CLOSED_REQUEST, str(exc), code="client_closed_request",
                               headers=headers)
     if isinstance(exc, UpstreamError):
         return error_response(502, str(exc), type_="server_error", code="upstream_failed",

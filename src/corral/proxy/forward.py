@@ -8,6 +8,7 @@ SSE token reaches the client as soon as llama-server writes it.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 
 import anyio
@@ -75,6 +76,7 @@ class UpstreamResponse:
         self.is_sse = content_type.startswith("text/event-stream")
         self.client_gone = False
         self.upstream_error: str | None = None
+        self.first_chunk_at: float | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -91,6 +93,8 @@ class UpstreamResponse:
                     "headers": self.headers})
         try:
             async for chunk in self.upstream.aiter_raw():
+                if self.first_chunk_at is None:
+                    self.first_chunk_at = time.perf_counter()
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except httpx.HTTPError as exc:
             self.upstream_error = f"{type(exc).__name__}: {exc}"

@@ -29,6 +29,11 @@ INFERENCE_PATHS = (
     "/apply-template",
 )
 
+# Endpoints that use no slot (they never decode): they skip admission but still need the model.
+SLOTLESS_PATHS = frozenset({
+    "/tokenize", "/detokenize", "/apply-template", "/v1/messages/count_tokens",
+})
+
 
 def parse_body(body: bytes) -> dict[str, Any]:
     """The request body as a JSON object; ``BadRequestError`` for anything else."""

@@ -32,12 +32,13 @@ from corral.config import Config, ModelSpec
 from corral.errors import ModelLoadError, ModelNotFoundError, ModelUnavailableError
 from corral.placement import LaunchPlan, plan_launch
 from corral.supervisor.children import ChildRegistry, default_state_file
+from corral.supervisor.events import SupervisorEvents
 from corral.supervisor.process import LOG_TAIL_LINES, ModelProcess
 from corral.supervisor.state import ModelState, check_transition
 
 log = structlog.get_logger("corral.supervisor")
 
-StopReason = Literal["idle", "manual", "shutdown", "crash"]
+StopReason = Literal["idle", "memory", "manual", "shutdown", "crash"]
 _MAX_RETRY_BACKOFF = 60.0
 
 
@@ -114,8 +115,15 @@ class Lease:
 class Supervisor:
     """Starts, watches and stops the llama-server children of every configured model."""
 
-    def __init__(self, config: Config, *, reap_interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        events: SupervisorEvents | None = None,
+        reap_interval: float = 1.0,
+    ) -> None:
         self.config = config
+        self.events = events or SupervisorEvents()
         self.settings = config.file.llama_server
         self.models = {name: ManagedModel(spec) for name, spec in config.models.items()}
         state_file = config.file.state_file
@@ -227,6 +235,7 @@ class Supervisor:
 
     async def _load(self, model: ManagedModel) -> None:
         model.loads += 1
+        restart = model.last_stop_reason == "crash"
         model.plan = plan_launch(model.spec)
         proc = ModelProcess(model.spec, model.plan, self.settings, model.log_tail)
         model.process = proc
@@ -239,6 +248,7 @@ class Supervisor:
             model.slot_ctx = await _slot_context(proc)
         except ModelLoadError as exc:
             await self._after_exit(proc)
+            self.events.load_finished(model.name, False, time.monotonic() - started, restart)
             self._fail(model, exc.reason)
             exc.retry_after = max(1.0, model.retry_at - time.monotonic())
             log.error("model_load_failed", model=model.name, reason=exc.reason,
@@ -258,6 +268,7 @@ class Supervisor:
         model.last_used = time.monotonic()
         model.failures = 0
         model.last_error = None
+        self.events.load_finished(model.name, True, time.monotonic() - started, restart)
         log.info("model_ready", model=model.name, pid=proc.pid, port=proc.port,
                  seconds=round(time.monotonic() - started, 3), slots=model.plan.slots,
                  ctx_per_slot=model.slot_ctx)
@@ -269,6 +280,9 @@ class Supervisor:
         while model.in_flight > 0 and time.monotonic() < drain_until:
             await asyncio.sleep(0.05)
         if proc is not None:
+            if proc.returncode is None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.events.child_stopping(model.name, proc), 2.0)
             code = await proc.stop(self.settings.stop_timeout)
             await self._after_exit(proc)
             log.info("model_stopped", model=model.name, pid=proc.pid, reason=reason,
@@ -276,6 +290,7 @@ class Supervisor:
         model.last_stop_reason = reason
         model.ready_at = None
         model.set_state(ModelState.UNLOADED)
+        self.events.stopped(model.name, reason)
 
     async def _watch(self, model: ManagedModel, proc: ModelProcess) -> None:
         """Notice a child that exits on its own while it should be serving."""
@@ -286,6 +301,7 @@ class Supervisor:
                       last_lines=proc.error_lines())
             model.last_stop_reason = "crash"
             self._fail(model, f"llama-server exited unexpectedly with code {code}")
+            self.events.stopped(model.name, "crash")
 
     def _fail(self, model: ManagedModel, reason: str) -> None:
         model.failures += 1

@@ -1,0 +1,202 @@
+"""``CorralMetrics``: the registry behind ``GET /metrics``.
+
+Usage::
+
+    metrics = CorralMetrics()
+    supervisor = Supervisor(config, events=metrics)    # loads, evictions, restarts
+    metrics.bind(supervisor, queues)                   # states, slots, queues at scrape time
+    body = await metrics.render()                      # Prometheus text
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import psutil
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from corral.metrics.children import ChildSnapshot, read_child, read_children
+from corral.metrics.instruments import Instruments
+from corral.supervisor import ModelState
+from corral.supervisor.events import SupervisorEvents
+
+if TYPE_CHECKING:
+    from corral.proxy.admission import AdmissionQueue
+    from corral.supervisor import ManagedModel, ModelProcess, Supervisor
+
+
+@dataclass
+class _TokenTotal:
+    """A counter summed over a model's successive children (each starts from zero)."""
+
+    base: float = 0.0
+    pid: int | None = None
+    last: float = 0.0
+
+    def observe(self, pid: int | None, value: float) -> None:
+        if pid != self.pid:
+            self.base += self.last
+            self.pid, self.last = pid, 0.0
+        self.last = max(self.last, value)
+
+    @property
+    def total(self) -> float:
+        return self.base + self.last
+
+
+class CorralMetrics(SupervisorEvents, Collector):
+    """Every corral metric, in its own registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.instruments = Instruments(self.registry)
+        self._supervisor: Supervisor | None = None
+        self._queues: Mapping[str, AdmissionQueue] = {}
+        self._snapshots: list[ChildSnapshot] = []
+        self._tokens: dict[tuple[str, str], _TokenTotal] = {}
+        self._lock = asyncio.Lock()
+        self.registry.register(self)
+
+    def bind(self, supervisor: Supervisor, queues: Mapping[str, AdmissionQueue]) -> None:
+        self._supervisor = supervisor
+        self._queues = queues
+        for name in supervisor.models:
+            self.instruments.declare(name)
+
+    async def render(self) -> bytes:
+        """Read the children, then render every metric as Prometheus text."""
+        async with self._lock:
+            models = list(self._supervisor.models.values()) if self._supervisor else []
+            self._snapshots = await read_children(models)
+            for snapshot in self._snapshots:
+                self._observe_tokens(snapshot)
+            return generate_latest(self.registry)
+
+    # -- SupervisorEvents ------------------------------------------------------------------
+
+    def load_finished(self, model: str, ok: bool, seconds: float, restart: bool) -> None:
+        self.instruments.loads.labels(model, "ok" if ok else "failed").inc()
+        if ok:
+            self.instruments.load_seconds.labels(model).observe(seconds)
+        if restart:
+            self.instruments.restarts.labels(model).inc()
+
+    def stopped(self, model: str, reason: str) -> None:
+        if reason in ("idle", "memory", "manual"):
+            self.instruments.evictions.labels(model, reason).inc()
+
+    async def child_stopping(self, model: str, process: ModelProcess) -> None:
+        # The child's token counters die with it: read them one last time.
+        if self._supervisor is not None:
+            managed = self._supervisor.models[model]
+            with contextlib.suppress(Exception):
+                self._observe_tokens(await read_child(managed))
+
+    # -- scrape-time metrics -----------------------------------------------------------------
+
+    def _observe_tokens(self, snapshot: ChildSnapshot) -> None:
+        for ours, theirs in (("prompt", "llamacpp:prompt_tokens"),
+                             ("generated", "llamacpp:tokens_predicted")):
+            value = snapshot.counter(theirs)
+            if value is not None:
+                key = (snapshot.model, ours)
+                self._tokens.setdefault(key, _TokenTotal()).observe(snapshot.pid, value)
+
+    def collect(self) -> Iterator[Metric]:
+        if self._supervisor is None:
+            return
+        models = list(self._supervisor.models.values())
+        yield from self._model_metrics(models)
+        yield from self._slot_metrics()
+        yield from self._token_metrics(models)
+        yield from self._memory_metrics(models)
+        yield from self._child_metrics()
+
+    def _model_metrics(self, models: list[ManagedModel]) -> Iterator[Metric]:
+        state = GaugeMetricFamily("corral_model_state", "1 for the model's current state.",
+                                  labels=["model", "state"])
+        slots = GaugeMetricFamily("corral_model_slots", "Slots the model is configured with.",
+                                  labels=["model"])
+        busy = GaugeMetricFamily("corral_model_slots_busy",
+                                 "Slots serving a request (requests admitted upstream).",
+                                 labels=["model"])
+        depth = GaugeMetricFamily("corral_queue_depth",
+                                  "Requests waiting for a slot or for the model to load.",
+                                  labels=["model"])
+        ctx = GaugeMetricFamily("corral_model_ctx_per_slot", "Context tokens of each slot.",
+                                labels=["model"])
+        for model in models:
+            for value in ModelState:
+                state.add_metric([model.name, str(value)], 1.0 if model.state == value else 0.0)
+            slots.add_metric([model.name], model.plan.slots)
+            ctx.add_metric([model.name], model.slot_ctx or model.plan.ctx_per_slot)
+            queue = self._queues.get(model.name)
+            busy.add_metric([model.name], queue.in_flight - queue.loading if queue else 0)
+            depth.add_metric([model.name], queue.depth if queue else 0)
+        yield from (state, slots, busy, depth, ctx)
+
+    def _slot_metrics(self) -> Iterator[Metric]:
+        busy = GaugeMetricFamily("corral_slot_busy", "1 while the slot processes a task.",
+                                 labels=["model", "slot"])
+        context = GaugeMetricFamily("corral_slot_context_tokens", "The slot's context (n_ctx).",
+                                    labels=["model", "slot"])
+        prompt = GaugeMetricFamily("corral_slot_prompt_tokens",
+                                   "Prompt tokens of the slot's current or last task.",
+                                   labels=["model", "slot"])
+        decoded = GaugeMetricFamily("corral_slot_decoded_tokens",
+                                    "Tokens generated by the slot's current or last task.",
+                                    labels=["model", "slot"])
+        for snapshot in self._snapshots:
+            for slot in snapshot.slots or ():
+                labels = [snapshot.model, str(slot.get("id", "?"))]
+                busy.add_metric(labels, 1.0 if slot.get("is_processing") else 0.0)
+                context.add_metric(labels, float(slot.get("n_ctx", 0)))
+                prompt.add_metric(labels, float(slot.get("n_prompt_tokens", 0) or 0))
+                next_token = slot.get("next_token") or [{}]
+                first = next_token[0] if isinstance(next_token, list) and next_token else {}
+                decoded.add_metric(labels, float(first.get("n_decoded", 0) or 0))
+        yield from (busy, context, prompt, decoded)
+
+    def _token_metrics(self, models: list[ManagedModel]) -> Iterator[Metric]:
+        prompt = CounterMetricFamily("corral_prompt_tokens", "Prompt tokens processed.",
+                                     labels=["model"])
+        generated = CounterMetricFamily("corral_generated_tokens", "Tokens generated.",
+                                        labels=["model"])
+        for model in models:
+            for family, kind in ((prompt, "prompt"), (generated, "generated")):
+                total = self._tokens.get((model.name, kind))
+                family.add_metric([model.name], total.total if total else 0.0)
+        yield from (prompt, generated)
+
+    def _memory_metrics(self, models: list[ManagedModel]) -> Iterator[Metric]:
+        memory = GaugeMetricFamily(
+            "corral_model_memory_bytes",
+            "Memory a model takes per device: estimated before loading, actual while running.",
+            labels=["model", "device", "kind"])
+        for model in models:
+            proc = model.process
+            if model.state == ModelState.READY and proc is not None and proc.pid is not None:
+                with contextlib.suppress(psutil.Error):
+                    rss = psutil.Process(proc.pid).memory_info().rss
+                    memory.add_metric([model.name, "cpu", "actual"], float(rss))
+        yield memory
+
+    def _child_metrics(self) -> Iterator[Metric]:
+        """Each child's own ``llamacpp:*`` metrics, with a ``model`` label added."""
+        merged: dict[str, Metric] = {}
+        for snapshot in self._snapshots:
+            for family in snapshot.metrics:
+                out = merged.get(family.name)
+                if out is None:
+                    out = merged[family.name] = Metric(family.name, family.documentation,
+                                                       family.type)
+                for sample in family.samples:
+                    out.add_sample(sample.name, {**sample.labels, "model": snapshot.model},
+                                   sample.value)
+        yield from merged.values()

@@ -1,0 +1,108 @@
+"""Admission: never more requests upstream than a model has slots; the rest wait, visibly.
+
+llama-server queues excess requests inside itself where nobody can see them. corral keeps that
+queue instead: a FIFO per model, bounded in length (``queue.max``, 429 when full) and in time
+(``queue.timeout``, 503 when exceeded). A client that disconnects leaves the queue at once.
+
+Usage::
+
+    queue = AdmissionQueue("smollm2", slots=lambda: 4, limit=lambda s: 16, timeout=60)
+    await queue.admit(wait_for_disconnect)   # raises QueueFullError / QueueTimeoutError
+    try:
+        ...                                  # one request upstream
+    finally:
+        queue.release()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from corral.errors import ClientGoneError, QueueFullError, QueueTimeoutError
+
+
+class AdmissionQueue:
+    """One model's slots and waiters. FIFO today; a priority order can replace the deque."""
+
+    def __init__(
+        self,
+        model: str,
+        slots: Callable[[], int],
+        limit: Callable[[int], int],
+        timeout: float,
+    ) -> None:
+        self.model = model
+        self._slots = slots
+        self._limit = limit
+        self.timeout = timeout
+        self.in_flight = 0
+        # Admitted requests still waiting for the model to load: queued from a client's view.
+        self.loading = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def slots(self) -> int:
+        return self._slots()
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting: for a free slot, or for the model to finish loading."""
+        return len(self._waiters) + self.loading
+
+    def limit(self) -> int:
+        return self._limit(self._slots())
+
+    async def admit(self, disconnected: Callable[[], Awaitable[object]] | None = None) -> float:
+        """Take a slot, waiting in line if none is free; return the seconds waited."""
+        if self.in_flight < self._slots() and not self._waiters:
+            self.in_flight += 1
+            return 0.0
+        limit = self.limit()
+        if len(self._waiters) >= limit:
+            raise QueueFullError(self.model, limit, retry_after=1.0)
+        started = time.monotonic()
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        watcher = asyncio.ensure_future(disconnected()) if disconnected is not None else None
+        try:
+            pending: set[asyncio.Future[Any]] = {waiter} if watcher is None else {waiter, watcher}
+            await asyncio.wait(pending, timeout=self.timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            # Cancelled after the slot was handed over: give it back, or it is lost for good.
+            if waiter.done() and not waiter.cancelled():
+                self.release()
+            raise
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            if not waiter.done():
+                waiter.cancel()
+                self._waiters.remove(waiter)
+        admitted = not waiter.cancelled()
+        if watcher is not None and watcher.done() and not watcher.cancelled():
+            if admitted:
+                self.release()
+            raise ClientGoneError(f"client left the queue of model {self.model!r}")
+        if not admitted:
+            raise QueueTimeoutError(self.model, self.timeout, retry_after=1.0)
+        return time.monotonic() - started
+
+    def release(self) -> None:
+        """Give a slot back and hand it to the first waiter still in line."""
+        self.in_flight -= 1
+        self.wake()
+
+    def wake(self) -> None:
+        """Admit waiters while slots are free (also after the slot count grew)."""
+        while self._waiters and self.in_flight < self._slots():
+            waiter = self._waiters.popleft()
+            if waiter.done():
+                continue
+            # The slot passes straight to the waiter, so a newcomer cannot take it first.
+            self.in_flight += 1
+            waiter.set_result(None)

@@ -1,0 +1,104 @@
+"""AdmissionQueue on its own: real asyncio, no llama-server needed."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from corral.errors import ClientGoneError, QueueFullError, QueueTimeoutError
+from corral.proxy.admission import AdmissionQueue
+
+
+def queue(slots: int = 1, limit: int = 2, timeout: float = 5.0) -> AdmissionQueue:
+    return AdmissionQueue("m", slots=lambda: slots, limit=lambda _: limit, timeout=timeout)
+
+
+async def test_free_slots_admit_at_once_then_requests_wait_in_order() -> None:
+    q = queue(slots=2, limit=5)
+    assert await q.admit() == 0.0
+    assert await q.admit() == 0.0
+    order: list[int] = []
+
+    async def wait(i: int) -> None:
+        await q.admit()
+        order.append(i)
+
+    waiters = [asyncio.create_task(wait(i)) for i in range(3)]
+    await asyncio.sleep(0.01)
+    assert (q.in_flight, q.depth, order) == (2, 3, [])
+    q.release()
+    await asyncio.sleep(0.01)
+    assert (q.in_flight, q.depth, order) == (2, 2, [0])
+    q.release()
+    q.release()
+    await asyncio.gather(*waiters)
+    assert order == [0, 1, 2]
+    assert (q.in_flight, q.depth) == (2, 0)  # 5 admitted, 3 released
+
+
+async def test_a_released_slot_goes_to_the_first_waiter_not_a_newcomer() -> None:
+    q = queue()
+    await q.admit()
+    first = asyncio.create_task(q.admit())
+    await asyncio.sleep(0.01)
+    q.release()
+    # A newcomer arriving right after the release must queue behind the waiter it passed to.
+    newcomer = asyncio.create_task(q.admit())
+    await asyncio.sleep(0.01)
+    assert first.done() and not newcomer.done()
+    newcomer.cancel()
+
+
+async def test_full_queue_refuses() -> None:
+    q = queue(slots=1, limit=1)
+    await q.admit()
+    waiting = asyncio.create_task(q.admit())
+    await asyncio.sleep(0.01)
+    with pytest.raises(QueueFullError, match="1 requests already wait"):
+        await q.admit()
+    waiting.cancel()
+
+
+async def test_zero_queue_means_refuse_when_busy() -> None:
+    q = queue(slots=1, limit=0)
+    await q.admit()
+    with pytest.raises(QueueFullError):
+        await q.admit()
+
+
+async def test_timeout_leaves_the_queue() -> None:
+    q = queue(timeout=0.05)
+    await q.admit()
+    with pytest.raises(QueueTimeoutError, match="no free slot within 0.05s"):
+        await q.admit()
+    assert q.depth == 0
+    q.release()
+    assert q.in_flight == 0
+
+
+async def test_a_client_that_leaves_is_removed_at_once() -> None:
+    q = queue()
+    await q.admit()
+    gone = asyncio.Event()
+    task = asyncio.create_task(q.admit(gone.wait))
+    await asyncio.sleep(0.01)
+    assert q.depth == 1
+    gone.set()
+    with pytest.raises(ClientGoneError):
+        await task
+    assert q.depth == 0
+    q.release()
+    assert q.in_flight == 0
+
+
+async def test_a_cancelled_waiter_does_not_leak_its_slot() -> None:
+    q = queue()
+    await q.admit()
+    task = asyncio.create_task(q.admit())
+    await asyncio.sleep(0.01)
+    q.release()  # the slot is handed to the waiter ...
+    task.cancel()  # ... which is cancelled before it runs
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert q.in_flight == 0 and q.depth == 0

@@ -1,0 +1,119 @@
+"""Slot-aware admission with the real llama-server: a model never gets more than its slots."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import CorralProcess
+
+pytestmark = pytest.mark.integration
+
+Start = Callable[..., CorralProcess]
+CHAT = [{"role": "user", "content": "Tell me a story."}]
+
+
+def long_body(tokens: int, stream: bool = True) -> dict[str, Any]:
+    return {"model": "m", "messages": CHAT, "max_tokens": tokens, "ignore_eos": True,
+            "stream": stream}
+
+
+def config(smollm2: Path, slots: int, **queue: Any) -> dict[str, Any]:
+    return {"models": {"m": {"path": str(smollm2), "slots": slots, "ctx_per_slot": 512,
+                             "queue": queue}}}
+
+
+def test_ten_streams_on_two_slots_never_exceed_two_upstream(
+    corral: Start, smollm2: Path
+) -> None:
+    server = corral(config(smollm2, 2))
+    assert server.http.post("/admin/models/m/load").status_code == 200
+    busiest, deepest = 0, 0
+    done = threading.Event()
+
+    def watch() -> None:
+        nonlocal busiest, deepest
+        while not done.is_set():
+            slots = server.http.get("/slots", params={"model": "m"}).json()
+            busiest = max(busiest, sum(s["is_processing"] for s in slots))
+            deepest = max(deepest, server.http.get("/admin/status").json()["totals"][
+                "queue_depth"])
+            time.sleep(0.02)
+
+    def stream(_: int) -> str:
+        with server.http.stream("POST", "/v1/chat/completions", json=long_body(24)) as r:
+            assert r.status_code == 200
+            return "".join(r.iter_text())
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(10) as pool:
+            bodies = list(pool.map(stream, range(10)))
+    finally:
+        done.set()
+        watcher.join()
+    assert all(b.rstrip().endswith("data: [DONE]") for b in bodies)
+    assert busiest == 2  # both slots worked, never a third request upstream
+    assert deepest >= 5  # the overflow waited in corral's queue, where it can be seen
+    metrics = server.http.get("/metrics").text
+    assert 'corral_queue_wait_seconds_count{model="m"} 10.0' in metrics
+    assert 'corral_requests_total{code="200",endpoint="/v1/chat/completions",model="m"} 10.0' \
+        in metrics
+
+
+def test_queue_full_gives_429_and_timeout_gives_503(corral: Start, smollm2: Path) -> None:
+    server = corral(config(smollm2, 1, max=1, timeout="2s"))
+    assert server.http.post("/admin/models/m/load").status_code == 200
+    with ThreadPoolExecutor(2) as pool:
+        busy = pool.submit(server.http.post, "/v1/chat/completions",
+                           json=long_body(400, stream=False))
+        server.wait_for(lambda: server.model_status("m")["slots_busy"] == 1)
+        queued = pool.submit(server.http.post, "/v1/chat/completions",
+                             json=long_body(4, stream=False))
+        server.wait_for(lambda: server.model_status("m")["queue_depth"] == 1)
+        full = server.http.post("/v1/chat/completions", json=long_body(4, stream=False))
+        assert full.status_code == 429
+        assert full.headers["retry-after"] == "1"
+        assert full.json()["error"]["code"] == "queue_full"
+        timed_out = queued.result()
+        assert timed_out.status_code == 503, timed_out.text
+        assert timed_out.json()["error"]["code"] == "queue_timeout"
+        assert "retry-after" in timed_out.headers
+        assert busy.result().status_code == 200
+    metrics = server.http.get("/metrics").text
+    assert 'corral_queue_rejected_total{model="m",reason="full"} 1.0' in metrics
+    assert 'corral_queue_rejected_total{model="m",reason="timeout"} 1.0' in metrics
+
+
+def test_a_client_that_disconnects_while_queued_leaves_the_queue(
+    corral: Start, smollm2: Path
+) -> None:
+    server = corral(config(smollm2, 1))
+    assert server.http.post("/admin/models/m/load").status_code == 200
+    with ThreadPoolExecutor(1) as pool:
+        busy = pool.submit(server.http.post, "/v1/chat/completions",
+                           json=long_body(300, stream=False))
+        server.wait_for(lambda: server.model_status("m")["slots_busy"] == 1)
+        body = b'{"model": "m", "prompt": "hi", "max_tokens": 4}'
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        server.wait_for(lambda: server.model_status("m")["queue_depth"] == 1)
+        sock.close()
+        server.wait_for(lambda: server.model_status("m")["queue_depth"] == 0, timeout=1.0)
+        assert server.model_status("m")["slots_busy"] == 1
+        assert busy.result().status_code == 200
+    # The request that left is counted as 499 and never reached the child.
+    metrics = server.http.get("/metrics").text
+    assert 'corral_requests_total{code="499",endpoint="/v1/completions",model="m"} 1.0' \
+        in metrics
+    assert 'endpoint="/v1/completions",model="m"} 1.0' in metrics
+    assert 'code="200",endpoint="/v1/completions"' not in metrics
