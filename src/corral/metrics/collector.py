@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import psutil
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, disable_created_metrics, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -54,6 +54,8 @@ class CorralMetrics(SupervisorEvents, Collector):
     """Every corral metric, in its own registry."""
 
     def __init__(self) -> None:
+        # `_created` series double the output and no dashboard reads them.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=False)
         self.instruments = Instruments(self.registry)
         self._supervisor: Supervisor | None = None
@@ -188,15 +190,20 @@ class CorralMetrics(SupervisorEvents, Collector):
         yield memory
 
     def _child_metrics(self) -> Iterator[Metric]:
-        """Each child's own ``llamacpp:*`` metrics, with a ``model`` label added."""
+        """Each child's own ``llamacpp:*`` metrics as ``llamacpp_*``, with a ``model`` label.
+
+        Colons are reserved for recording rules (promtool rejects them in exposition), so the
+        re-exported names use an underscore: ``llamacpp:requests_deferred`` becomes
+        ``llamacpp_requests_deferred``.
+        """
         merged: dict[str, Metric] = {}
         for snapshot in self._snapshots:
             for family in snapshot.metrics:
-                out = merged.get(family.name)
+                name = family.name.replace(":", "_")
+                out = merged.get(name)
                 if out is None:
-                    out = merged[family.name] = Metric(family.name, family.documentation,
-                                                       family.type)
+                    out = merged[name] = Metric(name, family.documentation, family.type)
                 for sample in family.samples:
-                    out.add_sample(sample.name, {**sample.labels, "model": snapshot.model},
-                                   sample.value)
+                    out.add_sample(sample.name.replace(":", "_"),
+                                   {**sample.labels, "model": snapshot.model}, sample.value)
         yield from merged.values()
