@@ -1,6 +1,7 @@
-"""The ``corral`` command: ``serve`` and ``check``.
+"""The ``corral`` command: ``serve``, ``check`` and ``ps``.
 
-Exit codes: 0 fine, 2 invalid configuration (or model files that cannot be used).
+Exit codes: 0 fine, 1 corral not reachable (``ps``), 2 invalid configuration (or model files
+that cannot be used).
 """
 
 from __future__ import annotations
@@ -22,11 +23,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="corral", description=__doc__)
     parser.add_argument("--version", action="version", version=f"corral {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+    subs = {}
     for name, text in (("serve", "run the proxy and supervisor"),
-                       ("check", "validate the configuration and the model files")):
-        sub = commands.add_parser(name, help=text)
+                       ("check", "validate the configuration and the model files"),
+                       ("ps", "show a running corral's models, slots and queues")):
+        subs[name] = sub = commands.add_parser(name, help=text)
         sub.add_argument("-c", "--config", help="YAML file (default $CORRAL_CONFIG, ./corral.yaml)")
+    subs["ps"].add_argument("--url", help="corral's address (default: listen from the config)")
+    subs["ps"].add_argument("--json", action="store_true", help="print /admin/status as JSON")
     args = parser.parse_args(argv)
+    if args.command == "ps" and args.url:
+        return ps(args.url, args.json)
 
     path = config_path(args.config)
     try:
@@ -36,7 +43,27 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     if args.command == "check":
         return check(config)
+    if args.command == "ps":
+        host = config.file.listen.host
+        host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        return ps(f"http://{host}:{config.file.listen.port}", args.json)
     return serve(config)
+
+
+def ps(url: str, as_json: bool) -> int:
+    import json
+
+    import httpx
+
+    from corral.ps import fetch_status, render
+
+    try:
+        status = fetch_status(url)
+    except httpx.HTTPError as exc:
+        print(f"corral: cannot read {url}/admin/status: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(status, indent=2) if as_json else render(status))
+    return 0
 
 
 def check(config: Config) -> int:

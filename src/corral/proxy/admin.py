@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Any
 
+import psutil
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -22,8 +24,17 @@ def model_status(model: ManagedModel, queue: AdmissionQueue) -> dict[str, Any]:
         "slots_busy": queue.in_flight - queue.loading,
         "queue_depth": queue.depth,
         "queue_limit": queue.limit(),
+        "memory": {"actual": _actual_memory(info["pid"])},
     })
     return info
+
+
+def _actual_memory(pid: int | None) -> dict[str, int]:
+    if pid is None:
+        return {}
+    with contextlib.suppress(psutil.Error):
+        return {"cpu": psutil.Process(pid).memory_info().rss}
+    return {}
 
 
 def status(supervisor: Supervisor, queues: Mapping[str, AdmissionQueue]) -> dict[str, Any]:

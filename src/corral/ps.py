@@ -1,0 +1,60 @@
+"""``corral ps``: what a running corral serves, as a table (like ``ollama ps``, with slots)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+COLUMNS = ("MODEL", "STATE", "SLOTS", "QUEUE", "CTX/SLOT", "IN FLIGHT", "PID", "UPTIME",
+           "MEMORY")
+
+
+def fetch_status(url: str, api_key: str | None = None, timeout: float = 5.0) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    response = httpx.get(url.rstrip("/") + "/admin/status", headers=headers, timeout=timeout)
+    response.raise_for_status()
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def render(status: dict[str, Any]) -> str:
+    """The status as an aligned text table, one row per model, then the totals."""
+    rows = [COLUMNS]
+    for m in status["models"]:
+        memory = sum((m.get("memory") or {}).get("actual", {}).values())
+        rows.append((
+            m["name"],
+            m["state"] if not m.get("last_error") or m["state"] != "failed"
+            else f"failed: {m['last_error'][:40]}",
+            f"{m['slots_busy']}/{m['slots']}",
+            f"{m['queue_depth']}/{m['queue_limit']}",
+            str(m["ctx_per_slot"]),
+            str(m["in_flight"]),
+            str(m["pid"] or "-"),
+            _duration(m["uptime_seconds"]),
+            _size(memory) if memory else "-",
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+             for row in rows]
+    t = status["totals"]
+    lines.append(f"\n{t['models_ready']}/{t['models']} models ready, "
+                 f"{t['slots_busy']}/{t['slots']} slots busy, {t['queue_depth']} queued")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"

@@ -1,0 +1,106 @@
+"""corral's /metrics after known traffic, with the real llama-server."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import CorralProcess
+
+pytestmark = pytest.mark.integration
+
+Start = Callable[..., CorralProcess]
+
+
+def samples(server: CorralProcess) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    text = server.http.get("/metrics").text
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(found: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str,
+          **labels: str) -> float | None:
+    return found.get((name, frozenset(labels.items())))
+
+
+def chat(server: CorralProcess, tokens: int, stream: bool) -> None:
+    body: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "Hi"}],
+                            "max_tokens": tokens, "ignore_eos": True, "stream": stream}
+    response = server.http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200
+
+
+def test_metrics_after_known_traffic(corral: Start, smollm2: Path) -> None:
+    server = corral({"models": {"m": {"path": str(smollm2), "slots": 2, "ctx_per_slot": 512},
+                                "idle": {"path": str(smollm2), "slots": 1,
+                                         "ctx_per_slot": 256}}})
+    before = samples(server)
+    # Every series a dashboard or alert reads exists before any traffic.
+    assert value(before, "corral_model_state", model="m", state="unloaded") == 1.0
+    assert value(before, "corral_queue_rejected_total", model="m", reason="full") == 0.0
+    assert value(before, "corral_model_loads_total", model="m", result="failed") == 0.0
+    assert value(before, "corral_model_restarts_total", model="m") == 0.0
+
+    for tokens in (3, 5, 7):
+        chat(server, tokens, stream=False)
+    for tokens in (4, 6):
+        chat(server, tokens, stream=True)
+    found = samples(server)
+    m = {"model": "m"}
+    assert value(found, "corral_requests_total", code="200",
+                 endpoint="/v1/chat/completions", **m) == 5.0
+    assert value(found, "corral_request_duration_seconds_count",
+                 endpoint="/v1/chat/completions", **m) == 5.0
+    assert value(found, "corral_time_to_first_token_seconds_count", **m) == 2.0
+    assert value(found, "corral_queue_wait_seconds_count", **m) == 5.0
+    assert value(found, "corral_model_loads_total", result="ok", **m) == 1.0
+    assert value(found, "corral_model_load_seconds_count", **m) == 1.0
+    assert value(found, "corral_model_state", state="ready", **m) == 1.0
+    assert value(found, "corral_model_state", state="unloaded", **m) == 0.0
+    assert value(found, "corral_model_state", model="idle", state="unloaded") == 1.0
+    assert value(found, "corral_model_slots", **m) == 2.0
+    assert value(found, "corral_model_slots_busy", **m) == 0.0
+    assert value(found, "corral_queue_depth", **m) == 0.0
+    for slot in ("0", "1"):
+        assert value(found, "corral_slot_context_tokens", slot=slot, **m) == 512.0
+        assert value(found, "corral_slot_busy", slot=slot, **m) == 0.0
+    assert value(found, "corral_generated_tokens_total", **m) == 25.0
+    assert value(found, "llamacpp_tokens_predicted_total", **m) == 25.0
+    assert (value(found, "corral_prompt_tokens_total", **m) or 0) > 0
+    assert (value(found, "corral_model_memory_bytes", device="cpu", kind="actual", **m)
+            or 0) > 50 * 2**20
+    # Nothing for the model that is not loaded: it was not started to be measured.
+    assert value(found, "llamacpp_tokens_predicted_total", model="idle") is None
+    assert server.model("idle")["state"] == "unloaded"
+
+    # Token totals survive the child: a new child starts counting from zero again.
+    assert server.http.post("/admin/models/m/unload").status_code == 200
+    chat(server, 2, stream=False)
+    found = samples(server)
+    assert value(found, "corral_model_evictions_total", reason="manual", **m) == 1.0
+    assert value(found, "corral_model_loads_total", result="ok", **m) == 2.0
+    assert value(found, "corral_generated_tokens_total", **m) == 27.0
+    assert value(found, "llamacpp_tokens_predicted_total", **m) == 2.0
+
+
+def test_scraping_neither_loads_a_model_nor_keeps_it_alive(corral: Start, smollm2: Path) -> None:
+    server = corral({"models": {"m": {"path": str(smollm2), "slots": 1, "ctx_per_slot": 256,
+                                      "ttl": "2s"}}})
+    samples(server)
+    assert server.model("m")["state"] == "unloaded"
+    chat(server, 2, stream=False)
+    deadline = time.monotonic() + 15
+    while server.model("m")["state"] != "unloaded":
+        assert time.monotonic() < deadline, "scrapes kept the model from going idle"
+        samples(server)
+        time.sleep(0.2)
+    found = samples(server)
+    assert value(found, "corral_model_evictions_total", model="m", reason="idle") == 1.0
