@@ -62,9 +62,17 @@ def smollm2() -> Path:
 
 
 def llama_servers_since(started: float) -> list[psutil.Process]:
+    """llama-servers this test session started (directly, or orphaned to init) and left."""
+    me = os.getpid()
     found = []
-    for proc in psutil.process_iter(["name", "create_time"]):
-        if proc.info["name"] == "llama-server" and proc.info["create_time"] >= started - 1:
+    for proc in psutil.process_iter(["name", "create_time", "ppid"]):
+        if proc.info["name"] != "llama-server" or proc.info["create_time"] < started - 1:
+            continue
+        try:
+            ours = proc.info["ppid"] == 1 or any(p.pid == me for p in proc.parents())
+        except psutil.Error:
+            continue
+        if ours:  # another test session on this machine has its own
             found.append(proc)
     return found
 

@@ -11,6 +11,11 @@ which part failed and carries what a user needs to act on it:
 - ``UpstreamError``: a ready child failed mid-request (connection refused or reset).
 - ``QueueFullError`` / ``QueueTimeoutError``: admission refused a request (429 / 503).
 - ``ClientGoneError``: the client left while its request was queued.
+- ``AuthenticationError`` / ``PermissionDeniedError``: no valid API key (401) / a key without
+  the scope or model (403). Their messages never contain a key.
+- ``ShuttingDownError``: corral is draining on SIGTERM (503).
+- ``RequestTooLargeError`` / ``RequestTimeoutError``: body over ``limits.max_body`` (413) or
+  not sent within ``limits.body_timeout`` (408).
 
 The proxy maps each to an HTTP status in one place (``corral.proxy.errors``).
 """
@@ -99,3 +104,23 @@ class QueueTimeoutError(CorralError):
 
 class ClientGoneError(CorralError):
     """The client disconnected before its request was sent upstream; nobody reads the answer."""
+
+
+class AuthenticationError(CorralError):
+    """No valid API key was presented (401)."""
+
+
+class PermissionDeniedError(CorralError):
+    """The key is valid but may not use this model or endpoint (403)."""
+
+
+class ShuttingDownError(CorralError):
+    """corral is draining before it exits: new requests are refused (503)."""
+
+
+class RequestTooLargeError(CorralError):
+    """The request body exceeds ``limits.max_body`` (413)."""
+
+
+class RequestTimeoutError(CorralError):
+    """The client did not send its body within ``limits.body_timeout`` (408)."""

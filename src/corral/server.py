@@ -1,58 +1,162 @@
 """``corral serve``: the proxy on uvicorn, with the supervisor in its lifespan.
 
-Shutdown on SIGTERM/SIGINT follows uvicorn's own steps: 1. stop accepting connections,
-2. let in-flight requests finish for up to ``shutdown_timeout``, 3. run the lifespan shutdown,
-which stops every child (SIGTERM, then SIGKILL after ``llama_server.stop_timeout``).
+Signals only set flags; uvicorn's main loop (``on_tick``, ten times a second) acts on them:
+
+- SIGTERM / SIGINT: 1. new requests get 503 (``/health`` says draining), 2. in-flight requests
+  finish, for up to ``shutdown_timeout``, 3. uvicorn closes its sockets, 4. the lifespan stops
+  every child (SIGTERM, then SIGKILL after ``llama_server.stop_timeout``), 5. exit 0.
+  A second signal skips the wait.
+- SIGHUP: reload the config file (an invalid one is logged and ignored).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import signal
 import threading
+import time
 from collections.abc import Iterator
+from types import FrameType
+from typing import Any
 
+import structlog
 import uvicorn
 
 from corral.config import Config
-from corral.proxy import create_app
+from corral.errors import ConfigError
+from corral.proxy.app import Corral, create_app
+
+log = structlog.get_logger("corral")
 
 
 class CorralServer(uvicorn.Server):
-    """uvicorn's server, exiting 0 after a clean shutdown on SIGTERM or SIGINT.
+    """uvicorn's server with corral's drain, reload, and a clean exit code."""
 
-    uvicorn re-raises the signal after its shutdown, so the process would end "killed by
-    SIGTERM"; a supervisor (systemd, Kubernetes) should see a clean exit instead. The handlers
-    only set flags (``handle_exit``); uvicorn's main loop acts on them.
-    """
+    def __init__(self, config: uvicorn.Config, corral: Corral, drain_timeout: float) -> None:
+        super().__init__(config)
+        self.corral = corral
+        self.drain_timeout = drain_timeout
+        self._drain_requested = False
+        self._drain_deadline: float | None = None
+        self._reload_requested = False
+        self._background: set[asyncio.Task[None]] = set()
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
+        # Unlike uvicorn's own, this does not re-raise the signal after shutdown: a clean
+        # drain should end with exit code 0 for systemd or Kubernetes.
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        handled = (signal.SIGINT, signal.SIGTERM)
-        previous = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+        handlers = {signal.SIGINT: self.handle_exit, signal.SIGTERM: self.handle_exit,
+                    signal.SIGHUP: self.handle_reload}
+        previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
         try:
             yield
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._drain_requested:
+            self.should_exit = True  # a second signal: stop waiting for requests
+        self._drain_requested = True
+
+    def handle_reload(self, sig: int, frame: FrameType | None) -> None:
+        self._reload_requested = True
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._reload_requested:
+            self._reload_requested = False
+            task = asyncio.create_task(self._reload())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        if self._drain_requested and self._drain_deadline is None:
+            self.corral.draining = True
+            self._drain_deadline = time.monotonic() + self.drain_timeout
+            log.info("draining", in_flight=self.corral.active, timeout=self.drain_timeout)
+        if self._drain_deadline is not None and (
+            self.corral.active == 0 or time.monotonic() >= self._drain_deadline
+        ):
+            if self.corral.active:
+                log.warning("drain_timeout", in_flight=self.corral.active)
+            self.should_exit = True
+        return await super().on_tick(counter)
+
+    async def _reload(self) -> None:
+        try:
+            await self.corral.reload()
+        except ConfigError as exc:
+            log.error("config_reload_rejected", problems=exc.problems)
+
+
+def header_timeout_protocol(timeout: float) -> type[asyncio.Protocol] | str:
+    """uvicorn's httptools protocol, closing connections whose headers take too long.
+
+    uvicorn itself waits for headers forever, so a client that opens connections and trickles
+    bytes (slowloris) could hold them all. The body has its own limit in the proxy.
+    """
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:  # httptools missing: h11 without the guard
+        return "auto"
+
+    class HeaderTimeoutProtocol(HttpToolsProtocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._arm()
+
+        def on_headers_complete(self) -> None:
+            self._disarm()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._header_timer = self.loop.call_later(timeout, self._too_slow)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _too_slow(self) -> None:
+            self._header_timer = None
+            log.info("connection_closed", reason="headers not received in time",
+                     timeout=timeout, client=str(self.client))
+            self.transport.close()
+
+    return HeaderTimeoutProtocol
+
 
 def serve(config: Config) -> None:
     """Run corral in the foreground until SIGTERM or SIGINT."""
-    app = create_app(config)
+    corral = Corral(config)
+    app = create_app(config, corral)
     server = CorralServer(
         uvicorn.Config(
             app,
             host=config.file.listen.host,
             port=config.file.listen.port,
+            http=header_timeout_protocol(config.file.limits.header_timeout),
             lifespan="on",
             access_log=False,  # corral logs each request itself, with model and request_id
             log_level="warning",
-            timeout_graceful_shutdown=int(config.file.shutdown_timeout) or 1,
+            # Requests have drained before uvicorn's own shutdown; this only bounds stragglers.
+            timeout_graceful_shutdown=5,
             server_header=False,
-        )
+        ),
+        corral,
+        drain_timeout=config.file.shutdown_timeout,
     )
     server.run()

@@ -8,6 +8,7 @@ Usage::
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from corral.config.schema import ConfigFile, ModelSpec
+from corral.config.schema import ConfigFile, ModelSpec, ResolvedKey
 from corral.errors import ConfigError
 
 DEFAULT_CONFIG = "corral.yaml"
@@ -32,6 +33,7 @@ class Config:
     source: str
     models: dict[str, ModelSpec]
     _names: dict[str, str] = field(repr=False)
+    api_keys: tuple[ResolvedKey, ...] = field(default=(), repr=False)
 
     def resolve(self, name: str) -> ModelSpec | None:
         """The model called ``name`` (its name or one of its aliases), or None."""
@@ -95,6 +97,7 @@ def parse_config(data: Any, *, source: str = "<memory>", base_dir: Path | None =
             args=(*file.llama_server.args, *model.args),
             env={**file.llama_server.env, **model.env},
             preload=model.preload,
+            pinned=model.pinned,
             queue_max=defaults.queue.max if model.queue.max is None else model.queue.max,
             queue_timeout=(
                 defaults.queue.timeout if model.queue.timeout is None else model.queue.timeout
@@ -103,7 +106,62 @@ def parse_config(data: Any, *, source: str = "<memory>", base_dir: Path | None =
         names[name] = name
     for name, model in file.models.items():
         names.update({alias: name for alias in model.aliases})
-    return Config(file=file, source=source, models=models, _names=names)
+    keys = _resolve_keys(file, names, source, base)
+    problems = _exposure_problems(file, keys)
+    if problems:
+        raise ConfigError(source, problems)
+    return Config(file=file, source=source, models=models, _names=names, api_keys=keys)
+
+
+def _resolve_keys(
+    file: ConfigFile, names: dict[str, str], source: str, base: Path
+) -> tuple[ResolvedKey, ...]:
+    """Read each key's secret; a missing variable or file is a configuration error."""
+    keys, problems = [], []
+    for i, key in enumerate(file.auth.keys):
+        where = f"auth.keys.{i}"
+        secret = key.key
+        if key.key_env is not None:
+            secret = os.environ.get(key.key_env)
+            if not secret:
+                problems.append(f"{where}.key_env: environment variable {key.key_env!r} "
+                                "is not set or empty")
+                continue
+        elif key.key_file is not None:
+            path = Path(os.path.expanduser(key.key_file))
+            path = path if path.is_absolute() else base / path
+            try:
+                secret = path.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                problems.append(f"{where}.key_file: cannot read {str(path)!r}: "
+                                f"{exc.strerror or exc}")
+                continue
+        if not secret:
+            problems.append(f"{where}: the key is empty")
+            continue
+        models = None if key.models is None else frozenset(names[m] for m in key.models)
+        keys.append(ResolvedKey(name=key.name or f"key{i}", secret=secret,
+                                scopes=frozenset(key.scopes), models=models))
+    if problems:
+        raise ConfigError(source, problems)
+    return tuple(keys)
+
+
+def _exposure_problems(file: ConfigFile, keys: tuple[ResolvedKey, ...]) -> list[str]:
+    host = file.listen.host
+    if keys or file.allow_unauthenticated or _is_loopback(host):
+        return []
+    return [f"listen.host: {host!r} is reachable from other machines and no auth.keys are "
+            "configured; add keys or set allow_unauthenticated: true"]
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def check_model_files(config: Config) -> list[str]:

@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import (
     BaseModel,
+    ByteSize,
     ConfigDict,
     Field,
     PlainValidator,
@@ -21,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from corral.config.units import Duration, PositiveDuration
+from corral.config.units import Duration, PositiveDuration, Size
 
 
 def _gpu_layers(value: object) -> int | Literal["auto", "all"]:
@@ -120,6 +121,7 @@ class ModelConfig(StrictModel):
     ctx_per_slot: int | None = None
     gpu_layers: GpuLayers | None = None
     queue: QueueOverrides = Field(default_factory=QueueOverrides)
+    pinned: bool = False  # never evicted; restarted after a crash even when nobody waits
     args: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
     preload: bool = False
@@ -135,6 +137,68 @@ class ModelConfig(StrictModel):
         return value
 
 
+class HealthSettings(StrictModel):
+    """Liveness probes of ready children: ``failures`` missed probes in a row mean hung."""
+
+    interval: PositiveDuration = 5.0
+    failures: Annotated[int, Field(ge=1)] = 3
+
+
+class RestartSettings(StrictModel):
+    """Give up on a model after ``max_failures`` failed loads or crashes within ``window``."""
+
+    max_failures: Annotated[int, Field(ge=1)] = 5
+    window: PositiveDuration = 600.0
+
+
+class UpstreamSettings(StrictModel):
+    """Timeouts towards children. ``read_timeout`` is the longest silence between two chunks
+    of an answer (a non-streamed answer is silent until it is complete), so it must exceed the
+    longest generation; hung children are caught by the health probes instead."""
+
+    connect_timeout: PositiveDuration = 5.0
+    read_timeout: PositiveDuration = 600.0
+
+
+class LimitSettings(StrictModel):
+    max_body: Size = Field(default=ByteSize(16 * 2**20))
+    # A client must send its request line and headers, then its body, within these.
+    header_timeout: PositiveDuration = 10.0
+    body_timeout: PositiveDuration = 30.0
+
+
+Scope = Literal["inference", "admin"]
+
+
+def _default_scopes() -> list[Scope]:
+    return ["inference"]
+
+
+class ApiKey(StrictModel):
+    """One API key, given directly (``key``), by environment variable or by file."""
+
+    key: str | None = Field(default=None, repr=False)
+    key_env: str | None = None
+    key_file: str | None = None
+    name: str | None = None  # shown in logs instead of the key
+    scopes: list[Scope] = Field(default_factory=lambda: _default_scopes())
+    models: list[str] | None = None  # None: every model
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ApiKey:
+        given = [k for k in ("key", "key_env", "key_file") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of key, key_env, key_file")
+        return self
+
+
+class AuthSettings(StrictModel):
+    keys: list[ApiKey] = Field(default_factory=list)
+    # Without keys these are open anyway; with keys, these switches leave them open.
+    public_metrics: bool = False
+    public_health: bool = True
+
+
 class ConfigFile(StrictModel):
     listen: Listen = Field(default_factory=Listen)
     llama_server: LlamaServerSettings = Field(default_factory=LlamaServerSettings)
@@ -144,6 +208,12 @@ class ConfigFile(StrictModel):
     shutdown_timeout: PositiveDuration = 30.0
     log_level: LogLevel = "info"
     state_file: str | None = None
+    health: HealthSettings = Field(default_factory=HealthSettings)
+    restart: RestartSettings = Field(default_factory=RestartSettings)
+    upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    allow_unauthenticated: bool = False
 
     @model_validator(mode="after")
     def _names_are_unique(self) -> ConfigFile:
@@ -160,6 +230,12 @@ class ConfigFile(StrictModel):
             raise ValueError(
                 f"default_model: {self.default_model!r} is not a configured model or alias"
             )
+        for i, key in enumerate(self.auth.keys):
+            for name in key.models or ():
+                if name not in owner:
+                    raise ValueError(
+                        f"auth.keys.{i}.models: {name!r} is not a configured model or alias"
+                    )
         return self
 
 
@@ -177,9 +253,20 @@ class ModelSpec:
     args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
     preload: bool = False
+    pinned: bool = False
     queue_max: int | None = None  # None: 4 x slots
     queue_timeout: float = 60.0
 
     def queue_limit(self, slots: int) -> int:
         """How many requests may wait for ``slots`` busy slots."""
         return 4 * slots if self.queue_max is None else self.queue_max
+
+
+@dataclass(frozen=True)
+class ResolvedKey:
+    """An API key with its secret read (from the file, the environment or the config)."""
+
+    name: str
+    secret: str = field(repr=False)
+    scopes: frozenset[str]
+    models: frozenset[str] | None  # canonical model names; None: all

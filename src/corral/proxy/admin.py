@@ -1,29 +1,32 @@
-"""The admin API: see every model and the host's capacity, load and unload by hand."""
+"""The admin API: see every model and the host's capacity, load, unload, reload the config."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 import psutil
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from corral.errors import CorralError
+from corral.errors import ConfigError, CorralError
 from corral.proxy.admission import AdmissionQueue
-from corral.proxy.errors import response_for
-from corral.supervisor import ManagedModel, ModelState, Supervisor
+from corral.proxy.errors import error_response, response_for
+from corral.supervisor import ManagedModel, ModelState
+
+if TYPE_CHECKING:
+    from corral.proxy.app import Corral
 
 
-def model_status(model: ManagedModel, queue: AdmissionQueue) -> dict[str, Any]:
+def model_status(model: ManagedModel, queue: AdmissionQueue | None) -> dict[str, Any]:
     """A model as ``/admin/status`` and ``corral ps`` show it."""
     info = model.describe()
     info.update({
-        "slots_busy": queue.in_flight - queue.loading,
-        "queue_depth": queue.depth,
-        "queue_limit": queue.limit(),
+        "slots_busy": queue.in_flight - queue.loading if queue else 0,
+        "queue_depth": queue.depth if queue else 0,
+        "queue_limit": queue.limit() if queue else 0,
         "memory": {"actual": _actual_memory(info["pid"])},
     })
     return info
@@ -37,8 +40,9 @@ def _actual_memory(pid: int | None) -> dict[str, int]:
     return {}
 
 
-def status(supervisor: Supervisor, queues: Mapping[str, AdmissionQueue]) -> dict[str, Any]:
-    models = [model_status(m, queues[name]) for name, m in supervisor.models.items()]
+def status(corral: Corral) -> dict[str, Any]:
+    queues = corral.proxy.queues
+    models = [model_status(m, queues.get(name)) for name, m in corral.supervisor.models.items()]
     loaded = [m for m in models if m["state"] == str(ModelState.READY)]
     return {
         "models": models,
@@ -50,35 +54,52 @@ def status(supervisor: Supervisor, queues: Mapping[str, AdmissionQueue]) -> dict
             "queue_depth": sum(m["queue_depth"] for m in models),
             "in_flight": sum(m["in_flight"] for m in models),
         },
+        "draining": corral.draining,
     }
 
 
-def routes(supervisor: Supervisor, queues: Mapping[str, AdmissionQueue]) -> list[Route]:
-    """``GET /admin/status``, ``GET /admin/models``, ``POST /admin/models/{name}/load|unload``."""
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def routes(corral: Corral) -> list[Route]:
+    """``/admin/status``, ``/admin/models``, ``/admin/models/{name}/load|unload``,
+    ``/admin/reload``; every one needs the ``admin`` scope when keys are configured."""
+    supervisor = corral.supervisor
+
+    def admin_only(handler: Handler) -> Handler:
+        async def checked(request: Request) -> Response:
+            try:
+                corral.proxy.require(request, "admin")
+                return await handler(request)
+            except CorralError as exc:
+                return response_for(exc)
+        return checked
 
     async def get_status(request: Request) -> Response:
-        return JSONResponse(status(supervisor, queues))
+        return JSONResponse(status(corral))
 
     async def list_models(request: Request) -> Response:
         return JSONResponse({"models": [m.describe() for m in supervisor.models.values()]})
 
     async def load(request: Request) -> Response:
-        try:
-            model = await supervisor.load(request.path_params["name"])
-        except CorralError as exc:
-            return response_for(exc)
+        model = await supervisor.load(request.path_params["name"])
         return JSONResponse(model.describe())
 
     async def unload(request: Request) -> Response:
-        try:
-            model = await supervisor.unload(request.path_params["name"], "manual")
-        except CorralError as exc:
-            return response_for(exc)
+        model = await supervisor.unload(request.path_params["name"], "manual")
         return JSONResponse(model.describe())
 
+    async def reload(request: Request) -> Response:
+        try:
+            changes = await corral.reload()
+        except ConfigError as exc:
+            return error_response(400, str(exc), code="invalid_config")
+        return JSONResponse({"reloaded": True, **changes})
+
     return [
-        Route("/admin/status", get_status, methods=["GET"]),
-        Route("/admin/models", list_models, methods=["GET"]),
-        Route("/admin/models/{name:path}/load", load, methods=["POST"]),
-        Route("/admin/models/{name:path}/unload", unload, methods=["POST"]),
+        Route("/admin/status", admin_only(get_status), methods=["GET"]),
+        Route("/admin/models", admin_only(list_models), methods=["GET"]),
+        Route("/admin/models/{name:path}/load", admin_only(load), methods=["POST"]),
+        Route("/admin/models/{name:path}/unload", admin_only(unload), methods=["POST"]),
+        Route("/admin/reload", admin_only(reload), methods=["POST"]),
     ]

@@ -44,6 +44,15 @@ class AdmissionQueue:
         self.loading = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
 
+    def reconfigure(
+        self, slots: Callable[[], int], limit: Callable[[int], int], timeout: float
+    ) -> None:
+        """New limits from a reloaded config; waiters keep their place."""
+        self._slots = slots
+        self._limit = limit
+        self.timeout = timeout
+        self.wake()
+
     @property
     def slots(self) -> int:
         return self._slots()

@@ -1,4 +1,4 @@
-"""The Starlette application: routing by model, on-demand loads, streaming, admin API.
+"""The ASGI application: routes, the drain guard, the lifespan that runs the supervisor.
 
 Usage::
 
@@ -9,208 +9,83 @@ Usage::
 from __future__ import annotations
 
 import contextlib
-import os
-import time
 from collections.abc import AsyncIterator
-from functools import partial
 from typing import Any
 
 import structlog
-from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import Receive
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from corral.config import Config
-from corral.errors import CorralError, ModelUnavailableError, QueueFullError, QueueTimeoutError
+from corral.config import Config, load_config
+from corral.errors import ShuttingDownError
 from corral.metrics import CorralMetrics
 from corral.proxy import admin
-from corral.proxy.admission import AdmissionQueue
-from corral.proxy.errors import BadRequestError, error_response, response_for
-from corral.proxy.forward import UpstreamResponse, send_upstream
-from corral.proxy.routing import INFERENCE_PATHS, SLOTLESS_PATHS, model_name, parse_body
-from corral.supervisor import ManagedModel, ModelState, Supervisor
+from corral.proxy.errors import error_response, response_for
+from corral.proxy.handlers import Proxy
+from corral.proxy.routing import INFERENCE_PATHS
+from corral.supervisor import Supervisor
 
 log = structlog.get_logger("corral.proxy")
 
+# Answered while draining, so load balancers and operators can watch the drain.
+_ALWAYS_OPEN = ("/health", "/metrics", "/admin/")
 
-class Proxy:
-    """The request handlers; one per app, holding the supervisor it asks for leases."""
 
-    def __init__(self, config: Config, supervisor: Supervisor, metrics: CorralMetrics) -> None:
+class Corral:
+    """The running parts of one corral: supervisor, proxy handlers and metrics, and reload."""
+
+    def __init__(self, config: Config, supervisor: Supervisor | None = None) -> None:
         self.config = config
-        self.supervisor = supervisor
-        self.metrics = metrics
-        self.instruments = metrics.instruments
-        self.default_model = config.file.default_model
-        self.queues = {
-            name: AdmissionQueue(
-                name,
-                slots=lambda m=model: m.plan.slots,  # type: ignore[misc]
-                limit=model.spec.queue_limit,
-                timeout=model.spec.queue_timeout,
-            )
-            for name, model in supervisor.models.items()
-        }
+        self.metrics = CorralMetrics()
+        self.supervisor = supervisor or Supervisor(config, events=self.metrics)
+        self.proxy = Proxy(config, self.supervisor, self.metrics)
+        self.metrics.bind(self.supervisor, self.proxy.queues)
+        self.draining = False
+        self.active = 0  # requests inside the app, streams included
 
-    async def inference(self, request: Request) -> Response:
-        """POST on a model endpoint: route by ``model``, admit, load on demand, stream back."""
-        started = time.perf_counter()
-        request_id = _request_id(request)
-        name = ""
-        try:
-            body = await request.body()
-            model = self.supervisor.get(model_name(parse_body(body), self.default_model))
-            name = model.name
-            uses_slot = request.url.path not in SLOTLESS_PATHS
-            return await self._forward(request, model, body, request_id, started, uses_slot)
-        except CorralError as exc:
-            return self._error(request, name, exc, request_id, started)
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the config file and apply it; an invalid file changes nothing.
 
-    async def model_get(self, request: Request) -> Response:
-        """GET /props, /slots: llama-server's model-less endpoints, for ``?model=`` or default.
-
-        ``/slots`` never loads a model (monitoring must not keep a model from going idle);
-        ``/props`` does, as a single-server client asks it before its first request.
+        Raises ``ConfigError`` with every problem of the new file.
         """
-        started = time.perf_counter()
-        request_id = _request_id(request)
-        name = ""
-        try:
-            asked = request.query_params.get("model") or self.default_model
-            if not asked:
-                raise BadRequestError(
-                    f"{request.url.path} needs ?model= when corral has no default_model",
-                    code="model_required",
-                )
-            model = self.supervisor.get(asked)
-            name = model.name
-            if request.url.path == "/slots" and model.state != ModelState.READY:
-                raise ModelUnavailableError(
-                    model.name, f"it is {model.state}; /slots does not load models", 5.0)
-            return await self._forward(request, model, b"", request_id, started, False)
-        except CorralError as exc:
-            return self._error(request, name, exc, request_id, started)
+        config = load_config(self.config.source)
+        changes: dict[str, Any] = self.supervisor.reconfigure(config)
+        self.proxy.configure(config)
+        self.metrics.bind(self.supervisor, self.proxy.queues)
+        self.config = config
+        log.info("config_reloaded", source=config.source, **changes)
+        return changes
 
-    async def _forward(
-        self,
-        request: Request,
-        model: ManagedModel,
-        body: bytes,
-        request_id: str,
-        started: float,
-        uses_slot: bool,
-    ) -> Response:
-        queue = self.queues[model.name]
-        if uses_slot:
-            waited = await queue.admit(partial(_disconnected, request.receive))
-            self.instruments.queue_wait.labels(model.name).observe(waited)
-            queue.loading += 1
+
+class DrainGuard:
+    """Counts requests in flight and, once draining, refuses new ones with 503.
+
+    A plain ASGI wrapper: the whole life of a request, streamed body included, happens inside
+    ``await app(...)``, so the count is exact and costs two integer operations.
+    """
+
+    def __init__(self, app: ASGIApp, corral: Corral) -> None:
+        self.app = app
+        self.corral = corral
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        corral = self.corral
+        if corral.draining and not scope["path"].startswith(_ALWAYS_OPEN):
+            response = response_for(ShuttingDownError("corral is shutting down"))
+            await response(scope, receive, send)
+            return
+        corral.active += 1
         try:
-            lease = await self.supervisor.acquire(model.name)
-        except BaseException:
-            if uses_slot:
-                queue.release()
-            raise
+            await self.app(scope, receive, send)
         finally:
-            if uses_slot:
-                queue.loading -= 1
-        try:
-            upstream = await send_upstream(
-                lease.client, model.name, request.method, request.url.path,
-                request.scope["query_string"], request.headers.raw, body,
-            )
-        except BaseException:
-            lease.release()
-            if uses_slot:
-                queue.release()
-            raise
-
-        def finish() -> None:
-            # Runs when the stream is done, so the line has the real duration and outcome.
-            lease.release()
-            if uses_slot:
-                queue.release()
-            seconds = time.perf_counter() - started
-            ttft = (response.first_chunk_at - started
-                    if response.is_sse and response.first_chunk_at else None)
-            self.instruments.request_done(model.name, request.url.path, upstream.status_code,
-                                          seconds, ttft)
-            log.info("request", request_id=request_id, model=model.name,
-                     method=request.method, path=request.url.path,
-                     status=upstream.status_code, client_gone=response.client_gone,
-                     upstream_error=response.upstream_error, seconds=round(seconds, 4))
-
-        response = UpstreamResponse(upstream, finish, [(b"x-request-id", request_id.encode())])
-        return response  # type: ignore[return-value]
-
-    def _error(
-        self, request: Request, model: str, exc: CorralError, request_id: str, started: float
-    ) -> Response:
-        response = response_for(exc, {"X-Request-Id": request_id})
-        seconds = time.perf_counter() - started
-        if isinstance(exc, QueueFullError | QueueTimeoutError):
-            reason = "full" if isinstance(exc, QueueFullError) else "timeout"
-            self.instruments.rejected.labels(model, reason).inc()
-        if model:  # only configured names become label values, never what a client typed
-            self.instruments.request_done(model, request.url.path, response.status_code,
-                                          seconds, None)
-        log.info("request", request_id=request_id, model=model or None, method=request.method,
-                 path=request.url.path, status=response.status_code, error=str(exc),
-                 seconds=round(seconds, 4))
-        return response
-
-    async def metrics_text(self, request: Request) -> Response:
-        """GET /metrics: corral's metrics and each child's, for Prometheus."""
-        return Response(await self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
-    async def list_models(self, request: Request) -> Response:
-        """GET /v1/models: every model and alias in OpenAI form, with corral's details."""
-        data = [_model_entry(m.describe(), m.name) for m in self.supervisor.models.values()]
-        for m in self.supervisor.models.values():
-            data += [_model_entry(m.describe(), alias, alias_of=m.name)
-                     for alias in m.spec.aliases]
-        return JSONResponse({"object": "list", "data": data})
-
-    async def get_model(self, request: Request) -> Response:
-        name = request.path_params["name"]
-        try:
-            model = self.supervisor.get(name)
-        except CorralError as exc:
-            return response_for(exc)
-        alias_of = None if name == model.name else model.name
-        return JSONResponse(_model_entry(model.describe(), name, alias_of=alias_of))
-
-    async def health(self, request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
-
-
-def _model_entry(info: dict[str, Any], name: str, alias_of: str | None = None) -> dict[str, Any]:
-    return {
-        "id": name,
-        "object": "model",
-        "created": 0,
-        "owned_by": "corral",
-        "corral": {
-            "state": info["state"],
-            "slots": info["slots"],
-            "ctx_per_slot": info["ctx_per_slot"],
-            "alias_of": alias_of,
-        },
-    }
-
-
-async def _disconnected(receive: Receive) -> None:
-    """Return once the client has gone (the body is already read, so nothing else arrives)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-def _request_id(request: Request) -> str:
-    return request.headers.get("x-request-id") or os.urandom(8).hex()
+            corral.active -= 1
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -224,20 +99,18 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return error_response(exc.status_code, str(exc.detail), code="http_error")
 
 
-def create_app(config: Config, supervisor: Supervisor | None = None) -> Starlette:
+def create_app(config: Config, corral: Corral | None = None) -> ASGIApp:
     """The corral ASGI app; its lifespan starts and stops the supervisor."""
-    metrics = CorralMetrics()
-    supervisor = supervisor or Supervisor(config, events=metrics)
-    proxy = Proxy(config, supervisor, metrics)
-    metrics.bind(supervisor, proxy.queues)
+    corral = corral or Corral(config)
+    proxy = corral.proxy
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await supervisor.start()
+        await corral.supervisor.start()
         try:
             yield
         finally:
-            await supervisor.shutdown()
+            await corral.supervisor.shutdown()
 
     routes = [Route(path, proxy.inference, methods=["POST"]) for path in INFERENCE_PATHS]
     routes += [
@@ -248,9 +121,9 @@ def create_app(config: Config, supervisor: Supervisor | None = None) -> Starlett
         Route("/v1/models/{name:path}", proxy.get_model, methods=["GET"]),
         Route("/health", proxy.health, methods=["GET"]),
         Route("/metrics", proxy.metrics_text, methods=["GET"]),
-        *admin.routes(supervisor, proxy.queues),
+        *admin.routes(corral),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: _http_error})
-    app.state.supervisor = supervisor
-    return app
+    app.state.corral = corral
+    return DrainGuard(app, corral)

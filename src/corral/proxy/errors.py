@@ -8,13 +8,18 @@ import math
 from starlette.responses import Response
 
 from corral.errors import (
+    AuthenticationError,
     ClientGoneError,
     CorralError,
     ModelLoadError,
     ModelNotFoundError,
     ModelUnavailableError,
+    PermissionDeniedError,
     QueueFullError,
     QueueTimeoutError,
+    RequestTimeoutError,
+    RequestTooLargeError,
+    ShuttingDownError,
     UpstreamError,
 )
 
@@ -60,6 +65,13 @@ def response_for(exc: CorralError, headers: dict[str, str] | None = None) -> Res
     """The HTTP answer for one of corral's errors."""
     if isinstance(exc, BadRequestError):
         return error_response(exc.status, str(exc), code=exc.code, headers=headers)
+    if isinstance(exc, AuthenticationError):
+        return error_response(401, str(exc), type_="authentication_error",
+                              code="invalid_api_key",
+                              headers={**(headers or {}), "WWW-Authenticate": "Bearer"})
+    if isinstance(exc, PermissionDeniedError):
+        return error_response(403, str(exc), type_="permission_error", code="forbidden",
+                              headers=headers)
     if isinstance(exc, ModelNotFoundError):
         return error_response(404, str(exc), code="model_not_found", headers=headers)
     if isinstance(exc, ModelLoadError):
@@ -76,6 +88,13 @@ def response_for(exc: CorralError, headers: dict[str, str] | None = None) -> Res
     if isinstance(exc, QueueTimeoutError):
         return error_response(503, str(exc), type_="service_unavailable", code="queue_timeout",
                               retry_after=exc.retry_after, headers=headers)
+    if isinstance(exc, ShuttingDownError):
+        return error_response(503, str(exc), type_="service_unavailable", code="shutting_down",
+                              retry_after=5.0, headers=headers)
+    if isinstance(exc, RequestTooLargeError):
+        return error_response(413, str(exc), code="request_too_large", headers=headers)
+    if isinstance(exc, RequestTimeoutError):
+        return error_response(408, str(exc), code="request_timeout", headers=headers)
     if isinstance(exc, ClientGoneError):
         return error_response(CLIENT_CLOSED_REQUEST, str(exc), code="client_closed_request",
                               headers=headers)

@@ -25,7 +25,7 @@ from functools import partial
 import httpx
 import structlog
 
-from corral.config.schema import LlamaServerSettings, ModelSpec
+from corral.config.schema import LlamaServerSettings, ModelSpec, UpstreamSettings
 from corral.errors import ModelLoadError
 from corral.placement.plan import LaunchPlan
 from corral.supervisor.children import child_preexec
@@ -69,8 +69,10 @@ class ModelProcess:
         plan: LaunchPlan,
         settings: LlamaServerSettings,
         log_tail: deque[str],
+        upstream: UpstreamSettings | None = None,
     ) -> None:
         self.spec = spec
+        self.upstream = upstream or UpstreamSettings()
         self.plan = plan
         self.settings = settings
         self.log_tail = log_tail
@@ -131,9 +133,10 @@ class ModelProcess:
         self.client = httpx.AsyncClient(
             base_url=f"http://127.0.0.1:{self.port}",
             headers={"Authorization": f"Bearer {self.api_key}"},
-            # No read timeout by default: a long generation must not be cut short; the client
-            # side (and later the health checks) decide when a child has hung.
-            timeout=httpx.Timeout(connect=5.0, read=None, write=60.0, pool=None),
+            # The read timeout is the silence allowed between chunks; it must outlast the
+            # longest non-streamed generation. Hung children are caught by health probes.
+            timeout=httpx.Timeout(connect=self.upstream.connect_timeout,
+                                  read=self.upstream.read_timeout, write=60.0, pool=None),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
         )
         self._pump = asyncio.create_task(self._pump_output(self._proc.stdout))
@@ -165,6 +168,22 @@ class ModelProcess:
                     self.error_lines(),
                 )
             await asyncio.wait({self._exited}, timeout=_HEALTH_POLL_SECONDS)
+
+    async def exited_within(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for the child to exit; say whether it did."""
+        assert self._exited is not None
+        done, _ = await asyncio.wait({self._exited}, timeout=timeout)
+        return bool(done)
+
+    async def healthy(self, timeout: float) -> bool:
+        """One liveness probe: does ``/health`` answer 200 within ``timeout``?"""
+        if self.client is None:
+            return False
+        try:
+            response = await self.client.get("/health", timeout=timeout)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
 
     async def wait(self) -> int:
         """Wait for the child to exit, however that happens; return its exit code."""

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -33,19 +33,19 @@ from corral.errors import ModelLoadError, ModelNotFoundError, ModelUnavailableEr
 from corral.placement import LaunchPlan, plan_launch
 from corral.supervisor.children import ChildRegistry, default_state_file
 from corral.supervisor.events import SupervisorEvents
-from corral.supervisor.process import LOG_TAIL_LINES, ModelProcess
+from corral.supervisor.process import ERROR_TAIL_LINES, LOG_TAIL_LINES, ModelProcess
+from corral.supervisor.restarts import RestartPolicy
 from corral.supervisor.state import ModelState, check_transition
 
 log = structlog.get_logger("corral.supervisor")
 
-StopReason = Literal["idle", "memory", "manual", "shutdown", "crash"]
-_MAX_RETRY_BACKOFF = 60.0
+StopReason = Literal["idle", "memory", "manual", "shutdown", "crash", "reload", "removed"]
 
 
 class ManagedModel:
     """One configured model and whatever child currently serves it."""
 
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, restarts: RestartPolicy | None = None) -> None:
         self.spec = spec
         self.state = ModelState.UNLOADED
         self.process: ModelProcess | None = None
@@ -57,10 +57,12 @@ class ManagedModel:
         self.last_error: str | None = None
         self.last_stop_reason: StopReason | None = None
         self.slot_ctx: int | None = None  # what the child reports per slot, not what was asked
-        self.failures = 0
+        self.restarts = restarts or RestartPolicy(max_failures=5, window=600.0)
         self.retry_at = 0.0
+        self.last_failure: Literal["load", "crash"] | None = None
         self.loads = 0
         self.transition: asyncio.Task[None] | None = None
+        self.restart_task: asyncio.Task[None] | None = None
 
     @property
     def name(self) -> str:
@@ -93,6 +95,9 @@ class ManagedModel:
             "loads": self.loads,
             "last_error": self.last_error,
             "last_stop_reason": self.last_stop_reason,
+            "recent_failures": self.restarts.recent,
+            "given_up": self.restarts.given_up,
+            "pinned": self.spec.pinned,
             "path": str(self.spec.path),
         }
 
@@ -125,7 +130,10 @@ class Supervisor:
         self.config = config
         self.events = events or SupervisorEvents()
         self.settings = config.file.llama_server
-        self.models = {name: ManagedModel(spec) for name, spec in config.models.items()}
+        self.models = {name: self._managed(spec) for name, spec in config.models.items()}
+        # How many requests wait for a model (the proxy's queues); a crashed model that is
+        # still wanted is restarted at once instead of on the next request.
+        self.demand: Callable[[str], int] = lambda name: 0
         state_file = config.file.state_file
         self.registry = ChildRegistry(
             Path(state_file) if state_file else default_state_file(config.file.listen.port)
@@ -133,6 +141,10 @@ class Supervisor:
         self._reap_interval = reap_interval
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
+
+    def _managed(self, spec: ModelSpec) -> ManagedModel:
+        restart = self.config.file.restart
+        return ManagedModel(spec, RestartPolicy(restart.max_failures, restart.window))
 
     def get(self, name: str) -> ManagedModel:
         """The model called ``name`` or one of its aliases; ``ModelNotFoundError`` otherwise."""
@@ -148,12 +160,12 @@ class Supervisor:
             if model.spec.preload:
                 self._spawn(self._preload(model))
 
-    async def acquire(self, name: str) -> Lease:
-        """A lease on a ready ``name``, loading it first if needed.
+    async def acquire(self, name: str | ManagedModel) -> Lease:
+        """A lease on a ready model (a name, alias, or the model), loading it first if needed.
 
         Raises ``ModelNotFoundError``, ``ModelLoadError`` or ``ModelUnavailableError``.
         """
-        model = self.get(name)
+        model = name if isinstance(name, ManagedModel) else self.get(name)
         while True:
             if self._closing:
                 raise ModelUnavailableError(model.name, "corral is shutting down", 5.0)
@@ -167,27 +179,56 @@ class Supervisor:
                 # Shielded: a caller that gives up must not cancel a load others wait for.
                 await asyncio.shield(model.transition)
                 continue
-            if model.state == ModelState.FAILED and time.monotonic() < model.retry_at:
-                raise ModelLoadError(
-                    model.name,
-                    model.last_error or "load failed",
-                    retry_after=max(1.0, model.retry_at - time.monotonic()),
-                )
+            if model.state == ModelState.FAILED:
+                await self._retry_failed(model)
+                continue
             self._begin_load(model)
 
+    async def _retry_failed(self, model: ManagedModel) -> None:
+        """A request for a failed model: wait for its restart, start one, or refuse (503)."""
+        if model.restarts.given_up:
+            raise ModelLoadError(
+                model.name,
+                f"{model.last_error}; gave up after {model.restarts.recent} failures "
+                f"(POST /admin/models/{model.name}/load to try again)",
+                model.log_tail and list(model.log_tail)[-ERROR_TAIL_LINES:],
+                retry_after=60.0,
+            )
+        if model.restart_task is None and model.last_failure == "crash":
+            # The child served before it died: worth waiting for, not failing the request.
+            self._schedule_restart(model)
+        if model.restart_task is not None:
+            # wait(), not shield(): an admin load may cancel the restart; this request then
+            # simply looks at the model again.
+            await asyncio.wait({model.restart_task})
+            return
+        if time.monotonic() < model.retry_at:
+            raise ModelLoadError(
+                model.name,
+                model.last_error or "load failed",
+                retry_after=max(1.0, model.retry_at - time.monotonic()),
+            )
+        self._begin_load(model)
+
     async def load(self, name: str) -> ManagedModel:
-        """Load ``name`` now (admin): clears a failed state and its back-off."""
+        """Load ``name`` now (admin): clears a failed state, its back-off and give-up."""
         model = self.get(name)
         if model.state == ModelState.FAILED:
+            model.restarts.clear()
             model.retry_at = 0.0
-            model.failures = 0
+            model.last_failure = None
+            if model.restart_task is not None:
+                model.restart_task.cancel()
+                model.restart_task = None
         lease = await self.acquire(name)
         lease.release()
         return model
 
     async def unload(self, name: str, reason: StopReason = "manual") -> ManagedModel:
         """Stop ``name``'s child once its in-flight requests are done (bounded)."""
-        model = self.get(name)
+        return await self._unload(self.get(name), reason)
+
+    async def _unload(self, model: ManagedModel, reason: StopReason) -> ManagedModel:
         while model.state in (ModelState.STARTING, ModelState.STOPPING):
             assert model.transition is not None
             with contextlib.suppress(ModelLoadError):
@@ -219,6 +260,53 @@ class Supervisor:
                 self._begin_stop(model, "shutdown")
         await asyncio.gather(*self._transitions(), return_exceptions=True)
 
+    def reconfigure(self, config: Config) -> dict[str, list[str]]:
+        """Apply a new, already validated configuration without dropping a request.
+
+        Unchanged models are not touched. Changed ones drain and restart with their new
+        settings (only if they were loaded or preload). Removed ones stop once nothing waits
+        for them; new ones become available.
+        """
+        old = self.config
+        shared_changed = (old.file.llama_server != config.file.llama_server
+                          or old.file.upstream != config.file.upstream)
+        added = [n for n in config.models if n not in self.models]
+        removed = [n for n in self.models if n not in config.models]
+        changed = [n for n in config.models if n in self.models
+                   and (shared_changed or self.models[n].spec != config.models[n])]
+        self.config = config
+        self.settings = config.file.llama_server
+        for name in added:
+            model = self.models[name] = self._managed(config.models[name])
+            if model.spec.preload:
+                self._spawn(self._preload(model))
+        for name in changed:
+            model = self.models[name]
+            model.spec = config.models[name]
+            restart = config.file.restart
+            model.restarts.max_failures, model.restarts.window = (restart.max_failures,
+                                                                  restart.window)
+            self._spawn(self._restart_for_reload(model))
+        for name in removed:
+            self._spawn(self._retire(self.models[name]))
+        return {"added": added, "changed": changed, "removed": removed}
+
+    async def _restart_for_reload(self, model: ManagedModel) -> None:
+        wanted = model.state in (ModelState.STARTING, ModelState.READY) or model.spec.preload
+        await self._unload(model, "reload")
+        if wanted and not self._closing:
+            with contextlib.suppress(ModelLoadError, ModelUnavailableError):
+                (await self.acquire(model)).release()
+
+    async def _retire(self, model: ManagedModel) -> None:
+        """A model removed from the config: serve what waits for it, then stop and forget it."""
+        deadline = time.monotonic() + self.config.file.shutdown_timeout
+        while (model.in_flight or self.demand(model.name)) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await self._unload(model, "removed")
+        if self.models.get(model.name) is model:
+            del self.models[model.name]
+
     def _transitions(self) -> list[asyncio.Task[None]]:
         return [m.transition for m in self.models.values()
                 if m.transition is not None and not m.transition.done()]
@@ -237,7 +325,8 @@ class Supervisor:
         model.loads += 1
         restart = model.last_stop_reason == "crash"
         model.plan = plan_launch(model.spec)
-        proc = ModelProcess(model.spec, model.plan, self.settings, model.log_tail)
+        proc = ModelProcess(model.spec, model.plan, self.settings, model.log_tail,
+                            upstream=self.config.file.upstream)
         model.process = proc
         started = time.monotonic()
         try:
@@ -249,7 +338,7 @@ class Supervisor:
         except ModelLoadError as exc:
             await self._after_exit(proc)
             self.events.load_finished(model.name, False, time.monotonic() - started, restart)
-            self._fail(model, exc.reason)
+            self._fail(model, exc.reason, "load")
             exc.retry_after = max(1.0, model.retry_at - time.monotonic())
             log.error("model_load_failed", model=model.name, reason=exc.reason,
                       last_lines=exc.log_tail)
@@ -259,15 +348,15 @@ class Supervisor:
             await proc.stop(self.settings.stop_timeout)
             await self._after_exit(proc)
             if model.state == ModelState.STARTING:
-                self._fail(model, "load interrupted")
+                self._fail(model, "load interrupted", "load")
             raise
         if model.state != ModelState.STARTING:
             return
         model.set_state(ModelState.READY)
         model.ready_at = time.time()
         model.last_used = time.monotonic()
-        model.failures = 0
         model.last_error = None
+        model.last_failure = None
         self.events.load_finished(model.name, True, time.monotonic() - started, restart)
         log.info("model_ready", model=model.name, pid=proc.pid, port=proc.port,
                  seconds=round(time.monotonic() - started, 3), slots=model.plan.slots,
@@ -293,24 +382,60 @@ class Supervisor:
         self.events.stopped(model.name, reason)
 
     async def _watch(self, model: ManagedModel, proc: ModelProcess) -> None:
-        """Notice a child that exits on its own while it should be serving."""
+        """Probe a ready child's ``/health``; notice when it exits or stops answering."""
+        health = self.config.file.health
+        misses = 0
+        while not await proc.exited_within(health.interval):
+            if model.process is not proc or model.state != ModelState.READY:
+                return  # being stopped on purpose: the stop takes care of it
+            if await proc.healthy(timeout=min(health.interval, 5.0)):
+                misses = 0
+                continue
+            misses += 1
+            log.warning("child_health_missed", model=model.name, pid=proc.pid, misses=misses)
+            if misses >= health.failures:
+                log.error("child_hung", model=model.name, pid=proc.pid, misses=misses)
+                await proc.kill()
+                break
         code = await proc.wait()
         if model.process is proc and model.state == ModelState.READY:
             await self._after_exit(proc)
+            reason = (f"llama-server stopped answering its health checks ({misses} missed) "
+                      "and was killed" if misses >= health.failures
+                      else f"llama-server exited unexpectedly with code {code}")
             log.error("child_exited", model=model.name, pid=proc.pid, exit_code=code,
                       last_lines=proc.error_lines())
             model.last_stop_reason = "crash"
-            self._fail(model, f"llama-server exited unexpectedly with code {code}")
+            self._fail(model, reason, "crash")
             self.events.stopped(model.name, "crash")
 
-    def _fail(self, model: ManagedModel, reason: str) -> None:
-        model.failures += 1
+    def _fail(self, model: ManagedModel, reason: str, kind: Literal["load", "crash"]) -> None:
+        now = time.monotonic()
         model.last_error = reason
+        model.last_failure = kind
         model.ready_at = None
-        backoff = min(_MAX_RETRY_BACKOFF, 2.0 ** (model.failures - 1))
-        model.retry_at = time.monotonic() + backoff
+        model.retry_at = now + model.restarts.record(now)
         if model.state != ModelState.FAILED:
             model.set_state(ModelState.FAILED)
+        if model.restarts.given_up:
+            log.error("model_given_up", model=model.name, failures=model.restarts.recent,
+                      reason=reason)
+        elif model.spec.pinned or model.spec.preload or self.demand(model.name) > 0:
+            self._schedule_restart(model)
+
+    def _schedule_restart(self, model: ManagedModel) -> None:
+        if model.restart_task is None and not self._closing:
+            model.restart_task = self._spawn(self._restart_after_backoff(model))
+
+    async def _restart_after_backoff(self, model: ManagedModel) -> None:
+        try:
+            delay = max(0.0, model.retry_at - time.monotonic())
+            log.info("model_restart_scheduled", model=model.name, seconds=round(delay, 2))
+            await asyncio.sleep(delay)
+        finally:
+            model.restart_task = None
+        if model.state == ModelState.FAILED and not model.restarts.given_up and not self._closing:
+            self._begin_load(model)
 
     async def _after_exit(self, proc: ModelProcess) -> None:
         await proc.close()

@@ -1,0 +1,250 @@
+"""The request handlers: route by model, check the key, admit, load on demand, stream back."""
+
+from __future__ import annotations
+
+import os
+import time
+from functools import partial
+from typing import Any
+
+import structlog
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import Receive
+
+from corral.config import Config
+from corral.config.schema import ResolvedKey
+from corral.errors import CorralError, ModelUnavailableError, QueueFullError, QueueTimeoutError
+from corral.metrics import CorralMetrics
+from corral.proxy.admission import AdmissionQueue
+from corral.proxy.auth import Authenticator
+from corral.proxy.body import read_body
+from corral.proxy.errors import BadRequestError, response_for
+from corral.proxy.forward import UpstreamResponse, send_upstream
+from corral.proxy.routing import SLOTLESS_PATHS, model_name, parse_body
+from corral.supervisor import ManagedModel, ModelState, Supervisor
+
+log = structlog.get_logger("corral.proxy")
+
+
+class Proxy:
+    """The handlers of one app, with the supervisor it asks for leases and the queues."""
+
+    def __init__(self, config: Config, supervisor: Supervisor, metrics: CorralMetrics) -> None:
+        self.supervisor = supervisor
+        self.metrics = metrics
+        self.instruments = metrics.instruments
+        self.queues: dict[str, AdmissionQueue] = {}
+        self.configure(config)
+        supervisor.demand = lambda name: q.depth if (q := self.queues.get(name)) else 0
+
+    def configure(self, config: Config) -> None:
+        """Take a (new) configuration: keys, limits, default model, a queue per model."""
+        self.config = config
+        self.auth = Authenticator(config.api_keys)
+        self.default_model = config.file.default_model
+        self.limits = config.file.limits
+        for name, spec in config.models.items():
+            model = self.supervisor.models[name]
+            slots = partial(_planned_slots, model)
+            queue = self.queues.get(name)
+            if queue is None:
+                self.queues[name] = AdmissionQueue(name, slots, spec.queue_limit,
+                                                   spec.queue_timeout)
+            else:
+                queue.reconfigure(slots, spec.queue_limit, spec.queue_timeout)
+        for name in [n for n in self.queues if n not in config.models]:
+            if self.queues[name].depth == 0 and self.queues[name].in_flight == 0:
+                del self.queues[name]
+
+    def require(self, request: Request, scope: str) -> ResolvedKey:
+        """The request's key, if it has ``scope``; raises 401/403 otherwise."""
+        return self.auth.authenticate(request.headers, scope)
+
+    async def inference(self, request: Request) -> Response:
+        """POST on a model endpoint: route by ``model``, admit, load on demand, stream back."""
+        started = time.perf_counter()
+        request_id = _request_id(request)
+        name = ""
+        try:
+            key = self.require(request, "inference")
+            body = await read_body(request, self.limits.max_body, self.limits.body_timeout)
+            model = self.supervisor.get(model_name(parse_body(body), self.default_model))
+            name = model.name
+            self.auth.authorize_model(key, name)
+            uses_slot = request.url.path not in SLOTLESS_PATHS
+            return await self._forward(request, model, body, request_id, started, uses_slot)
+        except CorralError as exc:
+            return self._error(request, name, exc, request_id, started)
+
+    async def model_get(self, request: Request) -> Response:
+        """GET /props, /slots: llama-server's model-less endpoints, for ``?model=`` or default.
+
+        ``/slots`` never loads a model (monitoring must not keep a model from going idle);
+        ``/props`` does, as a single-server client asks it before its first request.
+        """
+        started = time.perf_counter()
+        request_id = _request_id(request)
+        name = ""
+        try:
+            key = self.require(request, "inference")
+            asked = request.query_params.get("model") or self.default_model
+            if not asked:
+                raise BadRequestError(
+                    f"{request.url.path} needs ?model= when corral has no default_model",
+                    code="model_required",
+                )
+            model = self.supervisor.get(asked)
+            name = model.name
+            self.auth.authorize_model(key, name)
+            if request.url.path == "/slots" and model.state != ModelState.READY:
+                raise ModelUnavailableError(
+                    model.name, f"it is {model.state}; /slots does not load models", 5.0)
+            return await self._forward(request, model, b"", request_id, started, False)
+        except CorralError as exc:
+            return self._error(request, name, exc, request_id, started)
+
+    async def _forward(
+        self,
+        request: Request,
+        model: ManagedModel,
+        body: bytes,
+        request_id: str,
+        started: float,
+        uses_slot: bool,
+    ) -> Response:
+        queue = self.queues[model.name]
+        if uses_slot:
+            waited = await queue.admit(partial(_disconnected, request.receive))
+            self.instruments.queue_wait.labels(model.name).observe(waited)
+            queue.loading += 1
+        try:
+            lease = await self.supervisor.acquire(model)
+        except BaseException:
+            if uses_slot:
+                queue.release()
+            raise
+        finally:
+            if uses_slot:
+                queue.loading -= 1
+        try:
+            upstream = await send_upstream(
+                lease.client, model.name, request.method, request.url.path,
+                request.scope["query_string"], request.headers.raw, body,
+            )
+        except BaseException:
+            lease.release()
+            if uses_slot:
+                queue.release()
+            raise
+
+        def finish() -> None:
+            # Runs when the stream is done, so the line has the real duration and outcome.
+            lease.release()
+            if uses_slot:
+                queue.release()
+            seconds = time.perf_counter() - started
+            ttft = (response.first_chunk_at - started
+                    if response.is_sse and response.first_chunk_at else None)
+            self.instruments.request_done(model.name, request.url.path, upstream.status_code,
+                                          seconds, ttft)
+            log.info("request", request_id=request_id, model=model.name,
+                     method=request.method, path=request.url.path,
+                     status=upstream.status_code, client_gone=response.client_gone,
+                     upstream_error=response.upstream_error, seconds=round(seconds, 4))
+
+        response = UpstreamResponse(upstream, finish, [(b"x-request-id", request_id.encode())])
+        return response  # type: ignore[return-value]
+
+    def _error(
+        self, request: Request, model: str, exc: CorralError, request_id: str, started: float
+    ) -> Response:
+        response = response_for(exc, {"X-Request-Id": request_id})
+        seconds = time.perf_counter() - started
+        if isinstance(exc, QueueFullError | QueueTimeoutError):
+            reason = "full" if isinstance(exc, QueueFullError) else "timeout"
+            self.instruments.rejected.labels(model, reason).inc()
+        if model:  # only configured names become label values, never what a client typed
+            self.instruments.request_done(model, request.url.path, response.status_code,
+                                          seconds, None)
+        log.info("request", request_id=request_id, model=model or None, method=request.method,
+                 path=request.url.path, status=response.status_code, error=str(exc),
+                 seconds=round(seconds, 4))
+        return response
+
+    async def metrics_text(self, request: Request) -> Response:
+        """GET /metrics: corral's metrics and each child's, for Prometheus."""
+        if not self.config.file.auth.public_metrics:
+            try:
+                self.require(request, "admin")
+            except CorralError as exc:
+                return response_for(exc)
+        return Response(await self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    async def list_models(self, request: Request) -> Response:
+        """GET /v1/models: every model and alias in OpenAI form, with corral's details."""
+        try:
+            self.require(request, "inference")
+        except CorralError as exc:
+            return response_for(exc)
+        models = list(self.supervisor.models.values())
+        data = [_model_entry(m.describe(), m.name) for m in models]
+        for m in models:
+            data += [_model_entry(m.describe(), alias, alias_of=m.name)
+                     for alias in m.spec.aliases]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def get_model(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        try:
+            self.require(request, "inference")
+            model = self.supervisor.get(name)
+        except CorralError as exc:
+            return response_for(exc)
+        alias_of = None if name == model.name else model.name
+        return JSONResponse(_model_entry(model.describe(), name, alias_of=alias_of))
+
+    async def health(self, request: Request) -> Response:
+        if not self.config.file.auth.public_health:
+            try:
+                self.require(request, "inference")
+            except CorralError as exc:
+                return response_for(exc)
+        if request.app.state.corral.draining:
+            # Load balancers stop sending here while in-flight requests finish.
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+
+def _model_entry(info: dict[str, Any], name: str, alias_of: str | None = None) -> dict[str, Any]:
+    return {
+        "id": name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "corral",
+        "corral": {
+            "state": info["state"],
+            "slots": info["slots"],
+            "ctx_per_slot": info["ctx_per_slot"],
+            "alias_of": alias_of,
+        },
+    }
+
+
+def _planned_slots(model: ManagedModel) -> int:
+    return model.plan.slots
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Return once the client has gone (the body is already read, so nothing else arrives)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def _request_id(request: Request) -> str:
+    supplied = request.headers.get("x-request-id")
+    # A client's id is kept when it is sane, so traces join up; anything else is replaced.
+    if supplied and len(supplied) <= 128 and supplied.isprintable():
+        return supplied
+    return os.urandom(8).hex()
