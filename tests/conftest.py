@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+FAKE_LLAMA_SERVER = str(ROOT / "tests" / "fake_llama_server.py")
 
 
 def find_llama_server() -> str | None:
@@ -126,13 +127,13 @@ class CorralProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def children(self) -> list[psutil.Process]:
-        """The llama-server processes corral runs now."""
+    def children(self, name: str | None = "llama-server") -> list[psutil.Process]:
+        """The llama-server processes corral runs now (``name=None``: any child)."""
         try:
             kids = psutil.Process(self.proc.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             return []
-        found = [p for p in kids if _name(p) == "llama-server"]
+        found = [p for p in kids if name is None or _name(p) == name]
         self._seen.update(found)
         return found
 

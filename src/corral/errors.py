@@ -77,8 +77,10 @@ class ModelUnavailableError(CorralError):
 class UpstreamError(CorralError):
     """A child llama-server failed while serving a request."""
 
-    def __init__(self, model: str, reason: str) -> None:
+    def __init__(self, model: str, reason: str, *, delivered: bool = True) -> None:
         self.model = model
+        # False when the child never received the request (connection refused): safe to retry.
+        self.delivered = delivered
         super().__init__(f"model {model!r} failed while serving the request: {reason}")
 
 

@@ -88,6 +88,7 @@ def parse_config(data: Any, *, source: str = "<memory>", base_dir: Path | None =
             name=name,
             path=path if path.is_absolute() else (base / path).resolve(),
             aliases=tuple(model.aliases),
+            binary=model.binary,
             ttl=defaults.ttl if model.ttl is None else model.ttl,
             slots=defaults.slots if model.slots is None else model.slots,
             ctx_per_slot=(

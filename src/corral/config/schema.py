@@ -116,6 +116,7 @@ class ModelDefaults(StrictModel):
 class ModelConfig(StrictModel):
     path: str
     aliases: list[ModelName] = Field(default_factory=list)
+    binary: str | None = None  # this model's llama-server build, e.g. one built for its GPU
     ttl: Duration | None = None
     slots: Slots | None = None
     ctx_per_slot: int | None = None
@@ -246,6 +247,7 @@ class ModelSpec:
     name: str
     path: Path
     aliases: tuple[str, ...] = ()
+    binary: str | None = None  # None: llama_server.binary
     ttl: float = 600.0
     slots: int = 4
     ctx_per_slot: int = 4096

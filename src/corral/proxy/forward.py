@@ -48,7 +48,8 @@ async def send_upstream(
     try:
         return await client.send(request, stream=True)
     except httpx.HTTPError as exc:
-        raise UpstreamError(model, f"{type(exc).__name__}: {exc}") from None
+        raise UpstreamError(model, f"{type(exc).__name__}: {exc}",
+                            delivered=not isinstance(exc, httpx.ConnectError)) from None
 
 
 class UpstreamResponse:
@@ -75,6 +76,7 @@ class UpstreamResponse:
         content_type = upstream.headers.get("content-type", "")
         self.is_sse = content_type.startswith("text/event-stream")
         self.client_gone = False
+        self._finished = False
         self.upstream_error: str | None = None
         self.first_chunk_at: float | None = None
 
@@ -104,13 +106,15 @@ class UpstreamResponse:
                 raise
             await send({"type": "http.response.body", "body": sse_error(
                 f"the model failed mid-stream: {self.upstream_error}"), "more_body": True})
+        self._finished = True
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _watch_disconnect(self, receive: Receive, scope: anyio.CancelScope) -> None:
         while True:
             message: Message = await receive()
             if message["type"] == "http.disconnect":
-                self.client_gone = True
+                # After the last byte uvicorn reports a disconnect too; that is no client gone.
+                self.client_gone = not self._finished
                 scope.cancel()
                 return
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from functools import partial
 from typing import Any
 
+import httpx
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
@@ -15,7 +17,13 @@ from starlette.types import Receive
 
 from corral.config import Config
 from corral.config.schema import ResolvedKey
-from corral.errors import CorralError, ModelUnavailableError, QueueFullError, QueueTimeoutError
+from corral.errors import (
+    CorralError,
+    ModelUnavailableError,
+    QueueFullError,
+    QueueTimeoutError,
+    UpstreamError,
+)
 from corral.metrics import CorralMetrics
 from corral.proxy.admission import AdmissionQueue
 from corral.proxy.auth import Authenticator
@@ -23,7 +31,7 @@ from corral.proxy.body import read_body
 from corral.proxy.errors import BadRequestError, response_for
 from corral.proxy.forward import UpstreamResponse, send_upstream
 from corral.proxy.routing import SLOTLESS_PATHS, model_name, parse_body
-from corral.supervisor import ManagedModel, ModelState, Supervisor
+from corral.supervisor import Lease, ManagedModel, ModelState, Supervisor
 
 log = structlog.get_logger("corral.proxy")
 
@@ -118,23 +126,10 @@ class Proxy:
         if uses_slot:
             waited = await queue.admit(partial(_disconnected, request.receive))
             self.instruments.queue_wait.labels(model.name).observe(waited)
-            queue.loading += 1
         try:
-            lease = await self.supervisor.acquire(model)
+            lease, upstream = await self._send(request, model, body,
+                                               queue if uses_slot else None)
         except BaseException:
-            if uses_slot:
-                queue.release()
-            raise
-        finally:
-            if uses_slot:
-                queue.loading -= 1
-        try:
-            upstream = await send_upstream(
-                lease.client, model.name, request.method, request.url.path,
-                request.scope["query_string"], request.headers.raw, body,
-            )
-        except BaseException:
-            lease.release()
             if uses_slot:
                 queue.release()
             raise
@@ -156,6 +151,40 @@ class Proxy:
 
         response = UpstreamResponse(upstream, finish, [(b"x-request-id", request_id.encode())])
         return response  # type: ignore[return-value]
+
+    async def _send(
+        self, request: Request, model: ManagedModel, body: bytes, queue: AdmissionQueue | None
+    ) -> tuple[Lease, httpx.Response]:
+        """A lease and the child's open response; waits for a load or restart if needed.
+
+        While it waits for the model, an admitted request counts as queued (``loading``).
+        """
+        for attempt in (1, 2):
+            if queue is not None:
+                queue.loading += 1
+            try:
+                lease = await self.supervisor.acquire(model)
+            finally:
+                if queue is not None:
+                    queue.loading -= 1
+            try:
+                upstream = await send_upstream(
+                    lease.client, model.name, request.method, request.url.path,
+                    request.scope["query_string"], request.headers.raw, body,
+                )
+            except UpstreamError as exc:
+                lease.release()
+                # The child died before it saw this request (it crashed under the one before):
+                # once its exit is noticed, acquire() waits for the restart instead.
+                if attempt == 1 and not exc.delivered and await lease.process.exited_within(1.0):
+                    await asyncio.sleep(0.05)  # let the supervisor's watcher mark the crash
+                    continue
+                raise
+            except BaseException:
+                lease.release()
+                raise
+            return lease, upstream
+        raise AssertionError("unreachable")
 
     def _error(
         self, request: Request, model: str, exc: CorralError, request_id: str, started: float

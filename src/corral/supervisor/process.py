@@ -105,11 +105,12 @@ class ModelProcess:
 
     async def start(self) -> None:
         """Spawn the child; raise ``ModelLoadError`` if it cannot even be started."""
-        binary = resolve_binary(self.settings.binary)
+        wanted = self.spec.binary or self.settings.binary
+        binary = resolve_binary(wanted)
         if binary is None:
             raise ModelLoadError(
                 self.spec.name,
-                f"llama-server binary {self.settings.binary!r} not found "
+                f"llama-server binary {wanted!r} not found "
                 "(set llama_server.binary, or run scripts/install-llama-server)",
                 retry_after=30.0,
             )

@@ -107,6 +107,7 @@ class Lease:
     """Permission to send one request to a ready model; ``release()`` exactly once after it."""
 
     model: ManagedModel
+    process: ModelProcess
     client: httpx.AsyncClient
     _released: bool = False
 
@@ -173,7 +174,7 @@ class Supervisor:
                 assert model.process is not None and model.process.client is not None
                 model.in_flight += 1
                 model.last_used = time.monotonic()
-                return Lease(model, model.process.client)
+                return Lease(model, model.process, model.process.client)
             if model.state in (ModelState.STARTING, ModelState.STOPPING):
                 assert model.transition is not None
                 # Shielded: a caller that gives up must not cancel a load others wait for.
@@ -420,7 +421,10 @@ class Supervisor:
         if model.restarts.given_up:
             log.error("model_given_up", model=model.name, failures=model.restarts.recent,
                       reason=reason)
-        elif model.spec.pinned or model.spec.preload or self.demand(model.name) > 0:
+        elif (model.spec.pinned or model.spec.preload
+              or (kind == "crash" and self.demand(model.name) > 0)):
+            # After a failed load, the requests that waited get its error; only models that
+            # must be up retry by themselves. After a crash, queued requests want it back.
             self._schedule_restart(model)
 
     def _schedule_restart(self, model: ManagedModel) -> None:

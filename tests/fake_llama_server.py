@@ -1,0 +1,123 @@
+#!/usr/bin/env python3
+"""A fake llama-server, for the faults the real one cannot produce on demand.
+
+The real llama-server cannot be told to crash after N tokens, to hang half-way through an answer
+with its health check frozen too, to stream slower than a CPU model, or to answer with broken
+HTTP. This stand-in speaks just enough of llama-server's protocol for corral (health, slots,
+metrics, chat completions, the private API key) and misbehaves as ``FAKE_MODE`` says:
+
+- ``ok``: a normal stream of ``max_tokens`` tokens (default mode)
+- ``crash_after:N``: exit with code 3 after sending N tokens of a stream
+- ``hang_after:N``: after N tokens stop answering anything, /health included
+- ``slow:S``: wait S seconds before each token
+- ``gap:S``: wait S seconds before the first token only
+- ``broken_http``: answer completions with bytes that are not HTTP
+- ``fail_start``: print an error and exit 1 before listening
+
+It uses only the standard library so it starts in milliseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+
+MODE, _, ARG = os.environ.get("FAKE_MODE", "ok").partition(":")
+KEY = os.environ.get("LLAMA_API_KEY", "")
+hung = False
+
+
+def arg(flag: str, default: str) -> str:
+    argv = sys.argv
+    return argv[argv.index(flag) + 1] if flag in argv else default
+
+
+def response(status: int, body: bytes, content_type: str = "application/json") -> bytes:
+    head = (f"HTTP/1.1 {status} X\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n")
+    return head.encode() + body
+
+
+async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            lines = head.decode().split("\r\n")
+            method, path, _ = lines[0].split(" ", 2)
+            headers = {k.lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])}
+            body = await reader.readexactly(int(headers.get("content-length", "0")))
+            if hung:
+                await asyncio.sleep(3600)
+            path = path.split("?")[0]
+            if path == "/health":
+                writer.write(response(200, b'{"status":"ok"}'))
+            elif headers.get("authorization") != f"Bearer {KEY}":
+                writer.write(response(401, b'{"error":{"message":"Invalid API Key"}}'))
+            elif path == "/slots":
+                writer.write(response(200, json.dumps(
+                    [{"id": 0, "n_ctx": 256, "is_processing": False}]).encode()))
+            elif path == "/metrics":
+                writer.write(response(200, b"# TYPE llamacpp:requests_processing gauge\n"
+                                           b"llamacpp:requests_processing 0\n", "text/plain"))
+            elif MODE == "broken_http":
+                writer.write(b"this is not HTTP at all\r\n\r\n")
+                await writer.drain()
+                writer.close()
+                return
+            else:
+                await complete(json.loads(body or b"{}"), writer)
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        writer.close()
+
+
+async def complete(request: dict[str, object], writer: asyncio.StreamWriter) -> None:
+    global hung
+    tokens = int(str(request.get("max_tokens", 8)))
+    if not request.get("stream"):
+        if MODE == "crash_after":
+            os._exit(3)
+        text = " ".join(["tok"] * tokens)
+        body = {"choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "finish_reason": "length"}], "model": "fake", "object": "chat"}
+        writer.write(response(200, json.dumps(body).encode()))
+        return
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                 b"Transfer-Encoding: chunked\r\n\r\n")
+    for i in range(tokens):
+        if MODE == "crash_after" and i == int(ARG):
+            await writer.drain()
+            os._exit(3)
+        if MODE == "hang_after" and i == int(ARG):
+            await writer.drain()
+            hung = True
+            await asyncio.sleep(3600)
+        if MODE == "slow" or (MODE == "gap" and i == 0):
+            await asyncio.sleep(float(ARG))
+        event = {"choices": [{"index": 0, "delta": {"content": f"t{i} "}}], "object": "chunk",
+                 "created": int(time.time())}
+        writer.write(chunk(f"data: {json.dumps(event)}\n\n".encode()))
+        await writer.drain()
+    writer.write(chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+
+
+def chunk(data: bytes) -> bytes:
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+async def main() -> None:
+    if MODE == "fail_start":
+        print("fake: error: this model cannot be loaded", flush=True)
+        sys.exit(1)
+    server = await asyncio.start_server(handle, arg("--host", "127.0.0.1"),
+                                        int(arg("--port", "8080")))
+    print(f"fake llama-server listening, mode {MODE}", flush=True)
+    async with server:
+        await server.serve_forever()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,231 @@
+"""Faults in children: what each client receives, restarts, back-off, give-up and recovery.
+
+Crashes and hangs at a chosen token come from the fake llama-server (tests/fake_llama_server.py)
+because the real one cannot do them on demand; the real llama-server is SIGKILLed and
+SIGSTOPped mid-stream to show the same handling on the real thing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import FAKE_LLAMA_SERVER, CorralProcess
+
+pytestmark = pytest.mark.integration
+
+Start = Callable[..., CorralProcess]
+FAST_HEALTH = {"interval": "0.3s", "failures": 2}
+
+
+def fake(tmp_path: Path, mode: str, **extra: Any) -> dict[str, Any]:
+    model = tmp_path / "fake.gguf"
+    model.write_bytes(b"GGUF fake")
+    return {"path": str(model), "binary": FAKE_LLAMA_SERVER, "slots": 1, "ctx_per_slot": 256,
+            "env": {"FAKE_MODE": mode}, **extra}
+
+
+def real(smollm2: Path, **extra: Any) -> dict[str, Any]:
+    return {"path": str(smollm2), "slots": 1, "ctx_per_slot": 512, **extra}
+
+
+def stream_events(server: CorralProcess, model: str, tokens: int,
+                  on_first: Callable[[], None] | None = None) -> list[str]:
+    """The data lines of a streamed chat request, as the client receives them."""
+    body = {"model": model, "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": tokens, "stream": True, "ignore_eos": True}
+    raw = ""
+    with server.http.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200
+        for text in response.iter_text():
+            if not raw and on_first is not None:
+                on_first()
+            raw += text
+    return [line for line in raw.split("\n") if line.startswith(("data: ", "event: "))]
+
+
+def error_event(events: list[str]) -> dict[str, Any]:
+    assert events[-2] == "event: error", events[-3:]
+    payload: dict[str, Any] = json.loads(events[-1][len("data: "):])
+    assert set(payload["error"]) == {"message", "type", "code"}
+    return payload
+
+
+def test_crash_mid_stream_ends_the_stream_with_an_error_event(
+    corral: Start, tmp_path: Path, smollm2: Path
+) -> None:
+    server = corral({"models": {"flaky": fake(tmp_path, "crash_after:5"),
+                                "steady": real(smollm2, preload=True)}})
+    server.wait_for(lambda: server.model("steady")["state"] == "ready")
+    steady_pid = server.model("steady")["pid"]
+    events = stream_events(server, "flaky", 50)
+    assert sum('"content"' in e for e in events) == 5  # what was produced still arrived
+    assert "failed mid-stream" in error_event(events)["error"]["message"]
+    server.wait_for(lambda: server.model("flaky")["state"] == "failed")
+    assert "exited unexpectedly with code 3" in server.model("flaky")["last_error"]
+
+    # The next request restarts the crashed model (after the back-off) and counts it.
+    reply = server.http.post("/v1/chat/completions", json={
+        "model": "flaky", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})
+    assert reply.status_code == 502  # this fake crashes on every non-streamed answer
+    assert reply.json()["error"]["code"] == "upstream_failed"
+    metrics = server.http.get("/metrics").text
+    assert 'corral_model_restarts_total{model="flaky"} 1.0' in metrics
+    # The other model never noticed.
+    assert server.model("steady")["pid"] == steady_pid
+    assert server.model("steady")["state"] == "ready"
+
+
+def test_hung_child_is_killed_by_the_health_checks(corral: Start, tmp_path: Path) -> None:
+    server = corral({"models": {"m": fake(tmp_path, "hang_after:3")}, "health": FAST_HEALTH})
+    started = time.monotonic()
+    events = stream_events(server, "m", 20)
+    assert time.monotonic() - started < 10
+    assert error_event(events)["error"]["code"] == "upstream_failed"
+    server.wait_for(lambda: server.model("m")["state"] == "failed", timeout=5)
+    info = server.model("m")
+    assert "stopped answering its health checks" in info["last_error"]
+    assert server.children(None) == []
+
+
+def test_queued_requests_wait_for_the_restart_after_a_crash(
+    corral: Start, tmp_path: Path, smollm2: Path
+) -> None:
+    server = corral({"models": {"m": real(smollm2)}})
+    assert server.http.post("/admin/models/m/load").status_code == 200
+    (child,) = server.children()
+    body = {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}
+    with ThreadPoolExecutor(1) as pool:
+        long = {**body, "max_tokens": 400, "ignore_eos": True}
+        first = pool.submit(server.http.post, "/v1/chat/completions", json=long)
+        server.wait_for(lambda: server.model_status("m")["slots_busy"] == 1)
+        with ThreadPoolExecutor(1) as pool2:
+            queued = pool2.submit(server.http.post, "/v1/chat/completions", json=body)
+            server.wait_for(lambda: server.model_status("m")["queue_depth"] == 1)
+            child.kill()
+            assert first.result().status_code == 502
+            assert queued.result().status_code == 200  # served by the restarted child
+    info = server.model("m")
+    assert info["loads"] == 2 and info["pid"] != child.pid
+
+
+def test_pinned_model_restarts_by_itself(corral: Start, smollm2: Path) -> None:
+    server = corral({"models": {"m": real(smollm2, pinned=True, preload=True)}})
+    server.wait_for(lambda: server.model("m")["state"] == "ready")
+    (child,) = server.children()
+    child.kill()
+    server.wait_for(lambda: server.model("m")["state"] == "failed", timeout=5)
+    server.wait_for(lambda: server.model("m")["state"] == "ready", timeout=15)
+    assert server.model("m")["pid"] != child.pid
+    assert 'corral_model_restarts_total{model="m"} 1.0' in server.http.get("/metrics").text
+
+
+def test_failed_loads_back_off_then_give_up_until_an_admin_load(
+    corral: Start, tmp_path: Path
+) -> None:
+    server = corral({"models": {"m": fake(tmp_path, "fail_start")},
+                     "restart": {"max_failures": 3, "window": "10m"}})
+    ask = {"model": "m", "messages": [{"role": "user", "content": "Hi"}]}
+    first = server.http.post("/v1/chat/completions", json=ask)
+    assert first.status_code == 503
+    assert "this model cannot be loaded" in first.json()["error"]["message"]  # its own words
+    # Within the back-off: refused at once, no new process.
+    again = server.http.post("/v1/chat/completions", json=ask)
+    assert again.status_code == 503 and int(again.headers["retry-after"]) >= 1
+    assert server.model("m")["loads"] == 1
+    for attempt in (2, 3):
+        server.wait_for(lambda: server.http.post(
+            "/v1/chat/completions", json=ask).status_code == 503
+            and server.model("m")["loads"] == attempt, timeout=10)
+    info = server.model("m")
+    assert info["given_up"] and info["recent_failures"] == 3
+    time.sleep(4.5)  # longer than any back-off so far: it stays given up
+    refused = server.http.post("/v1/chat/completions", json=ask)
+    assert refused.status_code == 503
+    assert "gave up after 3 failures" in refused.json()["error"]["message"]
+    assert server.model("m")["loads"] == 3
+    # An admin load clears it (and tries once more).
+    assert server.http.post("/admin/models/m/load").status_code == 503
+    info = server.model("m")
+    assert info["loads"] == 4 and not info["given_up"] and info["recent_failures"] == 1
+    metrics = server.http.get("/metrics").text
+    assert 'corral_model_loads_total{model="m",result="failed"} 4.0' in metrics
+
+
+def test_real_llama_server_killed_mid_stream(corral: Start, smollm2: Path) -> None:
+    server = corral({"models": {"a": real(smollm2), "b": real(smollm2, preload=True)}})
+    server.wait_for(lambda: server.model("b")["state"] == "ready")
+    b_pid = server.model("b")["pid"]
+    assert server.http.post("/admin/models/a/load").status_code == 200
+    a_pid = server.model("a")["pid"]
+    events = stream_events(server, "a", 2000, on_first=lambda: os.kill(a_pid, signal.SIGKILL))
+    assert error_event(events)["error"]["code"] == "upstream_failed"
+    server.wait_for(lambda: server.model("a")["state"] == "failed")
+    assert server.model("b")["pid"] == b_pid
+    reply = server.http.post("/v1/completions", json={"model": "b", "prompt": "Hi",
+                                                      "max_tokens": 2})
+    assert reply.status_code == 200
+
+
+def test_real_llama_server_stopped_mid_stream_is_found_hung(
+    corral: Start, smollm2: Path
+) -> None:
+    server = corral({"models": {"a": real(smollm2)}, "health": FAST_HEALTH})
+    assert server.http.post("/admin/models/a/load").status_code == 200
+    pid = server.model("a")["pid"]
+    try:
+        events = stream_events(server, "a", 2000, on_first=lambda: os.kill(pid, signal.SIGSTOP))
+    finally:
+        # If corral failed to kill it, do not leave a stopped process behind.
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    assert error_event(events)["error"]["code"] == "upstream_failed"
+    server.wait_for(lambda: server.model("a")["state"] == "failed", timeout=5)
+    assert "stopped answering its health checks" in server.model("a")["last_error"]
+    # It recovers on the next request.
+    server.wait_for(lambda: server.http.post("/v1/completions", json={
+        "model": "a", "prompt": "Hi", "max_tokens": 2}).status_code == 200, timeout=15)
+
+
+def test_slow_answers_pass_and_a_silent_child_times_out(corral: Start, tmp_path: Path) -> None:
+    server = corral({"models": {"slow": fake(tmp_path, "slow:0.3"),
+                                "silent": fake(tmp_path, "gap:5")},
+                     "upstream": {"read_timeout": "2s"}})
+    events = stream_events(server, "slow", 8)  # 2.4 s in all, never 2 s of silence
+    assert events[-1] == "data: [DONE]"
+    events = stream_events(server, "silent", 3)
+    assert error_event(events)["error"]["code"] == "upstream_failed"
+
+
+def test_broken_http_from_a_child_is_a_502(corral: Start, tmp_path: Path) -> None:
+    server = corral({"models": {"m": fake(tmp_path, "broken_http")}})
+    reply = server.http.post("/v1/chat/completions", json={
+        "model": "m", "messages": [{"role": "user", "content": "Hi"}]})
+    assert reply.status_code == 502
+    assert reply.json()["error"]["type"] == "server_error"
+    assert server.http.get("/health").status_code == 200
+
+
+def test_a_client_that_leaves_mid_stream_frees_the_fake_slot_quickly(
+    corral: Start, tmp_path: Path
+) -> None:
+    server = corral({"models": {"m": fake(tmp_path, "slow:0.1")}})
+    body = {"model": "m", "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 500, "stream": True}
+    with httpx.Client(base_url=server.url) as http:
+        with http.stream("POST", "/v1/chat/completions", json=body) as response:
+            next(response.iter_raw())
+    left = time.monotonic()
+    server.wait_for(lambda: server.model_status("m")["slots_busy"] == 0, timeout=2)
+    assert time.monotonic() - left < 1.0
