@@ -143,9 +143,11 @@ def test_failed_loads_back_off_then_give_up_until_an_admin_load(
     assert again.status_code == 503 and int(again.headers["retry-after"]) >= 1
     assert server.model("m")["loads"] == 1
     for attempt in (2, 3):
-        server.wait_for(lambda: server.http.post(
-            "/v1/chat/completions", json=ask).status_code == 503
-            and server.model("m")["loads"] == attempt, timeout=10)
+        def tried_again(attempt: int = attempt) -> bool:
+            refused = server.http.post("/v1/chat/completions", json=ask).status_code == 503
+            return refused and server.model("m")["loads"] == attempt
+
+        server.wait_for(tried_again, timeout=10)
     info = server.model("m")
     assert info["given_up"] and info["recent_failures"] == 3
     time.sleep(4.5)  # longer than any back-off so far: it stays given up
