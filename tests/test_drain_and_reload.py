@@ -1,0 +1,134 @@
+"""corral's own life: draining on SIGTERM and reloading its config under traffic."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from tests.conftest import CorralProcess
+
+pytestmark = pytest.mark.integration
+
+Start = Callable[..., CorralProcess]
+
+
+def chat(model: str, tokens: int, stream: bool) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": tokens, "ignore_eos": True, "stream": stream}
+
+
+def test_sigterm_lets_five_streams_finish_and_refuses_new_requests(
+    corral: Start, smollm2: Path
+) -> None:
+    server = corral({"models": {"m": {"path": str(smollm2), "slots": 5, "ctx_per_slot": 512}}})
+    assert server.http.post("/admin/models/m/load").status_code == 200
+    children = server.children()
+    started = threading.Barrier(6)
+
+    def stream(_: int) -> str:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            with http.stream("POST", "/v1/chat/completions", json=chat("m", 120, True)) as r:
+                text = ""
+                for chunk in r.iter_text():
+                    if not text:
+                        started.wait()
+                    text += chunk
+                return text
+
+    with ThreadPoolExecutor(5) as pool:
+        streams = [pool.submit(stream, i) for i in range(5)]
+        started.wait()
+        server.proc.send_signal(signal.SIGTERM)
+        server.wait_for(lambda: server.http.get("/health").status_code == 503, timeout=5)
+        assert server.http.get("/health").json() == {"status": "draining"}
+        refused = server.http.post("/v1/chat/completions", json=chat("m", 2, False))
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "shutting_down"
+        assert "retry-after" in refused.headers
+        bodies = [s.result() for s in streams]
+    assert all(b.rstrip().endswith("data: [DONE]") for b in bodies)
+    assert all('"finish_reason":"length"' in b for b in bodies)
+    assert server.proc.wait(timeout=30) == 0
+    assert all(not c.is_running() for c in children)
+
+
+def test_reload_changes_adds_and_removes_models_without_dropping_requests(
+    corral: Start, smollm2: Path
+) -> None:
+    model = {"path": str(smollm2), "slots": 2, "ctx_per_slot": 512}
+    server = corral({"models": {"keep": {**model}, "change": {**model}, "drop": {**model}}})
+    for name in ("keep", "change", "drop"):
+        assert server.http.post(f"/admin/models/{name}/load").status_code == 200
+    keep_pid = server.model("keep")["pid"]
+    change_pid = server.model("change")["pid"]
+    codes: list[tuple[str, int, float]] = []
+    stop = threading.Event()
+
+    def traffic(name: str) -> None:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            while not stop.is_set():
+                r = http.post("/v1/chat/completions", json=chat(name, 6, name != "drop"))
+                codes.append((name, r.status_code, time.monotonic()))
+                if name == "drop" and r.status_code == 404:
+                    return  # removed: the 404 names the available models
+
+    threads = [threading.Thread(target=traffic, args=(n,)) for n in ("keep", "change", "drop")]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    config = yaml.safe_load(server.config_path.read_text())
+    config["models"]["change"]["ctx_per_slot"] = 256
+    config["models"]["new"] = {**model}
+    del config["models"]["drop"]
+    server.config_path.write_text(yaml.safe_dump(config))
+    server.proc.send_signal(signal.SIGHUP)
+    server.wait_for(lambda: "drop" not in [m["name"] for m in
+                                           server.http.get("/admin/models").json()["models"]])
+    server.wait_for(lambda: server.model("change")["ctx_per_slot"] == 256, timeout=30)
+    reloaded = time.monotonic()
+    # The changed model serves again, with its new settings, while traffic goes on.
+    server.wait_for(lambda: any(n == "change" and c == 200 and t > reloaded
+                                for n, c, t in list(codes)))
+    stop.set()
+    for t in threads:
+        t.join()
+
+    assert server.model("keep")["pid"] == keep_pid  # unchanged: untouched
+    assert server.model("change")["pid"] != change_pid
+    new = server.http.post("/v1/chat/completions", json=chat("new", 2, False))
+    assert new.status_code == 200
+    gone = server.http.post("/v1/chat/completions", json=chat("drop", 2, False))
+    assert gone.status_code == 404
+    # Every request was answered; only requests sent after "drop" was removed got 404.
+    dropped = [(n, c) for n, c, _ in codes if c != 200 and not (n == "drop" and c == 404)]
+    assert dropped == []
+    assert {n for n, c, _ in codes if c == 200} == {"keep", "change", "drop"}
+
+
+def test_an_invalid_config_is_refused_and_the_old_one_keeps_running(
+    corral: Start, smollm2: Path
+) -> None:
+    server = corral({"models": {"m": {"path": str(smollm2), "slots": 1, "ctx_per_slot": 256}}})
+    original = server.config_path.read_text()
+    server.config_path.write_text(original.replace("slots: 1", "slots: 0"))
+    refused = server.http.post("/admin/reload")
+    assert refused.status_code == 400
+    assert "models.m.slots: must be >= 1, got 0" in refused.json()["error"]["message"]
+    server.proc.send_signal(signal.SIGHUP)
+    server.wait_for(lambda: "config_reload_rejected" in server.log())
+    assert server.http.post("/v1/completions", json={"model": "m", "prompt": "Hi",
+                                                     "max_tokens": 2}).status_code == 200
+    assert server.model("m")["slots"] == 1
+    server.config_path.write_text(original)
+    accepted = server.http.post("/admin/reload")
+    assert accepted.status_code == 200
+    assert accepted.json() == {"reloaded": True, "added": [], "changed": [], "removed": []}
