@@ -117,7 +117,8 @@ class CorralProcess:
             if self.proc.poll() is not None:
                 raise AssertionError(f"corral exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if self.http.get("/health", timeout=1.0).status_code == 200:
+                # 401: up, with /health behind a key (auth.public_health: false)
+                if self.http.get("/health", timeout=1.0).status_code in (200, 401):
                     return
             except httpx.TransportError:
                 pass

@@ -1,0 +1,160 @@
+"""API keys, scopes and model allow-lists; children that only corral can talk to."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+import yaml
+
+from corral.cli import main
+from corral.config import parse_config
+from corral.errors import ConfigError
+from tests.conftest import CorralProcess
+
+Start = Callable[..., CorralProcess]
+TEAM_A = "team-a-secret-0123456789"
+ADMIN = "admin-secret-9876543210"
+FROM_FILE = "file-secret-5555555555"
+
+
+def secured(smollm2: Path, tmp_path: Path, **auth: Any) -> dict[str, Any]:
+    key_file = tmp_path / "key.txt"
+    key_file.write_text(FROM_FILE + "\n")
+    key_file.chmod(0o600)
+    model = {"path": str(smollm2), "slots": 1, "ctx_per_slot": 256}
+    return {
+        "models": {"open": model, "closed": {**model}},
+        "auth": {"keys": [
+            {"name": "team-a", "key_env": "CORRAL_TEST_KEY_A", "scopes": ["inference"],
+             "models": ["open"]},
+            {"name": "ops", "key": ADMIN, "scopes": ["inference", "admin"]},
+            {"name": "filed", "key_file": str(key_file)},
+        ], **auth},
+    }
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def ask(model: str) -> dict[str, Any]:
+    return {"model": model, "prompt": "Hi", "max_tokens": 2}
+
+
+@pytest.mark.integration
+def test_keys_scopes_and_model_allow_lists(
+    corral: Start, smollm2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CORRAL_TEST_KEY_A", TEAM_A)
+    server = corral(secured(smollm2, tmp_path))
+    post = server.http.post
+
+    def code(response: httpx.Response) -> tuple[int, str]:
+        return response.status_code, response.json()["error"]["code"]
+
+    assert code(post("/v1/completions", json=ask("open"))) == (401, "invalid_api_key")
+    assert code(post("/v1/completions", json=ask("open"), headers=bearer("wrong"))) == (
+        401, "invalid_api_key")
+    no_key = post("/v1/completions", json=ask("open"))
+    assert no_key.headers["www-authenticate"] == "Bearer"
+    assert post("/v1/completions", json=ask("open"), headers=bearer(TEAM_A)).status_code == 200
+    assert post("/v1/completions", json=ask("open"),
+                headers={"X-Api-Key": TEAM_A}).status_code == 200
+    denied = post("/v1/completions", json=ask("closed"), headers=bearer(TEAM_A))
+    assert code(denied) == (403, "forbidden")
+    assert "may not use model 'closed'" in denied.json()["error"]["message"]
+    assert post("/v1/completions", json=ask("closed"), headers=bearer(FROM_FILE)
+                ).status_code == 200
+    # The admin API and /metrics need the admin scope; /health stays open.
+    assert code(server.http.get("/admin/status", headers=bearer(TEAM_A))) == (403, "forbidden")
+    assert code(server.http.get("/admin/status")) == (401, "invalid_api_key")
+    assert server.http.get("/admin/status", headers=bearer(ADMIN)).status_code == 200
+    assert code(post("/admin/models/open/unload", headers=bearer(FROM_FILE))) == (
+        403, "forbidden")
+    assert code(server.http.get("/metrics")) == (401, "invalid_api_key")
+    assert server.http.get("/metrics", headers=bearer(ADMIN)).status_code == 200
+    assert server.http.get("/health").status_code == 200
+    assert code(server.http.get("/v1/models")) == (401, "invalid_api_key")
+    assert server.http.get("/v1/models", headers=bearer(TEAM_A)).status_code == 200
+    assert code(server.http.get("/slots?model=closed", headers=bearer(TEAM_A))) == (
+        403, "forbidden")
+
+    # Keys never reach the logs, valid or not.
+    log = server.log()
+    for secret in (TEAM_A, ADMIN, FROM_FILE, "wrong"):
+        assert secret not in log
+
+
+@pytest.mark.integration
+def test_public_metrics_switch(
+    corral: Start, smollm2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CORRAL_TEST_KEY_A", TEAM_A)
+    server = corral(secured(smollm2, tmp_path, public_metrics=True, public_health=False))
+    assert server.http.get("/metrics").status_code == 200
+    assert server.http.get("/health").status_code == 401
+    assert server.http.get("/health", headers=bearer(TEAM_A)).status_code == 200
+
+
+@pytest.mark.integration
+def test_a_child_answers_only_corral(corral: Start, smollm2: Path) -> None:
+    server = corral({"models": {"m": {"path": str(smollm2), "slots": 1, "ctx_per_slot": 256}}})
+    assert server.http.post("/admin/models/m/load").status_code == 200
+    info = server.model("m")
+    child = f"http://127.0.0.1:{info['port']}"
+    assert httpx.get(child + "/health").status_code == 200  # llama-server keeps it open
+    for path in ("/v1/models", "/slots", "/metrics", "/props"):
+        assert httpx.get(child + path).status_code == 401, path
+    bypass = httpx.post(child + "/v1/completions", json=ask("m"))
+    assert bypass.status_code == 401
+    # The key is in the child's environment (readable by its owner only), never in argv.
+    proc = psutil.Process(info["pid"])
+    key = proc.environ()["LLAMA_API_KEY"]
+    assert len(key) >= 24
+    assert not any(key in arg for arg in proc.cmdline())
+    assert key not in server.log()
+    assert httpx.get(child + "/slots", headers=bearer(key)).status_code == 200
+
+
+def test_refuses_to_listen_beyond_loopback_without_keys(
+    tmp_path: Path, smollm2: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = {"models": {"m": {"path": str(smollm2)}}}
+    for host in ("0.0.0.0", "192.168.1.5", "::"):
+        with pytest.raises(ConfigError, match="no auth.keys are configured"):
+            parse_config({**base, "listen": {"host": host}})
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        parse_config({**base, "listen": {"host": host}})
+    parse_config({**base, "listen": {"host": "0.0.0.0"}, "allow_unauthenticated": True})
+    parse_config({**base, "listen": {"host": "0.0.0.0"}, "auth": {"keys": [{"key": "k"}]}})
+    path = tmp_path / "open.yaml"
+    path.write_text(yaml.safe_dump({**base, "listen": {"host": "0.0.0.0"}}))
+    assert main(["serve", "-c", str(path)]) == 2
+    assert "listen.host: '0.0.0.0' is reachable from other machines" in capsys.readouterr().err
+
+
+def test_key_config_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CORRAL_NO_SUCH_KEY", raising=False)
+    base: dict[str, Any] = {"models": {"m": {"path": "m.gguf"}}}
+
+    def problems(*keys: dict[str, Any]) -> list[str]:
+        with pytest.raises(ConfigError) as info:
+            parse_config({**base, "auth": {"keys": list(keys)}}, base_dir=tmp_path)
+        return info.value.problems
+
+    assert problems({"key_env": "CORRAL_NO_SUCH_KEY"}) == [
+        "auth.keys.0.key_env: environment variable 'CORRAL_NO_SUCH_KEY' is not set or empty"]
+    assert problems({"key_file": "missing.txt"})[0].startswith(
+        "auth.keys.0.key_file: cannot read")
+    assert problems({"key": "a", "key_env": "B"}) == [
+        "auth.keys.0: give exactly one of key, key_env, key_file, got {'key': 'a', 'key_env': "
+        "'B'}"]
+    assert problems({"key": "a", "models": ["nope"]}) == [
+        "auth.keys.0.models: 'nope' is not a configured model or alias"]
+    assert problems({"key": "a", "scopes": ["root"]}) == [
+        "auth.keys.0.scopes.0: input should be 'inference' or 'admin', got 'root'"]
