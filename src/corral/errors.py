@@ -77,10 +77,14 @@ class ModelUnavailableError(CorralError):
 class UpstreamError(CorralError):
     """A child llama-server failed while serving a request."""
 
-    def __init__(self, model: str, reason: str, *, delivered: bool = True) -> None:
+    def __init__(
+        self, model: str, reason: str, *, delivered: bool = True, refused: bool = False
+    ) -> None:
         self.model = model
-        # False when the child never received the request (connection refused): safe to retry.
+        # delivered=False: the child produced nothing for the request; refused=True: it never
+        # even accepted the connection.
         self.delivered = delivered
+        self.refused = refused
         super().__init__(f"model {model!r} failed while serving the request: {reason}")
 
 

@@ -48,8 +48,11 @@ async def send_upstream(
     try:
         return await client.send(request, stream=True)
     except httpx.HTTPError as exc:
-        raise UpstreamError(model, f"{type(exc).__name__}: {exc}",
-                            delivered=not isinstance(exc, httpx.ConnectError)) from None
+        # Refused, or closed before any answer: a pooled connection the child had just closed,
+        # or a child that died. Either way it produced nothing for this request.
+        unanswered = isinstance(exc, httpx.ConnectError | httpx.RemoteProtocolError)
+        raise UpstreamError(model, f"{type(exc).__name__}: {exc}", delivered=not unanswered,
+                            refused=isinstance(exc, httpx.ConnectError)) from None
 
 
 class UpstreamResponse:

@@ -174,12 +174,17 @@ class Proxy:
                 )
             except UpstreamError as exc:
                 lease.release()
-                # The child died before it saw this request (it crashed under the one before):
-                # once its exit is noticed, acquire() waits for the restart instead.
-                if attempt == 1 and not exc.delivered and await lease.process.exited_within(1.0):
+                if attempt == 2 or exc.delivered:
+                    raise
+                # The child produced nothing for this request. Alive: the pooled connection was
+                # stale, try a fresh one. Dead and it refused the connection: it crashed under
+                # an earlier request; acquire() now waits for the restart. Dead after accepting
+                # this request: it may have died of it, so it is not sent again.
+                if await lease.process.exited_within(0.5):
+                    if not exc.refused:
+                        raise
                     await asyncio.sleep(0.05)  # let the supervisor's watcher mark the crash
-                    continue
-                raise
+                continue
             except BaseException:
                 lease.release()
                 raise

@@ -138,7 +138,10 @@ class ModelProcess:
             # longest non-streamed generation. Hung children are caught by health probes.
             timeout=httpx.Timeout(connect=self.upstream.connect_timeout,
                                   read=self.upstream.read_timeout, write=60.0, pool=None),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+            # llama-server (cpp-httplib) closes idle connections after 5 s; httpx's default
+            # expiry is also 5 s, so a request could pick a connection the child is closing.
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64,
+                                keepalive_expiry=2.0),
         )
         self._pump = asyncio.create_task(self._pump_output(self._proc.stdout))
         self._exited = asyncio.create_task(self._proc.wait())
