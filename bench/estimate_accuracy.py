@@ -1,0 +1,209 @@
+"""Compare corral's memory estimate with what the real llama-server allocates.
+
+For each case, start llama-server (127.0.0.1 only, ``--fit off``, ``--log-verbosity 4``,
+explicit ``-np N -c N*ctx``), read the buffer sizes it prints while loading, stop it, and put
+them beside ``corral.placement.estimate.estimate_memory`` for the same settings. The models are
+SmolLM2-135M (the real file) and three synthetic GGUFs written by ``synthetic_models.py``
+(K != V heads with a sliding-window pattern array, Gemma-3 sliding window, Qwen3-MoE experts).
+
+    .venv/bin/python bench/estimate_accuracy.py            # writes docs/benchmarks.md
+    .venv/bin/python bench/estimate_accuracy.py --print    # table on stdout only
+
+Only the CPU backend is measured (this machine has no GPU); the overhead terms (CUDA context,
+process, prompt cache) are left out of both columns because no buffer line reports them.
+Every server is killed before the next starts, also on errors; each run is bounded in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from corral.placement.estimate import MemoryEstimate, estimate_memory
+from corral.probe.gguf import read_profile
+from corral.probe.usage import ReportedMemory, parse_buffer_sizes
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+from synthetic_models import MODELS, write_all  # noqa: E402
+
+MiB = 1 << 20
+SMOLLM2 = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+START = "<!-- estimate-accuracy:start -->"
+END = "<!-- estimate-accuracy:end -->"
+RUN_TIMEOUT = 90.0
+# Loaded (every buffer has been printed by then) or given up.
+READY = re.compile(r"llama_server: model loaded|listening on http|failed to load|exiting due to")
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str  # "smollm2" or a synthetic model name
+    slots: int
+    ctx: int
+    type_k: str = "f16"
+    type_v: str = "f16"
+    flash_attn: bool = True
+
+    def label(self) -> str:
+        cache = self.type_k if self.type_k == self.type_v else f"{self.type_k}/{self.type_v}"
+        fa = "" if self.flash_attn else ", no FA"
+        return f"{self.slots} x {self.ctx}, {cache}{fa}"
+
+
+CASES = [
+    Case("smollm2", 1, 2048),
+    Case("smollm2", 4, 2048),
+    Case("smollm2", 8, 1024),
+    Case("smollm2", 16, 512),
+    Case("smollm2", 64, 256),  # 64 logits rows outgrow the FFN activations
+    Case("smollm2", 2, 4096, "q8_0", "q8_0"),
+    Case("smollm2", 4, 2048, "q4_0", "q4_0"),
+    Case("smollm2", 1, 8192, "f16", "q8_0"),
+    Case("smollm2", 2, 2048, flash_attn=False),
+    Case("kv_split", 1, 2048),
+    Case("kv_split", 2, 4096),
+    Case("kv_split", 4, 1024, "q8_0", "q8_0"),
+    Case("swa", 1, 256),
+    Case("swa", 2, 4096),
+    Case("swa", 4, 1024, "q8_0", "q8_0"),
+    Case("swa", 1, 8192),
+    Case("moe", 1, 2048),
+    Case("moe", 4, 2048),
+    Case("moe", 2, 1024, "q4_0", "q4_0"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def find_llama_server() -> str:
+    explicit = os.environ.get("CORRAL_LLAMA_SERVER")
+    beside = Path(sys.executable).parent / "llama-server"
+    return explicit or (str(beside) if beside.exists() else "llama-server")
+
+
+def server_args(case: Case, model: Path, port: int) -> list[str]:
+    return [
+        "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "--fit", "off",
+        "--log-verbosity", "4", "-t", "1", "--no-warmup", "--no-webui", "--cache-ram", "0",
+        "-np", str(case.slots), "-c", str(case.slots * case.ctx),
+        "--cache-type-k", case.type_k, "--cache-type-v", case.type_v,
+        "-fa", "on" if case.flash_attn else "off",
+    ]
+
+
+def measure(binary: str, case: Case, model: Path) -> tuple[ReportedMemory, list[str]]:
+    """Start llama-server for ``case``, collect its log until it is loaded, then kill it."""
+    cmd = [binary, *server_args(case, model, free_port())]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )
+    lines: list[str] = []
+    deadline = time.monotonic() + RUN_TIMEOUT
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if READY.search(line) or time.monotonic() > deadline:
+                break
+    finally:
+        # The server runs in its own session: kill its whole process group, then reap it.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    return parse_buffer_sizes(lines), lines
+
+
+def estimate(case: Case, model: Path) -> MemoryEstimate:
+    return estimate_memory(
+        read_profile(model), slots=case.slots, ctx_per_slot=case.ctx,
+        cache_type_k=case.type_k, cache_type_v=case.type_v, flash_attn=case.flash_attn,
+        gpu_overhead=0, host_overhead=0,
+    )
+
+
+def mib(n: int) -> str:
+    return f"{n / MiB:.2f}"
+
+
+def row(case: Case, rep: ReportedMemory, est: MemoryEstimate) -> tuple[str, float]:
+    e = est.on("cpu")
+    pairs = [
+        (rep.component("weights"), e.weights),
+        (rep.component("kv_cache") + rep.component("recurrent_state"), e.kv_cache +
+         e.recurrent_state),
+        (rep.component("output"), e.output),
+        (rep.component("compute"), e.compute),
+        (rep.total(), e.total),
+    ]
+    error = (e.total - rep.total()) / rep.total() * 100
+    cells = " | ".join(f"{mib(r)} / {mib(x)}" for r, x in pairs)
+    return f"| {case.model} | {case.label()} | {cells} | {error:+.2f}% |", error
+
+
+def table(binary: str, models_dir: Path, cases: Sequence[Case]) -> tuple[list[str], float]:
+    paths = {"smollm2": SMOLLM2, **write_all(models_dir, list(MODELS))}
+    lines = [
+        "| model | slots x ctx, cache | weights | KV cache | output | compute | total | error |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    worst = 0.0
+    for case in cases:
+        rep, log = measure(binary, case, paths[case.model])
+        if rep.total() == 0:
+            raise RuntimeError(f"{case}: llama-server printed no buffer sizes:\n{''.join(log)}")
+        text, error = row(case, rep, estimate(case, paths[case.model]))
+        print(text, flush=True)
+        lines.append(text)
+        worst = max(worst, abs(error))
+    return lines, worst
+
+
+def write_table(doc: Path, body: str) -> None:
+    """Replace what lies between the START and END markers of ``doc`` with ``body``."""
+    text = doc.read_text()
+    start, end = text.find(START), text.find(END)
+    if start < 0 or end < start:
+        raise SystemExit(f"{doc}: markers {START} ... {END} not found")
+    doc.write_text(text[: start + len(START)] + "\n" + body + "\n" + text[end:])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument(
+        "--models", type=Path, default=Path.home() / ".cache" / "corral" / "bench-models",
+        help="where the synthetic GGUFs are written (reused when present)",
+    )
+    parser.add_argument("--print", action="store_true", help="do not write --out")
+    args = parser.parse_args(argv)
+    binary = find_llama_server()
+    lines, worst = table(binary, args.models, CASES)
+    print(f"worst total error: {worst:.2f}%")
+    if not args.print:
+        stamp = f"Largest total error: {worst:.2f}% (measured {time.strftime('%Y-%m-%d')})."
+        write_table(args.out, "\n".join(lines) + "\n\n" + stamp)
+    return 0 if worst <= 5.0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

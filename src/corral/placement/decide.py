@@ -1,0 +1,350 @@
+"""Decide where a model goes and with what capacity, and whom to evict when it does not fit.
+
+``plan_placement`` turns a ``PlacementRequest`` (slots, context, GPU layers: each fixed or
+"auto") into a ``PlacementPlan``: the capacity, the ``-ngl`` value, which GPUs, the bytes to
+reserve per device and the llama-server arguments and environment that make the child allocate
+exactly what was estimated. The rules, in order:
+
+1. Layouts are tried in preference order and the first that fits the *minimum* capacity wins:
+   one GPU holding every layer (binpack: the GPU with the least free memory that still fits;
+   spread: the one with the most); then the 2, 3, ... GPUs with the most free memory, holding
+   every layer together; then, with ``gpu_layers: auto``, as many layers as fit on all allowed
+   GPUs with the rest on the CPU; then the CPU alone. ``gpu_layers: all`` or a number never
+   falls back to fewer layers; ``0`` is the CPU alone.
+2. The minimum capacity is the requested slots and context, where "auto" means 1 slot and
+   ``min_ctx_per_slot`` tokens. Within the winning layout, ``slots: auto`` becomes the largest
+   count up to ``max_slots`` that fits at the requested context (or at ``min_ctx_per_slot`` when
+   the context is auto too), then ``ctx_per_slot: auto`` the largest multiple of 256 that fits,
+   capped by the model's trained context. GPU layers come before context: a partly offloaded
+   model first gets as many layers as fit at the minimum capacity, then context from what is
+   left.
+3. Several GPUs share the layers in proportion to their free memory (rebalanced until each
+   fits); ``--tensor-split`` is then the number of layers each GPU holds, which reproduces that
+   exact assignment in llama.cpp.
+4. ``devices`` pins a model: only those GPUs are candidates, and layers may stay on the CPU only
+   when ``"cpu"`` is listed too (or nothing is pinned). Host memory is always used.
+
+``choose_evictions`` (defined beside the ledger, re-exported here) picks idle models to stop so
+that a reservation fits; see its docstring.
+
+When no layout fits, ``NoFit`` says what the most promising layout needed, on which device, what
+was free and who holds it, and whether evicting models could help at all (``impossible``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Literal
+
+from corral.placement.devices import CPU, Device, gpu_env, gpus
+from corral.placement.estimate import (
+    CTX_PAD,
+    DEFAULT_GPU_OVERHEAD,
+    DEFAULT_HOST_OVERHEAD,
+    MemoryEstimate,
+    estimate_memory,
+)
+from corral.placement.ledger import (
+    CapacityError,
+    EvictionCandidate,
+    Ledger,
+    Shortfall,
+    choose_evictions,
+)
+from corral.placement.profile import ModelProfile
+
+__all__ = [
+    "EvictionCandidate",
+    "NoFit",
+    "PlacementPlan",
+    "PlacementRequest",
+    "choose_evictions",
+    "plan_placement",
+]
+
+MiB = 1 << 20
+_REBALANCE_ROUNDS = 8
+
+
+@dataclass(frozen=True)
+class PlacementRequest:
+    """What a model asks for; "auto" values are decided by ``plan_placement``."""
+
+    slots: int | Literal["auto"] = 4
+    ctx_per_slot: int | Literal["auto"] = 4096
+    gpu_layers: int | Literal["auto", "all"] = "auto"
+    max_slots: int = 16
+    min_ctx_per_slot: int = 2048  # the least an "auto" context may get (capped at n_ctx_train)
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
+    placement: Literal["binpack", "spread"] = "binpack"
+    devices: tuple[str, ...] | None = None  # pinned device ids; None = any
+    n_batch: int = 2048
+    n_ubatch: int = 512
+    flash_attn: bool = True  # False passes -fa off (bigger compute buffer, V cache transposed)
+    cache_ram: int = 0  # bytes for llama-server's --cache-ram prompt cache (0 disables it)
+    ctx_checkpoints: int = 2  # --ctx-checkpoints, kept in host memory by SWA/recurrent models
+    gpu_overhead: int = DEFAULT_GPU_OVERHEAD
+    host_overhead: int = DEFAULT_HOST_OVERHEAD
+    name: str = "model"  # for messages only
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ctx_per_slot, int) and (
+            self.ctx_per_slot < CTX_PAD or self.ctx_per_slot % CTX_PAD
+        ):
+            raise ValueError(f"ctx_per_slot must be a multiple of {CTX_PAD}")
+        if isinstance(self.slots, int) and self.slots < 1:
+            raise ValueError("slots must be >= 1")
+        if self.max_slots < 1 or self.min_ctx_per_slot < CTX_PAD:
+            raise ValueError(f"max_slots must be >= 1 and min_ctx_per_slot >= {CTX_PAD}")
+        if isinstance(self.gpu_layers, int) and self.gpu_layers < 0:
+            raise ValueError("gpu_layers must be >= 0")
+
+
+@dataclass(frozen=True)
+class PlacementPlan:
+    """Where and how one child runs, and what it reserves."""
+
+    slots: int
+    ctx_per_slot: int
+    gpu_layers: int  # the -ngl value: n_layer + 1 means every layer and the output
+    gpus: tuple[str, ...]  # device ids in the child's CUDA order
+    tensor_split: tuple[int, ...]  # layers per GPU (with the output layer); () for <= 1 GPU
+    estimate: MemoryEstimate
+    args: tuple[str, ...]
+    env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def ctx_total(self) -> int:
+        """The ``-c`` value: every slot's context together."""
+        return self.slots * self.ctx_per_slot
+
+    @property
+    def reservation(self) -> dict[str, int]:
+        """Bytes to reserve in the ``Ledger``, per device id."""
+        return self.estimate.reservation()
+
+
+class NoFit(CapacityError):
+    """No layout fits. ``needed`` is the most promising layout's reservation (pass it to
+    ``choose_evictions``); ``impossible`` is True when it would not fit even on idle devices."""
+
+    def __init__(
+        self, name: str, shortfalls: Sequence[Shortfall], needed: Mapping[str, int],
+        impossible: bool,
+    ) -> None:
+        note = " (more than these devices can hold even when idle)" if impossible else ""
+        super().__init__(name, shortfalls, note)
+        self.needed = dict(needed)
+        self.impossible = impossible
+
+
+@dataclass(frozen=True)
+class _Layout:
+    gpus: tuple[Device, ...]
+    ngl: int  # -1: as many as fit
+
+
+@dataclass(frozen=True)
+class _Fit:
+    estimate: MemoryEstimate
+    split: tuple[int, ...]
+    shortfalls: tuple[Shortfall, ...]
+    ok_when_idle: bool
+
+
+class _Planner:
+    def __init__(
+        self, profile: ModelProfile, request: PlacementRequest, devices: Sequence[Device],
+        ledger: Ledger,
+    ) -> None:
+        self.profile = profile
+        self.req = request
+        self.ledger = ledger
+        self.n_total = profile.n_layer + 1
+        pinned = set(request.devices) if request.devices is not None else None
+        self.gpus = [g for g in gpus(devices) if pinned is None or g.id in pinned]
+        self.cpu_layers_ok = pinned is None or CPU in pinned
+        train = profile.n_ctx_train // CTX_PAD * CTX_PAD
+        self.ctx_cap = max(CTX_PAD, train) if train else 1 << 20
+        self.min_slots = request.slots if isinstance(request.slots, int) else 1
+        self.min_ctx = (
+            request.ctx_per_slot if isinstance(request.ctx_per_slot, int)
+            else min(request.min_ctx_per_slot, self.ctx_cap)
+        )
+        self.best_failure: _Fit | None = None
+
+    def free(self, device: Device) -> int:
+        return self.ledger.free(device.id)
+
+    def fit(self, layout_gpus: Sequence[Device], ngl: int, slots: int, ctx: int) -> _Fit:
+        """Estimate one configuration; several GPUs are rebalanced until each fits if it can."""
+        weights = [float(max(1, self.free(g))) for g in layout_gpus]
+        fit = self._check(layout_gpus, ngl, slots, ctx, weights)
+        rounds = 0
+        while fit.shortfalls and len(layout_gpus) > 1 and rounds < _REBALANCE_ROUNDS:
+            rounds += 1
+            short = {s.device for s in fit.shortfalls}
+            if CPU in short:
+                break  # moving layers between GPUs cannot help the host
+            for i, g in enumerate(layout_gpus):
+                need = max(1, fit.estimate.on(g.id).total)
+                weights[i] *= min(4.0, max(0.25, self.free(g) / need))
+            fit = self._check(layout_gpus, ngl, slots, ctx, weights)
+        return fit
+
+    def _check(
+        self, layout_gpus: Sequence[Device], ngl: int, slots: int, ctx: int, weights: list[float]
+    ) -> _Fit:
+        split = [(g.id, w) for g, w in zip(layout_gpus, weights, strict=True)]
+        est = self._estimate(ngl, slots, ctx, split or None)
+        counts = tuple(est.layer_devices.count(g.id) for g in layout_gpus)
+        if len(layout_gpus) > 1:
+            # Re-estimate with integer layer counts: what --tensor-split will really say.
+            est = self._estimate(ngl, slots, ctx, [(g.id, float(c)) for g, c in
+                                                    zip(layout_gpus, counts, strict=True)])
+        need = est.reservation()
+        shortfalls = tuple(self.ledger.shortfalls(need))
+        idle = not self.ledger.shortfalls(need, ignoring=self.ledger.owners)
+        return _Fit(est, counts, shortfalls, idle)
+
+    def _estimate(
+        self, ngl: int, slots: int, ctx: int, split: Sequence[tuple[str, float]] | None
+    ) -> MemoryEstimate:
+        r = self.req
+        return estimate_memory(
+            self.profile, slots=slots, ctx_per_slot=ctx, cache_type_k=r.cache_type_k,
+            cache_type_v=r.cache_type_v, gpu_layers=ngl if split else 0, gpu_split=split,
+            n_batch=r.n_batch, n_ubatch=r.n_ubatch, flash_attn=r.flash_attn,
+            gpu_overhead=r.gpu_overhead, host_overhead=r.host_overhead, cache_ram=r.cache_ram,
+            ctx_checkpoints=r.ctx_checkpoints,
+        )
+
+    def note_failure(self, fit: _Fit) -> None:
+        """Remember the failed layout that is closest to fitting (prefer ones eviction helps)."""
+        def badness(f: _Fit) -> tuple[bool, int]:
+            return (not f.ok_when_idle, sum(s.missing for s in f.shortfalls))
+        if self.best_failure is None or badness(fit) < badness(self.best_failure):
+            self.best_failure = fit
+
+    def layouts(self) -> list[_Layout]:
+        """Candidate layouts in preference order (rule 1)."""
+        wanted = self.req.gpu_layers
+        cpu_only = [_Layout((), 0)] if self.cpu_layers_ok or not self.gpus else []
+        if wanted == 0 or not self.gpus:
+            return cpu_only
+        ngl = self.n_total if wanted in ("auto", "all") else min(int(wanted), self.n_total)
+        if ngl < self.n_total and not self.cpu_layers_ok:
+            raise ValueError(f"gpu_layers={wanted} leaves layers on the CPU, which is not pinned")
+        order = sorted(self.gpus, key=self.free, reverse=self.req.placement == "spread")
+        by_free = sorted(self.gpus, key=self.free, reverse=True)
+        result = [_Layout((g,), ngl) for g in order]
+        result += [_Layout(tuple(by_free[:k]), ngl) for k in range(2, len(by_free) + 1)]
+        if wanted == "auto" and self.cpu_layers_ok:
+            result.append(_Layout(tuple(by_free), -1))
+            result += cpu_only
+        return result
+
+    def max_int(self, lo: int, hi: int, ok: Callable[[int], bool]) -> int | None:
+        """Largest x in [lo, hi] with ok(x), assuming ok is monotone decreasing; None if none."""
+        if hi < lo or not ok(lo):
+            return None
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if ok(mid):
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def place(self, layout: _Layout) -> PlacementPlan | None:
+        g = layout.gpus
+        ngl = layout.ngl
+        if ngl < 0:
+            best = self.max_int(
+                1, self.n_total - 1,
+                lambda n: not self.fit(g, n, self.min_slots, self.min_ctx).shortfalls,
+            )
+            if best is None:
+                self.note_failure(self.fit(g, 1, self.min_slots, self.min_ctx))
+                return None
+            ngl = best
+        first = self.fit(g, ngl, self.min_slots, self.min_ctx)
+        if first.shortfalls:
+            self.note_failure(first)
+            return None
+        slots = self.min_slots
+        if self.req.slots == "auto":
+            top = self.max_int(
+                1, self.req.max_slots, lambda s: not self.fit(g, ngl, s, self.min_ctx).shortfalls
+            )
+            slots = top or 1
+        ctx = self.min_ctx
+        if self.req.ctx_per_slot == "auto":
+            steps = self.max_int(
+                self.min_ctx // CTX_PAD, self.ctx_cap // CTX_PAD,
+                lambda c: not self.fit(g, ngl, slots, c * CTX_PAD).shortfalls,
+            )
+            ctx = (steps or self.min_ctx // CTX_PAD) * CTX_PAD
+        final = self.fit(g, ngl, slots, ctx)
+        if 0 in final.split and len(g) > 1:
+            # A GPU left without layers would still get a CUDA context: leave it out entirely.
+            kept = [(d, n) for d, n in zip(g, final.split, strict=True) if n]
+            g = tuple(d for d, _ in kept)
+            final = self._check(g, ngl, slots, ctx, [float(n) for _, n in kept])
+        return self.plan(g, final, slots, ctx)
+
+    def plan(self, g: Sequence[Device], fit: _Fit, slots: int, ctx: int) -> PlacementPlan:
+        est = fit.estimate
+        r = self.req
+        args = ["-np", str(slots), "-c", str(slots * ctx), "-ngl", str(est.gpu_layers),
+                "--fit", "off", "--cache-type-k", r.cache_type_k, "--cache-type-v",
+                r.cache_type_v, "-b", str(r.n_batch), "-ub", str(r.n_ubatch),
+                "--cache-ram", str(r.cache_ram // MiB)]
+        if not r.flash_attn:
+            args += ["--flash-attn", "off"]
+        if est.swa_cells or self.profile.recurrent_layers:
+            args += ["--ctx-checkpoints", str(r.ctx_checkpoints)]
+        split: tuple[int, ...] = ()
+        if len(g) > 1:
+            split = fit.split
+            args += ["--split-mode", "layer", "--tensor-split", ",".join(map(str, split))]
+        env = MappingProxyType(gpu_env(g))
+        return PlacementPlan(slots, est.ctx_per_slot, est.gpu_layers, tuple(d.id for d in g),
+                             split, est, tuple(args), env)
+
+
+def plan_placement(
+    profile: ModelProfile,
+    request: PlacementRequest,
+    devices: Sequence[Device],
+    ledger: Ledger | None = None,
+) -> PlacementPlan:
+    """Decide a child's capacity and placement against what ``ledger`` has free.
+
+    ``devices`` are the candidates (usually ``ledger.devices``); without a ledger every device is
+    assumed idle. Reserves nothing: pass ``plan.reservation`` to ``ledger.reserve`` before
+    starting the child (it raises if someone else took the memory meanwhile). Raises ``NoFit``
+    when nothing fits and ``ValueError`` for a request that contradicts its pinning.
+    """
+    if ledger is None:
+        ledger = Ledger(devices)
+    known = {d.id for d in devices}
+    if CPU not in known:
+        raise ValueError("devices must include the host ('cpu'): llama-server always uses it")
+    unknown = sorted(set(request.devices or ()) - known)
+    if unknown:
+        raise ValueError(f"pinned devices not found: {', '.join(unknown)}")
+    planner = _Planner(profile, request, devices, ledger)
+    for layout in planner.layouts():
+        plan = planner.place(layout)
+        if plan is not None:
+            return plan
+    failure = planner.best_failure
+    if failure is None:
+        raise ValueError("no candidate device for this request")
+    raise NoFit(request.name, failure.shortfalls, failure.estimate.reservation(),
+                impossible=not failure.ok_when_idle)
+

@@ -1,0 +1,315 @@
+"""How many bytes llama-server allocates on each device for a model and a capacity.
+
+``estimate_memory`` mirrors what llama.cpp (commit 515e855) allocates for one llama-server child
+started with ``-np SLOTS -c SLOTS*CTX --fit off -ngl N [--tensor-split ...]``:
+
+- weights: blocks go where ``-ngl`` puts them (see ``layer_devices``); the token embeddings stay
+  on the CPU; the output projection, output norm and any extra tensors go with the "output
+  layer". A tied output (no ``output.weight``) is duplicated onto the GPU when the output layer
+  is offloaded, as llama.cpp does.
+- KV cache, per layer on that layer's device: ``slots x cells x (K row + V row)``; ``cells`` is
+  the per-slot context, or for a sliding-window layer ``pad256(min(ctx, window + n_ubatch))``
+  (llama_kv_cache_iswa). Rows use the cache type's block size (q8_0: 34 bytes per 32 values).
+  Without flash attention V is stored transposed and padded to the widest layer.
+- recurrent state, per recurrent layer: ``slots x (n_embd_r + n_embd_s) x 4`` bytes (f32).
+- output: the host buffer of logits, ``n_vocab x 4 x slots``.
+- compute: the scheduler's worst-case graph, calibrated against llama-server's own report on the
+  CPU backend (docs/benchmarks.md). With T = the micro-batch, per device that runs layers::
+
+      4*T*5*n_embd + max(4*T*3*ffn_width, 4*n_vocab*slots) + sum over mask kinds (cells*T*2)
+
+  ``ffn_width`` is the dense FFN width or, for mixture-of-experts, expert width x experts used.
+  Without flash attention the attention scores ``cells*T*n_head*4`` (plus an f32 mask) can be
+  the peak instead. A GPU that holds every layer leaves the CPU a small input buffer.
+- overhead: what no buffer line shows: a GPU's CUDA context, cuBLAS workspace and memory pool
+  (``gpu_overhead`` per GPU used), the process itself on the host (``host_overhead``), the
+  prompt cache (``--cache-ram``) and context checkpoints (SWA and recurrent models only).
+
+Everything is a pure function of its arguments; nothing here touches a file or a device.
+"""
+
+from __future__ import annotations
+
+import struct
+from bisect import bisect_right
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from corral.placement.devices import CPU
+from corral.placement.profile import ModelProfile
+
+MiB = 1 << 20
+CTX_PAD = 256  # llama.cpp pads the total and the per-sequence context to this
+MAX_COPIES = 4  # GGML_SCHED_MAX_COPIES: pipeline parallelism keeps 4 copies of graph inputs
+DEFAULT_GPU_OVERHEAD = 512 * MiB
+DEFAULT_HOST_OVERHEAD = 64 * MiB
+
+# Cache element types llama-server accepts: (bytes per block, values per block).
+CACHE_TYPES: dict[str, tuple[int, int]] = {
+    "f32": (4, 1),
+    "f16": (2, 1),
+    "bf16": (2, 1),
+    "q8_0": (34, 32),
+    "q4_0": (18, 32),
+    "q4_1": (20, 32),
+    "iq4_nl": (18, 32),
+    "q5_0": (22, 32),
+    "q5_1": (24, 32),
+}
+
+
+def row_bytes(cache_type: str, n: int) -> int:
+    """Bytes of ``n`` values of a cache type (ggml_row_size); ``n`` must fill whole blocks."""
+    try:
+        size, block = CACHE_TYPES[cache_type]
+    except KeyError:
+        raise ValueError(f"unknown cache type {cache_type!r}") from None
+    if n % block:
+        raise ValueError(f"{cache_type} needs rows that are a multiple of {block}, got {n}")
+    return n // block * size
+
+
+def pad(n: int, to: int = CTX_PAD) -> int:
+    """``n`` rounded up to a multiple of ``to`` (GGML_PAD)."""
+    return (n + to - 1) // to * to
+
+
+def seq_context(slots: int, ctx_per_slot: int) -> int:
+    """The context each slot really gets for ``-np slots -c slots*ctx_per_slot``."""
+    n_ctx = pad(slots * ctx_per_slot)
+    return pad(n_ctx // slots)
+
+
+def _f32(x: float) -> float:
+    # llama.cpp computes split points in float; matching it keeps boundary layers identical.
+    return float(struct.unpack("f", struct.pack("f", x))[0])
+
+
+def layer_devices(
+    n_layer: int, gpu_layers: int, gpu_split: Sequence[tuple[str, float]] | None
+) -> tuple[str, ...]:
+    """Device of each block and, last, of the output layer, as llama.cpp assigns them.
+
+    ``-ngl N`` counts the output layer as the last layer: N = 1 offloads only the output, N =
+    n_layer + 1 (or more) everything; the first ``n_layer + 1 - N`` blocks stay on the CPU. GPU
+    layers are cut into contiguous runs in proportion to ``gpu_split`` weights, in order.
+    """
+    total = n_layer + 1
+    if not gpu_split or gpu_layers <= 0:
+        return (CPU,) * total
+    ngl = min(gpu_layers, total)
+    start = total - ngl
+    weights = [max(0.0, w) for _, w in gpu_split]
+    if sum(weights) <= 0:
+        raise ValueError("gpu_split weights must not all be 0")
+    cumulative: list[float] = []
+    running = _f32(0.0)
+    for w in weights:
+        running = _f32(running + _f32(w))
+        cumulative.append(running)
+    points = [_f32(c / running) for c in cumulative]
+    result: list[str] = []
+    for il in range(total):
+        if il < start:
+            result.append(CPU)
+            continue
+        index = bisect_right(points, _f32((il - start) / ngl))
+        result.append(gpu_split[min(index, len(gpu_split) - 1)][0])
+    return tuple(result)
+
+
+@dataclass(frozen=True)
+class DeviceEstimate:
+    """Bytes one child needs on one device, term by term."""
+
+    device: str
+    weights: int = 0
+    kv_cache: int = 0
+    recurrent_state: int = 0
+    output: int = 0
+    compute: int = 0
+    overhead: int = 0
+
+    @property
+    def total(self) -> int:
+        """Every term together: what the ledger reserves on this device."""
+        return (
+            self.weights + self.kv_cache + self.recurrent_state + self.output + self.compute
+            + self.overhead
+        )
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """The estimate for one child: per-device terms and the settings they assume."""
+
+    devices: tuple[DeviceEstimate, ...]
+    slots: int
+    ctx_per_slot: int  # what each slot really gets (padded like llama.cpp)
+    gpu_layers: int  # the -ngl value, 0..n_layer+1
+    layer_devices: tuple[str, ...]  # per block, then the output layer
+    n_ubatch: int  # effective micro-batch
+    swa_cells: int  # cells per slot of sliding-window layers (0 if none)
+
+    def on(self, device: str) -> DeviceEstimate:
+        """The estimate for ``device`` (all zeros if the child uses none of it)."""
+        for d in self.devices:
+            if d.device == device:
+                return d
+        return DeviceEstimate(device)
+
+    @property
+    def total(self) -> int:
+        """Bytes over all devices."""
+        return sum(d.total for d in self.devices)
+
+    def reservation(self) -> dict[str, int]:
+        """Bytes to reserve per device id (devices with nothing left out)."""
+        return {d.device: d.total for d in self.devices if d.total > 0}
+
+
+@dataclass
+class _Acc:
+    weights: int = 0
+    kv: int = 0
+    rs: int = 0
+    output: int = 0
+    compute: int = 0
+    overhead: int = 0
+
+
+def _kv_bytes(
+    profile: ModelProfile, slots: int, n_ctx_seq: int, swa_cells: int, type_k: str,
+    type_v: str, flash_attn: bool,
+) -> list[int]:
+    widest_v = max((profile.kv_widths(il)[1] for il in range(profile.n_layer)), default=0)
+    sizes = []
+    for il in range(profile.n_layer):
+        k, v = profile.kv_widths(il)
+        if not flash_attn and v:
+            v = widest_v  # transposed V: every layer padded to the widest (TAG_V_CACHE_VARIABLE)
+        cells = swa_cells if profile.is_swa(il) else n_ctx_seq
+        row = (row_bytes(type_k, k) if k else 0) + (row_bytes(type_v, v) if v else 0)
+        sizes.append(slots * cells * row)
+    return sizes
+
+
+def estimate_memory(
+    profile: ModelProfile,
+    *,
+    slots: int,
+    ctx_per_slot: int,
+    cache_type_k: str = "f16",
+    cache_type_v: str = "f16",
+    gpu_layers: int = 0,
+    gpu_split: Sequence[tuple[str, float]] | None = None,
+    n_batch: int = 2048,
+    n_ubatch: int = 512,
+    flash_attn: bool = True,
+    swa_full: bool = False,
+    kv_offload: bool = True,
+    gpu_overhead: int = DEFAULT_GPU_OVERHEAD,
+    host_overhead: int = DEFAULT_HOST_OVERHEAD,
+    cache_ram: int = 0,
+    ctx_checkpoints: int = 0,
+) -> MemoryEstimate:
+    """Bytes per device for ``profile`` served with ``slots`` x ``ctx_per_slot``.
+
+    ``gpu_layers`` is llama-server's ``-ngl`` (clamped to ``n_layer + 1``); ``gpu_split`` lists
+    the child's GPUs in ``CUDA_VISIBLE_DEVICES`` order with their ``--tensor-split`` weights
+    (required when ``gpu_layers > 0``). ``cache_ram`` (bytes) is the ``--cache-ram`` prompt
+    cache and ``ctx_checkpoints`` the ``--ctx-checkpoints`` count, both charged to the host.
+    """
+    if slots < 1 or ctx_per_slot < 1:
+        raise ValueError("slots and ctx_per_slot must be >= 1")
+    if gpu_layers > 0 and not gpu_split:
+        raise ValueError("gpu_layers > 0 needs gpu_split (which GPUs, with what weight)")
+    if not flash_attn and CACHE_TYPES.get(cache_type_v, (0, 1))[1] > 1:
+        raise ValueError("a quantized V cache needs flash attention")
+    n_layer = profile.n_layer
+    placement = layer_devices(n_layer, gpu_layers, gpu_split)
+    ngl = min(max(gpu_layers, 0), n_layer + 1) if gpu_split else 0
+
+    n_ctx_seq = seq_context(slots, ctx_per_slot)
+    n_ctx = n_ctx_seq * slots
+    ubatch = min(n_ubatch, n_batch, n_ctx)  # causal models: the batch is capped by n_ctx
+    any_swa = any(profile.is_swa(il) for il in range(n_layer))
+    swa_cells = 0
+    if any_swa:
+        swa_cells = n_ctx_seq if swa_full else min(
+            n_ctx_seq, pad(profile.sliding_window + ubatch)
+        )
+
+    acc: dict[str, _Acc] = {CPU: _Acc()}
+    for dev in placement:
+        acc.setdefault(dev, _Acc())
+    gpu_ids = [d for d in dict.fromkeys(placement) if d != CPU]
+
+    # Weights.
+    acc[CPU].weights += profile.token_embd_bytes
+    for il, size in enumerate(profile.layer_bytes):
+        acc[placement[il]].weights += size
+    out_dev = placement[n_layer]
+    output = profile.output_bytes
+    if profile.tied_output and out_dev != CPU:
+        output = profile.token_embd_bytes  # llama.cpp duplicates the tied matrix to the GPU
+    acc[out_dev].weights += output + profile.other_bytes
+
+    # KV cache and recurrent state, each on its layer's device unless KV offload is off.
+    kv = _kv_bytes(profile, slots, n_ctx_seq, swa_cells, cache_type_k, cache_type_v, flash_attn)
+    state = slots * (profile.recurrent_r_elements + profile.recurrent_s_elements) * 4
+    for il in range(n_layer):
+        dev = placement[il] if kv_offload else CPU
+        acc[dev].kv += kv[il]
+        if profile.is_recurrent(il):
+            acc[dev].rs += state
+
+    # Logits for one output per slot, in (pinned) host memory.
+    acc[CPU].output += profile.n_vocab * 4 * slots
+
+    # Compute buffers.
+    # One f16 mask per attention kind, [cells, T/slots, 1, slots] (f32 without flash attention).
+    mask_tokens = ubatch // slots * slots if slots <= ubatch else ubatch
+    has_global = any(
+        not profile.is_swa(il) and any(profile.kv_widths(il)) for il in range(n_layer)
+    )
+    full_cells = n_ctx_seq if has_global else 0
+    masks = (full_cells + swa_cells) * mask_tokens * 2
+    # 128 bytes a token: small inputs and alignment, the residual of the calibration.
+    graph = (4 * ubatch * 5 * profile.n_embd
+             + max(4 * ubatch * 3 * profile.ffn_width, 4 * profile.n_vocab * slots)
+             + masks + 128 * ubatch)
+    if not flash_attn:
+        heads = max(profile.n_head, default=0)
+        width = max(profile.n_embd, heads * profile.key_length)
+        attention = max(n_ctx_seq, swa_cells) * ubatch * heads * 4 + 9 * 4 * ubatch * width
+        graph = max(graph, attention + masks * 2)
+    runs_layers = {placement[il] for il in range(n_layer)} | {out_dev}
+    for dev in runs_layers:
+        acc[dev].compute += graph
+    if CPU not in runs_layers:
+        acc[CPU].compute += 2 * 4 * ubatch * profile.n_embd + 64 * 1024
+    cpu_layers = [profile.layer_bytes[il] for il in range(n_layer) if placement[il] == CPU]
+    if gpu_ids and cpu_layers:
+        # op offload: big CPU-layer matmuls run on the first GPU, their weights copied in.
+        acc[gpu_ids[0]].compute += max(cpu_layers)
+    if len(gpu_ids) > 1 and ngl > n_layer:
+        # pipeline parallelism: graph inputs and split boundaries kept in MAX_COPIES copies.
+        for dev in gpu_ids:
+            acc[dev].compute += (MAX_COPIES - 1) * (masks + 4 * ubatch * profile.n_embd)
+
+    # What no buffer line shows.
+    for dev in gpu_ids:
+        acc[dev].overhead += gpu_overhead
+    acc[CPU].overhead += host_overhead + cache_ram
+    if ctx_checkpoints and (any_swa or profile.recurrent_layers):
+        per_seq = sum(kv[il] for il in range(n_layer) if profile.is_swa(il)) // slots
+        per_seq += state // slots * sum(profile.recurrent_layers)
+        acc[CPU].overhead += ctx_checkpoints * slots * per_seq
+
+    devices = tuple(
+        DeviceEstimate(dev, a.weights, a.kv, a.rs, a.output, a.compute, a.overhead)
+        for dev, a in sorted(acc.items(), key=lambda item: (item[0] != CPU, item[0]))
+    )
+    return MemoryEstimate(devices, slots, n_ctx_seq, ngl, placement, ubatch, swa_cells)
+
