@@ -163,20 +163,33 @@ def test_invalid_gguf_gives_503_with_the_reason_and_others_keep_serving(
 ) -> None:
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"GGUF" + b"\x00" * 64)  # the magic, then nonsense
+    truncated = tmp_path / "truncated.gguf"
+    with smollm2.open("rb") as whole:
+        truncated.write_bytes(whole.read(8 * 2**20))  # the header, a fraction of the weights
     config = two_models(smollm2)
     config["models"]["broken"] = {"path": str(broken), "slots": 1, "ctx_per_slot": 256}
+    config["models"]["truncated"] = {"path": str(truncated), "slots": 1, "ctx_per_slot": 256}
     server = corral(config)
-    response = server.http.post("/v1/chat/completions",
-                                json={"model": "broken", "messages": CHAT})
+    chat = {"messages": CHAT, "max_tokens": 4}
+
+    response = server.http.post("/v1/chat/completions", json={"model": "broken", **chat})
     assert response.status_code == 503
     assert int(response.headers["retry-after"]) >= 1
     error = response.json()["error"]
     assert error["code"] == "model_load_failed"
-    assert "llama-server exited with code" in error["message"]
-    assert "last lines from llama-server" in error["message"]
-    assert "failed to load model" in error["message"]  # llama-server's own words
-    info = server.model("broken")
+    assert "cannot read the model file" in error["message"]  # corral reads the header first
+    assert server.model("broken")["state"] == "failed"
+
+    response = server.http.post("/v1/chat/completions", json={"model": "truncated", **chat})
+    assert response.status_code == 503
+    message = response.json()["error"]["message"]
+    assert "llama-server exited with code" in message
+    assert "last lines from llama-server" in message
+    assert "failed to load model" in message  # llama-server's own words
+    info = server.model("truncated")
     assert info["state"] == "failed" and "exited with code" in info["last_error"]
+    assert server.children() == []
+
     reply = server.openai().chat.completions.create(model="smol", messages=CHAT, max_tokens=4)
     assert reply.choices[0].message.content
 
@@ -237,7 +250,7 @@ def test_client_disconnect_frees_the_slot(corral: Start, smollm2: Path) -> None:
             for _ in response.iter_raw():
                 break
             # The first chunk (the role) can come before the slot starts; wait for it to work.
-            server.wait_for(busy, timeout=5)
+            server.wait_for(busy, timeout=15)
     # Leaving the block closed the client's connection mid-stream.
     started = time.monotonic()
     server.wait_for(lambda: not busy(), timeout=5)

@@ -95,6 +95,10 @@ def parse_config(data: Any, *, source: str = "<memory>", base_dir: Path | None =
                 defaults.ctx_per_slot if model.ctx_per_slot is None else model.ctx_per_slot
             ),
             gpu_layers=defaults.gpu_layers if model.gpu_layers is None else model.gpu_layers,
+            max_slots=defaults.max_slots if model.max_slots is None else model.max_slots,
+            cache_type_k=model.cache_type_k or defaults.cache_type_k,
+            cache_type_v=model.cache_type_v or defaults.cache_type_v,
+            devices=None if model.devices is None else tuple(model.devices),
             args=(*file.llama_server.args, *model.args),
             env={**file.llama_server.env, **model.env},
             preload=model.preload,

@@ -34,6 +34,36 @@ def _gpu_layers(value: object) -> int | Literal["auto", "all"]:
 
 
 GpuLayers = Annotated[int | Literal["auto", "all"], PlainValidator(_gpu_layers)]
+
+
+def _slots(value: object) -> int | Literal["auto"]:
+    if value == "auto":
+        return "auto"
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise ValueError("must be >= 1")
+        if value > 512:
+            raise ValueError("must be <= 512")
+        return value
+    raise ValueError("must be 'auto' or a number of slots")
+
+
+def _ctx(value: object) -> int | Literal["auto"]:
+    # llama-server pads the total context to a multiple of 256 before splitting it over slots;
+    # asking for a multiple keeps the planned and the real per-slot context identical.
+    if value == "auto":
+        return "auto"
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 256 or value % 256:
+            raise ValueError("must be a multiple of 256 and >= 256")
+        return value
+    raise ValueError("must be 'auto' or a number of tokens")
+
+
+AutoSlots = Annotated[int | Literal["auto"], PlainValidator(_slots)]
+AutoCtx = Annotated[int | Literal["auto"], PlainValidator(_ctx)]
+CacheType = Literal["f16", "q8_0", "q4_0"]
+DeviceId = Annotated[str, StringConstraints(pattern=r"^(cpu|cuda:\d+)$")]
 LogLevel = Literal["debug", "info", "warning", "error"]
 ModelName = Annotated[str, StringConstraints(min_length=1, pattern=r"^[^\s]+$")]
 Slots = Annotated[int, Field(ge=1, le=512)]
@@ -53,6 +83,33 @@ RESERVED_FLAGS = {
     "-a": "corral sets the model name",
     "--api-key": "corral gives each child a private key",
     "--api-key-file": "corral gives each child a private key",
+    "-ngl": "use `gpu_layers`",
+    "--gpu-layers": "use `gpu_layers`",
+    "--n-gpu-layers": "use `gpu_layers`",
+    "-ctk": "use `cache_type_k`",
+    "--cache-type-k": "use `cache_type_k`",
+    "-ctv": "use `cache_type_v`",
+    "--cache-type-v": "use `cache_type_v`",
+    "--fit": "corral decides the placement and passes --fit off",
+    "-ts": "corral computes the tensor split",
+    "--tensor-split": "corral computes the tensor split",
+    "-sm": "corral chooses the split mode",
+    "--split-mode": "corral chooses the split mode",
+    "-dev": "use the model's `devices`",
+    "--device": "use the model's `devices`",
+    "-b": "the memory estimate assumes corral's batch size",
+    "--batch-size": "the memory estimate assumes corral's batch size",
+    "-ub": "the memory estimate assumes corral's micro-batch size",
+    "--ubatch-size": "the memory estimate assumes corral's micro-batch size",
+    "--cache-ram": "the memory estimate counts the prompt cache corral sets",
+    "-cram": "the memory estimate counts the prompt cache corral sets",
+    "--ctx-checkpoints": "the memory estimate counts the checkpoints corral sets",
+    "--swa-full": "the memory estimate assumes the default sliding-window cache",
+    "-nkvo": "the memory estimate assumes the KV cache on the model's devices",
+    "--no-kv-offload": "the memory estimate assumes the KV cache on the model's devices",
+    "--n-cpu-moe": "the memory estimate assumes no expert offload",
+    "-fa": "the memory estimate assumes flash attention as llama-server decides it",
+    "--flash-attn": "the memory estimate assumes flash attention as llama-server decides it",
 }
 
 
@@ -66,14 +123,6 @@ def _check_args(args: list[str]) -> list[str]:
         if flag in RESERVED_FLAGS:
             raise ValueError(f"{flag!r} is set by corral ({RESERVED_FLAGS[flag]})")
     return args
-
-
-def _check_ctx(value: int | None) -> int | None:
-    # llama-server pads the total context to a multiple of 256 before splitting it over slots;
-    # asking for a multiple keeps the planned and the real per-slot context identical.
-    if value is not None and (value < 256 or value % 256):
-        raise ValueError("must be a multiple of 256 and >= 256")
-    return value
 
 
 class Listen(StrictModel):
@@ -106,11 +155,12 @@ class QueueOverrides(StrictModel):
 class ModelDefaults(StrictModel):
     ttl: Duration = 600.0
     queue: QueueSettings = Field(default_factory=QueueSettings)
-    slots: Slots = 4
-    ctx_per_slot: int = 4096
+    slots: AutoSlots = 4
+    max_slots: Slots = 16  # the most `slots: auto` may choose
+    ctx_per_slot: AutoCtx = 4096
     gpu_layers: GpuLayers = "auto"
-
-    _ctx = field_validator("ctx_per_slot")(_check_ctx)
+    cache_type_k: CacheType = "f16"
+    cache_type_v: CacheType = "f16"
 
 
 class ModelConfig(StrictModel):
@@ -118,9 +168,13 @@ class ModelConfig(StrictModel):
     aliases: list[ModelName] = Field(default_factory=list)
     binary: str | None = None  # this model's llama-server build, e.g. one built for its GPU
     ttl: Duration | None = None
-    slots: Slots | None = None
-    ctx_per_slot: int | None = None
+    slots: AutoSlots | None = None
+    max_slots: Slots | None = None
+    ctx_per_slot: AutoCtx | None = None
     gpu_layers: GpuLayers | None = None
+    cache_type_k: CacheType | None = None
+    cache_type_v: CacheType | None = None
+    devices: list[DeviceId] | None = None  # pin to these devices ("cpu" allows CPU layers)
     queue: QueueOverrides = Field(default_factory=QueueOverrides)
     pinned: bool = False  # never evicted; restarted after a crash even when nobody waits
     args: list[str] = Field(default_factory=list)
@@ -128,7 +182,6 @@ class ModelConfig(StrictModel):
     preload: bool = False
 
     _args = field_validator("args")(_check_args)
-    _ctx = field_validator("ctx_per_slot")(_check_ctx)
 
     @field_validator("path")
     @classmethod
@@ -200,6 +253,20 @@ class AuthSettings(StrictModel):
     public_health: bool = True
 
 
+class DeviceConfig(StrictModel):
+    """A device declared instead of discovered: ``cuda:N`` or ``cpu`` (the host RAM budget)."""
+
+    id: DeviceId
+    memory: Size
+
+
+class ReserveSettings(StrictModel):
+    """Headroom corral never plans into, per GPU and on the host."""
+
+    gpu: Size = Field(default=ByteSize(512 * 2**20))
+    ram: Size = Field(default=ByteSize(2**30))
+
+
 class ConfigFile(StrictModel):
     listen: Listen = Field(default_factory=Listen)
     llama_server: LlamaServerSettings = Field(default_factory=LlamaServerSettings)
@@ -215,6 +282,9 @@ class ConfigFile(StrictModel):
     limits: LimitSettings = Field(default_factory=LimitSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     allow_unauthenticated: bool = False
+    devices: list[DeviceConfig] | None = None  # None: discover (NVML GPUs and system RAM)
+    reserve: ReserveSettings = Field(default_factory=ReserveSettings)
+    placement: Literal["binpack", "spread"] = "binpack"
 
     @model_validator(mode="after")
     def _names_are_unique(self) -> ConfigFile:
@@ -231,6 +301,17 @@ class ConfigFile(StrictModel):
             raise ValueError(
                 f"default_model: {self.default_model!r} is not a configured model or alias"
             )
+        if self.devices is not None:
+            ids = [d.id for d in self.devices]
+            if "cpu" not in ids:
+                raise ValueError("devices: declare the host too, e.g. {id: cpu, memory: 64GiB}")
+            if len(set(ids)) != len(ids):
+                raise ValueError(f"devices: each id may appear once, got {ids}")
+            for name, model in self.models.items():
+                for device in model.devices or ():
+                    if device not in ids:
+                        raise ValueError(f"models.{name}.devices: {device!r} is not a declared "
+                                         f"device ({', '.join(ids)})")
         for i, key in enumerate(self.auth.keys):
             for name in key.models or ():
                 if name not in owner:
@@ -249,9 +330,13 @@ class ModelSpec:
     aliases: tuple[str, ...] = ()
     binary: str | None = None  # None: llama_server.binary
     ttl: float = 600.0
-    slots: int = 4
-    ctx_per_slot: int = 4096
+    slots: int | Literal["auto"] = 4
+    ctx_per_slot: int | Literal["auto"] = 4096
     gpu_layers: int | Literal["auto", "all"] = "auto"
+    max_slots: int = 16
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
+    devices: tuple[str, ...] | None = None
     args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
     preload: bool = False

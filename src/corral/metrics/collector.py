@@ -136,8 +136,8 @@ class CorralMetrics(SupervisorEvents, Collector):
         for model in models:
             for value in ModelState:
                 state.add_metric([model.name, str(value)], 1.0 if model.state == value else 0.0)
-            slots.add_metric([model.name], model.plan.slots)
-            ctx.add_metric([model.name], model.slot_ctx or model.plan.ctx_per_slot)
+            slots.add_metric([model.name], model.slots)
+            ctx.add_metric([model.name], model.ctx_per_slot or 0)
             queue = self._queues.get(model.name)
             busy.add_metric([model.name], queue.in_flight - queue.loading if queue else 0)
             depth.add_metric([model.name], queue.depth if queue else 0)

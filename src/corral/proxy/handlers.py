@@ -46,6 +46,8 @@ class Proxy:
         self.queues: dict[str, AdmissionQueue] = {}
         self.configure(config)
         supervisor.demand = lambda name: q.depth if (q := self.queues.get(name)) else 0
+        # Once a model is up, its planned slots (``slots: auto``) may admit more waiters.
+        supervisor.on_ready = lambda name: q.wake() if (q := self.queues.get(name)) else None
 
     def configure(self, config: Config) -> None:
         """Take a (new) configuration: keys, limits, default model, a queue per model."""
@@ -267,7 +269,7 @@ def _model_entry(info: dict[str, Any], name: str, alias_of: str | None = None) -
 
 
 def _planned_slots(model: ManagedModel) -> int:
-    return model.plan.slots
+    return model.slots
 
 
 async def _disconnected(receive: Receive) -> None:

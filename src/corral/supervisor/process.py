@@ -2,7 +2,7 @@
 
 Usage::
 
-    proc = ModelProcess(spec, plan, settings, log_tail)
+    proc = ModelProcess(spec, plan.args, plan.env, settings, log_tail)
     await proc.start()
     await proc.wait_ready(settings.startup_timeout)   # raises ModelLoadError
     ...                                                # proc.client talks to it
@@ -20,6 +20,7 @@ import signal
 import socket
 import time
 from collections import deque
+from collections.abc import Mapping, Sequence
 from functools import partial
 
 import httpx
@@ -27,7 +28,6 @@ import structlog
 
 from corral.config.schema import LlamaServerSettings, ModelSpec, UpstreamSettings
 from corral.errors import ModelLoadError
-from corral.placement.plan import LaunchPlan
 from corral.supervisor.children import child_preexec
 
 log = structlog.get_logger("corral.supervisor")
@@ -66,14 +66,16 @@ class ModelProcess:
     def __init__(
         self,
         spec: ModelSpec,
-        plan: LaunchPlan,
+        server_args: Sequence[str],
+        env: Mapping[str, str],
         settings: LlamaServerSettings,
         log_tail: deque[str],
         upstream: UpstreamSettings | None = None,
     ) -> None:
         self.spec = spec
         self.upstream = upstream or UpstreamSettings()
-        self.plan = plan
+        self.server_args = list(server_args)
+        self.env = dict(env)
         self.settings = settings
         self.log_tail = log_tail
         self.port = 0
@@ -99,7 +101,9 @@ class ModelProcess:
             "--alias", self.spec.name,
             "--metrics",
             "--no-webui",
-            *self.plan.server_args(),
+            # Verbosity 4 prints the buffer sizes corral compares with its estimate.
+            "--log-verbosity", "4",
+            *self.server_args,
             *self.spec.args,
         ]
 
@@ -115,7 +119,7 @@ class ModelProcess:
                 retry_after=30.0,
             )
         self.port = free_port()
-        env = {**os.environ, **self.spec.env, "LLAMA_API_KEY": self.api_key}
+        env = {**os.environ, **self.env, **self.spec.env, "LLAMA_API_KEY": self.api_key}
         argv = self.command(binary)
         try:
             self._proc = await asyncio.create_subprocess_exec(

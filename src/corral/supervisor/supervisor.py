@@ -19,9 +19,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import deque
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,93 +29,16 @@ import structlog
 
 from corral.config import Config, ModelSpec
 from corral.errors import ModelLoadError, ModelNotFoundError, ModelUnavailableError
-from corral.placement import LaunchPlan, plan_launch
+from corral.probe.usage import parse_buffer_sizes
 from corral.supervisor.children import ChildRegistry, default_state_file
 from corral.supervisor.events import SupervisorEvents
-from corral.supervisor.process import ERROR_TAIL_LINES, LOG_TAIL_LINES, ModelProcess
+from corral.supervisor.model import Lease, ManagedModel, StopReason
+from corral.supervisor.placing import Candidate, make_ledger, place
+from corral.supervisor.process import ERROR_TAIL_LINES, ModelProcess
 from corral.supervisor.restarts import RestartPolicy
-from corral.supervisor.state import ModelState, check_transition
+from corral.supervisor.state import ModelState
 
 log = structlog.get_logger("corral.supervisor")
-
-StopReason = Literal["idle", "memory", "manual", "shutdown", "crash", "reload", "removed"]
-
-
-class ManagedModel:
-    """One configured model and whatever child currently serves it."""
-
-    def __init__(self, spec: ModelSpec, restarts: RestartPolicy | None = None) -> None:
-        self.spec = spec
-        self.state = ModelState.UNLOADED
-        self.process: ModelProcess | None = None
-        self.plan: LaunchPlan = plan_launch(spec)
-        self.log_tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
-        self.in_flight = 0
-        self.last_used = time.monotonic()
-        self.ready_at: float | None = None  # wall clock, for uptime
-        self.last_error: str | None = None
-        self.last_stop_reason: StopReason | None = None
-        self.slot_ctx: int | None = None  # what the child reports per slot, not what was asked
-        self.restarts = restarts or RestartPolicy(max_failures=5, window=600.0)
-        self.retry_at = 0.0
-        self.last_failure: Literal["load", "crash"] | None = None
-        self.loads = 0
-        self.transition: asyncio.Task[None] | None = None
-        self.restart_task: asyncio.Task[None] | None = None
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    def set_state(self, new: ModelState) -> None:
-        check_transition(self.state, new)
-        log.info("model_state", model=self.name, state=str(new), previous=str(self.state),
-                 pid=self.process.pid if self.process else None)
-        self.state = new
-
-    def describe(self) -> dict[str, Any]:
-        """The model as ``/admin/models`` shows it."""
-        proc = self.process if self.state in (ModelState.STARTING, ModelState.READY,
-                                              ModelState.STOPPING) else None
-        return {
-            "name": self.name,
-            "aliases": list(self.spec.aliases),
-            "state": str(self.state),
-            "pid": proc.pid if proc else None,
-            "port": proc.port if proc else None,
-            "slots": self.plan.slots,
-            "ctx_per_slot": self.slot_ctx or self.plan.ctx_per_slot,
-            "gpu_layers": self.plan.gpu_layers,
-            "in_flight": self.in_flight,
-            "uptime_seconds": (round(time.time() - self.ready_at, 3)
-                               if self.ready_at and self.state == ModelState.READY else None),
-            "ttl_seconds": self.spec.ttl,
-            "idle_seconds": round(time.monotonic() - self.last_used, 3),
-            "loads": self.loads,
-            "last_error": self.last_error,
-            "last_stop_reason": self.last_stop_reason,
-            "recent_failures": self.restarts.recent,
-            "given_up": self.restarts.given_up,
-            "pinned": self.spec.pinned,
-            "path": str(self.spec.path),
-        }
-
-
-@dataclass
-class Lease:
-    """Permission to send one request to a ready model; ``release()`` exactly once after it."""
-
-    model: ManagedModel
-    process: ModelProcess
-    client: httpx.AsyncClient
-    _released: bool = False
-
-    def release(self) -> None:
-        if not self._released:
-            self._released = True
-            self.model.in_flight -= 1
-            self.model.last_used = time.monotonic()
-
 
 class Supervisor:
     """Starts, watches and stops the llama-server children of every configured model."""
@@ -135,6 +57,8 @@ class Supervisor:
         # How many requests wait for a model (the proxy's queues); a crashed model that is
         # still wanted is restarted at once instead of on the next request.
         self.demand: Callable[[str], int] = lambda name: 0
+        self.on_ready: Callable[[str], None] = lambda name: None  # the proxy wakes its queue
+        self.ledger = make_ledger(config)
         state_file = config.file.state_file
         self.registry = ChildRegistry(
             Path(state_file) if state_file else default_state_file(config.file.listen.port)
@@ -325,29 +249,33 @@ class Supervisor:
     async def _load(self, model: ManagedModel) -> None:
         model.loads += 1
         restart = model.last_stop_reason == "crash"
-        model.plan = plan_launch(model.spec)
-        proc = ModelProcess(model.spec, model.plan, self.settings, model.log_tail,
-                            upstream=self.config.file.upstream)
-        model.process = proc
         started = time.monotonic()
+        proc: ModelProcess | None = None
         try:
+            model.plan = await place(model.spec, self.config, self.ledger,
+                                     partial(self._eviction_candidates, model), self._evict,
+                                     wait=model.spec.queue_timeout)
+            proc = ModelProcess(model.spec, model.plan.args, model.plan.env, self.settings,
+                                model.log_tail, upstream=self.config.file.upstream)
+            model.process = proc
             await proc.start()
             if proc.pid is not None:
                 self.registry.add(proc.pid, model.name)
             await proc.wait_ready(self.settings.startup_timeout)
             model.slot_ctx = await _slot_context(proc)
         except ModelLoadError as exc:
-            await self._after_exit(proc)
+            await self._after_exit(model, proc)
             self.events.load_finished(model.name, False, time.monotonic() - started, restart)
             self._fail(model, exc.reason, "load")
-            exc.retry_after = max(1.0, model.retry_at - time.monotonic())
+            exc.retry_after = max(exc.retry_after, model.retry_at - time.monotonic())
             log.error("model_load_failed", model=model.name, reason=exc.reason,
                       last_lines=exc.log_tail)
             raise
         except BaseException:
             # Cancelled (shutdown) or a bug: never leave a half-started child behind.
-            await proc.stop(self.settings.stop_timeout)
-            await self._after_exit(proc)
+            if proc is not None:
+                await proc.stop(self.settings.stop_timeout)
+            await self._after_exit(model, proc)
             if model.state == ModelState.STARTING:
                 self._fail(model, "load interrupted", "load")
             raise
@@ -358,11 +286,36 @@ class Supervisor:
         model.last_used = time.monotonic()
         model.last_error = None
         model.last_failure = None
+        self._check_memory(model)
         self.events.load_finished(model.name, True, time.monotonic() - started, restart)
         log.info("model_ready", model=model.name, pid=proc.pid, port=proc.port,
                  seconds=round(time.monotonic() - started, 3), slots=model.plan.slots,
-                 ctx_per_slot=model.slot_ctx)
+                 ctx_per_slot=model.slot_ctx, gpu_layers=model.plan.gpu_layers,
+                 devices=list(model.plan.gpus) or ["cpu"])
+        self.on_ready(model.name)
         self._spawn(self._watch(model, proc))
+
+    def _check_memory(self, model: ManagedModel) -> None:
+        """Compare what the child says it allocated with the estimate it was placed by."""
+        assert model.plan is not None
+        model.reported = parse_buffer_sizes(model.log_tail, model.plan.gpus)
+        for device, estimated in model.plan.reservation.items():
+            actual = model.reported.total(device)
+            if actual > estimated * 1.1:
+                log.warning("memory_above_estimate", model=model.name, device=device,
+                            estimated=estimated, actual=actual)
+
+    def _eviction_candidates(self, loading: ManagedModel) -> list[Candidate]:
+        return [
+            Candidate(m.name, m.last_used, pinned=m.spec.pinned,
+                      busy=(m.in_flight > 0 or self.demand(m.name) > 0
+                            or m.state not in (ModelState.READY, ModelState.FAILED)))
+            for m in self.models.values()
+            if m is not loading and self.ledger.holdings(m.name)
+        ]
+
+    async def _evict(self, name: str) -> None:
+        await self._unload(self.models[name], "memory")
 
     async def _stop(self, model: ManagedModel, reason: StopReason) -> None:
         proc = model.process
@@ -374,7 +327,7 @@ class Supervisor:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self.events.child_stopping(model.name, proc), 2.0)
             code = await proc.stop(self.settings.stop_timeout)
-            await self._after_exit(proc)
+            await self._after_exit(model, proc)
             log.info("model_stopped", model=model.name, pid=proc.pid, reason=reason,
                      exit_code=code)
         model.last_stop_reason = reason
@@ -400,7 +353,7 @@ class Supervisor:
                 break
         code = await proc.wait()
         if model.process is proc and model.state == ModelState.READY:
-            await self._after_exit(proc)
+            await self._after_exit(model, proc)
             reason = (f"llama-server stopped answering its health checks ({misses} missed) "
                       "and was killed" if misses >= health.failures
                       else f"llama-server exited unexpectedly with code {code}")
@@ -441,10 +394,13 @@ class Supervisor:
         if model.state == ModelState.FAILED and not model.restarts.given_up and not self._closing:
             self._begin_load(model)
 
-    async def _after_exit(self, proc: ModelProcess) -> None:
-        await proc.close()
-        if proc.pid is not None:
-            self.registry.remove(proc.pid)
+    async def _after_exit(self, model: ManagedModel, proc: ModelProcess | None) -> None:
+        """A child is gone (or never started): close its client, forget it, free its memory."""
+        if proc is not None:
+            await proc.close()
+            if proc.pid is not None:
+                self.registry.remove(proc.pid)
+        self.ledger.release(model.name)
 
     async def _preload(self, model: ManagedModel) -> None:
         with contextlib.suppress(ModelLoadError, ModelUnavailableError):

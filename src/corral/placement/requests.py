@@ -1,0 +1,36 @@
+"""From the configuration to placement's inputs: one place, so ``corral plan`` and the running
+supervisor ask exactly the same question."""
+
+from __future__ import annotations
+
+from corral.config import Config, ModelSpec
+from corral.placement.decide import PlacementRequest
+from corral.placement.devices import Device, gpu, host
+
+
+def placement_request(spec: ModelSpec, config: Config) -> PlacementRequest:
+    """The placement question for one model."""
+    return PlacementRequest(
+        slots=spec.slots,
+        ctx_per_slot=spec.ctx_per_slot,
+        gpu_layers=spec.gpu_layers,
+        max_slots=spec.max_slots,
+        cache_type_k=spec.cache_type_k,
+        cache_type_v=spec.cache_type_v,
+        placement=config.file.placement,
+        devices=spec.devices,
+        name=spec.name,
+    )
+
+
+def declared_devices(config: Config) -> list[Device] | None:
+    """The devices the config declares (they replace discovery), or None."""
+    if config.file.devices is None:
+        return None
+    found = []
+    for declared in config.file.devices:
+        if declared.id == "cpu":
+            found.append(host(int(declared.memory)))
+        else:
+            found.append(gpu(int(declared.id.split(":", 1)[1]), int(declared.memory)))
+    return found

@@ -1,0 +1,101 @@
+"""Placing a model before its child starts: profile, plan, reserve, evict if needed.
+
+The decisions are placement's pure functions; this module does their I/O (reading the GGUF
+header off the event loop, stopping models that must make room, waiting for memory).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+
+import structlog
+
+from corral.config import Config, ModelSpec
+from corral.errors import ModelLoadError
+from corral.placement.decide import (
+    EvictionCandidate,
+    NoFit,
+    PlacementPlan,
+    choose_evictions,
+    plan_placement,
+)
+from corral.placement.devices import Device
+from corral.placement.ledger import CapacityError, Ledger
+from corral.placement.requests import declared_devices, placement_request
+from corral.probe.devices import discover_devices
+from corral.probe.gguf import read_profile
+
+log = structlog.get_logger("corral.supervisor")
+
+_CAPACITY_POLL = 0.25
+
+
+def make_ledger(config: Config) -> Ledger:
+    """The ledger of this host: declared devices, or NVML GPUs and system RAM."""
+    devices: list[Device] = declared_devices(config) or discover_devices()
+    reserve = config.file.reserve
+    return Ledger(devices, reserve_gpu=int(reserve.gpu), reserve_ram=int(reserve.ram))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """Another model, as eviction sees it."""
+
+    name: str
+    last_used: float
+    busy: bool
+    pinned: bool
+
+
+async def place(
+    spec: ModelSpec,
+    config: Config,
+    ledger: Ledger,
+    candidates: Callable[[], Iterable[Candidate]],
+    evict: Callable[[str], Awaitable[None]],
+    wait: float,
+) -> PlacementPlan:
+    """Plan ``spec`` and reserve its memory, evicting idle models or waiting up to ``wait``.
+
+    Raises ``ModelLoadError`` (503) saying what was needed, where, what is free and who holds
+    it, when it cannot fit.
+    """
+    try:
+        profile = await asyncio.to_thread(read_profile, spec.path)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(spec.name, f"cannot read the model file: {exc}",
+                             retry_after=30.0) from None
+    request = placement_request(spec, config)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            plan = plan_placement(profile, request, ledger.devices, ledger)
+            # No await between planning and reserving: no other load can take the same bytes.
+            ledger.reserve(spec.name, plan.reservation)
+            return plan
+        except NoFit as exc:
+            if exc.impossible:
+                raise ModelLoadError(spec.name, str(exc), retry_after=60.0) from None
+            pool = [EvictionCandidate(c.name, c.last_used, busy=c.busy, pinned=c.pinned)
+                    for c in candidates()]
+            victims = choose_evictions(exc.needed, pool, ledger)
+            if victims:
+                for victim in victims:
+                    log.info("model_evicting", model=victim, reason="memory", for_model=spec.name)
+                    await evict(victim)
+                continue
+            if time.monotonic() >= deadline:
+                raise ModelLoadError(
+                    spec.name, f"not enough memory (busy or pinned models hold it): {exc}",
+                    retry_after=5.0) from None
+            await asyncio.sleep(_CAPACITY_POLL)
+        except CapacityError as exc:
+            # Only if the ledger changed between plan and reserve: plan again, bounded.
+            if time.monotonic() >= deadline:
+                raise ModelLoadError(spec.name, str(exc), retry_after=5.0) from None
+            await asyncio.sleep(_CAPACITY_POLL)
+        except ValueError as exc:
+            raise ModelLoadError(spec.name, str(exc), retry_after=60.0) from None
