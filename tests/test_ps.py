@@ -29,7 +29,7 @@ def test_ps_shows_models_slots_and_queues(corral: Start, smollm2: Path) -> None:
     assert server.http.post("/admin/models/smollm2/load").status_code == 200
     result = corral_ps("-c", str(server.config_path))
     assert result.returncode == 0, result.stderr
-    header, ready, spare, _, totals = result.stdout.splitlines()
+    header, ready, spare, _, totals, cpu = result.stdout.splitlines()
     assert header.split() == ["MODEL", "STATE", "SLOTS", "QUEUE", "CTX/SLOT", "IN", "FLIGHT",
                               "PID", "UPTIME", "MEMORY"]
     pid = server.model("smollm2")["pid"]
@@ -37,6 +37,7 @@ def test_ps_shows_models_slots_and_queues(corral: Start, smollm2: Path) -> None:
     assert ready.endswith("MiB")
     assert spare.split() == ["spare", "unloaded", "0/1", "0/3", "256", "0", "-", "-", "-"]
     assert totals == "1/2 models ready, 0/2 slots busy, 0 queued"
+    assert cpu.startswith("cpu: ") and "MiB reserved of" in cpu
 
     as_json = corral_ps("--url", server.url, "--json")
     status = json.loads(as_json.stdout)

@@ -1,7 +1,7 @@
-"""The ``corral`` command: ``serve``, ``check`` and ``ps``.
+"""The ``corral`` command: ``serve``, ``check``, ``plan`` and ``ps``.
 
-Exit codes: 0 fine, 1 corral not reachable (``ps``), 2 invalid configuration (or model files
-that cannot be used).
+Exit codes: 0 fine, 1 corral not reachable (``ps``) or preloaded and pinned models that do not
+fit together (``plan``), 2 invalid configuration (or model files that cannot be used).
 """
 
 from __future__ import annotations
@@ -26,11 +26,13 @@ def main(argv: list[str] | None = None) -> int:
     subs = {}
     for name, text in (("serve", "run the proxy and supervisor"),
                        ("check", "validate the configuration and the model files"),
-                       ("ps", "show a running corral's models, slots and queues")):
+                       ("ps", "show a running corral's models, slots and queues"),
+                       ("plan", "show where each model would go and what it would take")):
         subs[name] = sub = commands.add_parser(name, help=text)
         sub.add_argument("-c", "--config", help="YAML file (default $CORRAL_CONFIG, ./corral.yaml)")
     subs["ps"].add_argument("--url", help="corral's address (default: listen from the config)")
     subs["ps"].add_argument("--json", action="store_true", help="print /admin/status as JSON")
+    subs["plan"].add_argument("--json", action="store_true", help="print the plan as JSON")
     args = parser.parse_args(argv)
     if args.command == "ps" and args.url:
         return ps(args.url, args.json)
@@ -43,11 +45,21 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     if args.command == "check":
         return check(config)
+    if args.command == "plan":
+        return plan(config, args.json)
     if args.command == "ps":
         host = config.file.listen.host
         host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
         return ps(f"http://{host}:{config.file.listen.port}", args.json)
     return serve(config)
+
+
+def plan(config: Config, as_json: bool) -> int:
+    from corral.planreport import build_report, render, to_json
+
+    report = build_report(config)
+    print(to_json(report) if as_json else render(report))
+    return 0 if report.ok else 1
 
 
 def ps(url: str, as_json: bool) -> int:

@@ -22,7 +22,8 @@ def render(status: dict[str, Any]) -> str:
     """The status as an aligned text table, one row per model, then the totals."""
     rows = [COLUMNS]
     for m in status["models"]:
-        memory = sum((m.get("memory") or {}).get("actual", {}).values())
+        usage = m.get("memory") or {}
+        memory = sum(usage.get("actual", {}).values()) or usage.get("rss") or 0
         rows.append((
             m["name"],
             m["state"] if not m.get("last_error") or m["state"] != "failed"
@@ -41,6 +42,9 @@ def render(status: dict[str, Any]) -> str:
     t = status["totals"]
     lines.append(f"\n{t['models_ready']}/{t['models']} models ready, "
                  f"{t['slots_busy']}/{t['slots']} slots busy, {t['queue_depth']} queued")
+    for d in status.get("devices", ()):
+        lines.append(f"{d['device']}: {_size(d['reserved'])} reserved of "
+                     f"{_size(d['capacity'])}, {_size(d['free'])} free")
     return "\n".join(lines)
 
 

@@ -69,7 +69,8 @@ class CorralMetrics(SupervisorEvents, Collector):
         self._supervisor = supervisor
         self._queues = queues
         for name in supervisor.models:
-            self.instruments.declare(name)
+            # The endpoints most clients use; others appear with their first request.
+            self.instruments.declare(name, ("/v1/chat/completions", "/v1/completions"))
 
     async def render(self) -> bytes:
         """Read the children, then render every metric as Prometheus text."""
@@ -179,15 +180,31 @@ class CorralMetrics(SupervisorEvents, Collector):
     def _memory_metrics(self, models: list[ManagedModel]) -> Iterator[Metric]:
         memory = GaugeMetricFamily(
             "corral_model_memory_bytes",
-            "Memory a model takes per device: estimated before loading, actual while running.",
+            "Memory a model takes per device: estimated (reserved before loading), actual (what "
+            "the child reported allocating), rss (the child's resident memory, cpu only).",
             labels=["model", "device", "kind"])
         for model in models:
+            usage = model.memory()
+            for kind in ("estimated", "actual"):
+                for device, size in usage[kind].items():
+                    memory.add_metric([model.name, device, kind], float(size))
             proc = model.process
             if model.state == ModelState.READY and proc is not None and proc.pid is not None:
                 with contextlib.suppress(psutil.Error):
                     rss = psutil.Process(proc.pid).memory_info().rss
-                    memory.add_metric([model.name, "cpu", "actual"], float(rss))
+                    memory.add_metric([model.name, "cpu", "rss"], float(rss))
         yield memory
+        assert self._supervisor is not None
+        devices = GaugeMetricFamily(
+            "corral_device_memory_bytes",
+            "Each device's memory: total, reserved by corral's models, free for new ones.",
+            labels=["device", "kind"])
+        for budget in self._supervisor.ledger.snapshot():
+            device = budget.device.id
+            devices.add_metric([device, "total"], float(budget.device.total))
+            devices.add_metric([device, "reserved"], float(budget.held))
+            devices.add_metric([device, "free"], float(budget.free))
+        yield devices
 
     def _child_metrics(self) -> Iterator[Metric]:
         """Each child's own ``llamacpp:*`` metrics as ``llamacpp_*``, with a ``model`` label.

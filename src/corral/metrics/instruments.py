@@ -5,6 +5,8 @@ Names and labels are a contract for dashboards and alerts: add, never rename.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 # Latency buckets from 5 ms to 10 minutes: local models answer fast, long generations take long.
@@ -12,6 +14,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 LOAD_BUCKETS = (0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
 STOP_REASONS = ("idle", "memory", "manual")
 REJECT_REASONS = ("full", "timeout")
+DECLARED_CODES = (200, 429, 502, 503)
 
 
 class Instruments:
@@ -49,8 +52,12 @@ class Instruments:
             ["model"], registry=registry)
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
-    def declare(self, model: str) -> None:
-        """Create a model's series at zero, so dashboards and alerts see them before traffic."""
+    def declare(self, model: str, endpoints: Sequence[str] = ()) -> None:
+        """Create a model's series at zero, so dashboards and alerts see them before traffic
+        (``rate()`` misses the first increase of a series that did not exist before)."""
+        for endpoint in endpoints:
+            for code in DECLARED_CODES:
+                self.requests.labels(model, endpoint, str(code))
         for reason in REJECT_REASONS:
             self.rejected.labels(model, reason)
         for result in ("ok", "failed"):

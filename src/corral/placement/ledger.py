@@ -96,6 +96,12 @@ class DeviceUsage:
         """Bytes a new reservation may still take."""
         return self.capacity - self.held
 
+    def as_dict(self) -> dict[str, object]:
+        """For JSON: ``/admin/status`` and ``corral plan --json``."""
+        return {"device": self.device.id, "name": self.device.name, "total": self.device.total,
+                "reserve": self.reserve, "capacity": self.capacity, "reserved": self.held,
+                "free": self.free, "holders": dict(self.holders)}
+
 
 class Ledger:
     """Reservations of device memory by owner (model name). Pure bookkeeping, no I/O."""

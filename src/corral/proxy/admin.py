@@ -27,17 +27,17 @@ def model_status(model: ManagedModel, queue: AdmissionQueue | None) -> dict[str,
         "slots_busy": queue.in_flight - queue.loading if queue else 0,
         "queue_depth": queue.depth if queue else 0,
         "queue_limit": queue.limit() if queue else 0,
-        "memory": {"actual": _actual_memory(info["pid"])},
     })
+    info["memory"]["rss"] = _rss(info["pid"])
     return info
 
 
-def _actual_memory(pid: int | None) -> dict[str, int]:
+def _rss(pid: int | None) -> int | None:
     if pid is None:
-        return {}
+        return None
     with contextlib.suppress(psutil.Error):
-        return {"cpu": psutil.Process(pid).memory_info().rss}
-    return {}
+        return int(psutil.Process(pid).memory_info().rss)
+    return None
 
 
 def status(corral: Corral) -> dict[str, Any]:
@@ -54,6 +54,7 @@ def status(corral: Corral) -> dict[str, Any]:
             "queue_depth": sum(m["queue_depth"] for m in models),
             "in_flight": sum(m["in_flight"] for m in models),
         },
+        "devices": [u.as_dict() for u in corral.supervisor.ledger.snapshot()],
         "draining": corral.draining,
     }
 

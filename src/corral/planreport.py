@@ -1,0 +1,147 @@
+"""``corral plan``: the placement decisions for a configuration, without starting anything.
+
+Preloaded and pinned models are placed first, in config order (they must all fit: exit 1
+otherwise), then the others, as long as they fit beside them. The decisions come from the same
+functions the running supervisor uses (``plan_placement`` on a ``Ledger``), so ``corral plan``
+and ``corral serve`` agree.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from corral.config import Config, ModelSpec
+from corral.placement import Ledger, NoFit, PlacementPlan, plan_placement
+from corral.placement.devices import format_bytes
+from corral.placement.requests import placement_request
+from corral.probe.gguf import read_profile
+from corral.supervisor.placing import make_ledger
+
+
+@dataclass
+class ModelPlan:
+    spec: ModelSpec
+    plan: PlacementPlan | None = None
+    n_layers: int = 0
+    resident: bool = False  # fits beside the models placed before it
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.spec.name, "required": _required(self.spec),
+                               "resident": self.resident, "error": self.error}
+        if self.plan is not None:
+            p = self.plan
+            out.update({
+                "devices": list(p.gpus) or ["cpu"], "gpu_layers": p.gpu_layers,
+                "layers": self.n_layers, "slots": p.slots, "ctx_per_slot": p.ctx_per_slot,
+                "tensor_split": list(p.tensor_split), "args": list(p.args),
+                "memory": {d.device: {"weights": d.weights, "kv_cache": d.kv_cache,
+                                      "recurrent_state": d.recurrent_state, "output": d.output,
+                                      "compute": d.compute, "overhead": d.overhead,
+                                      "total": d.total}
+                           for d in p.estimate.devices if d.total},
+            })
+        return out
+
+
+@dataclass
+class PlanReport:
+    models: list[ModelPlan] = field(default_factory=list)
+    ledger: Ledger | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Every preloaded and pinned model fits together."""
+        return all(m.resident for m in self.models if _required(m.spec))
+
+    def as_dict(self) -> dict[str, Any]:
+        assert self.ledger is not None
+        return {
+            "ok": self.ok,
+            "models": [m.as_dict() for m in self.models],
+            "devices": [u.as_dict() for u in self.ledger.snapshot()],
+            "resident_together": [m.spec.name for m in self.models if m.resident],
+        }
+
+
+def _required(spec: ModelSpec) -> bool:
+    return spec.preload or spec.pinned
+
+
+def build_report(config: Config, ledger: Ledger | None = None) -> PlanReport:
+    """Place every model of ``config`` on ``ledger`` (the host's, by default)."""
+    ledger = ledger or make_ledger(config)
+    report = PlanReport(ledger=ledger)
+    specs = sorted(config.models.values(), key=lambda s: not _required(s))
+    for spec in specs:
+        entry = ModelPlan(spec)
+        report.models.append(entry)
+        try:
+            profile = read_profile(spec.path)
+        except (OSError, ValueError) as exc:
+            entry.error = f"cannot read the model file: {exc}"
+            continue
+        entry.n_layers = profile.n_layer + 1
+        request = placement_request(spec, config)
+        try:
+            entry.plan = plan_placement(profile, request, ledger.devices, ledger)
+            ledger.reserve(spec.name, entry.plan.reservation)
+            entry.resident = True
+        except NoFit as exc:
+            entry.error = str(exc)
+            try:  # what it would take on its own, for the table
+                entry.plan = plan_placement(profile, request, ledger.devices,
+                                            Ledger(ledger.devices, *_reserves(ledger)))
+            except (NoFit, ValueError):
+                pass
+        except ValueError as exc:
+            entry.error = str(exc)
+    return report
+
+
+def _reserves(ledger: Ledger) -> tuple[int, int]:
+    usage = {u.device.kind: u.reserve for u in ledger.snapshot()}
+    return usage.get("gpu", 0), usage.get("cpu", 0)
+
+
+def render(report: PlanReport) -> str:
+    """The report as text for people."""
+    assert report.ledger is not None
+    lines = []
+    for m in report.models:
+        tag = " (preload)" if m.spec.preload else ""
+        tag += " (pinned)" if m.spec.pinned else ""
+        lines.append(f"{m.spec.name}{tag}")
+        if m.plan is not None:
+            p = m.plan
+            lines.append(f"  devices {', '.join(p.gpus) or 'cpu'}; layers on GPU "
+                         f"{p.gpu_layers}/{m.n_layers}; {p.slots} slots x {p.ctx_per_slot} "
+                         "tokens" + (f"; tensor split {p.tensor_split}" if p.tensor_split else ""))
+            for d in p.estimate.devices:
+                if d.total:
+                    lines.append(
+                        f"  {d.device:>7}: weights {format_bytes(d.weights)}, KV "
+                        f"{format_bytes(d.kv_cache + d.recurrent_state)}, compute "
+                        f"{format_bytes(d.compute + d.output)}, overhead "
+                        f"{format_bytes(d.overhead)}, total {format_bytes(d.total)}")
+        if m.error:
+            lines.append(f"  does not fit beside the models above: {m.error}"
+                         if m.plan is not None else f"  error: {m.error}")
+    lines.append("")
+    for u in report.ledger.snapshot():
+        holders = ", ".join(f"{n} {format_bytes(b)}" for n, b in u.holders.items()) or "-"
+        lines.append(f"{u.device.id}: reserved {format_bytes(u.held)} of "
+                     f"{format_bytes(u.capacity)} (total {format_bytes(u.device.total)}, "
+                     f"reserve {format_bytes(u.reserve)}); {holders}")
+    together = [m.spec.name for m in report.models if m.resident]
+    lines.append(f"resident together: {', '.join(together) or 'none'}")
+    if not report.ok:
+        missing = [m.spec.name for m in report.models if _required(m.spec) and not m.resident]
+        lines.append(f"PROBLEM: preloaded/pinned models do not all fit: {', '.join(missing)}")
+    return "\n".join(lines)
+
+
+def to_json(report: PlanReport) -> str:
+    return json.dumps(report.as_dict(), indent=2)
