@@ -32,6 +32,7 @@ class ManagedModel:
         self.process: ModelProcess | None = None
         self.plan: PlacementPlan | None = None  # decided at each load
         self.reported: ReportedMemory | None = None  # what the child said it allocated
+        self.gpu_used: dict[str, int] = {}  # NVML's per-process view, where it has one
         self.log_tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
         self.in_flight = 0
         self.last_used = time.monotonic()
@@ -68,8 +69,10 @@ class ManagedModel:
     def memory(self) -> dict[str, dict[str, int]]:
         """Bytes per device: ``estimated`` (reserved) and ``actual`` (what the child reported)."""
         estimated = self.plan.reservation if self.plan is not None else {}
-        actual = ({d: self.reported.total(d) for d in self.reported.by_device}
-                  if self.reported is not None and self.state == ModelState.READY else {})
+        actual: dict[str, int] = {}
+        if self.reported is not None and self.state == ModelState.READY:
+            actual = {d: self.reported.total(d) for d in self.reported.by_device}
+            actual.update(self.gpu_used)
         return {"estimated": dict(estimated), "actual": actual}
 
     def set_state(self, new: ModelState) -> None:

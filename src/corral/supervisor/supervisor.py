@@ -29,6 +29,7 @@ import structlog
 
 from corral.config import Config, ModelSpec
 from corral.errors import ModelLoadError, ModelNotFoundError, ModelUnavailableError
+from corral.probe.devices import process_gpu_memory
 from corral.probe.usage import parse_buffer_sizes
 from corral.supervisor.children import ChildRegistry, default_state_file
 from corral.supervisor.events import SupervisorEvents
@@ -297,10 +298,14 @@ class Supervisor:
 
     def _check_memory(self, model: ManagedModel) -> None:
         """Compare what the child says it allocated with the estimate it was placed by."""
-        assert model.plan is not None
+        assert model.plan is not None and model.process is not None
         model.reported = parse_buffer_sizes(model.log_tail, model.plan.gpus)
+        model.gpu_used = {}
+        if model.plan.gpus and model.process.pid is not None:
+            # NVML's view includes what no buffer line reports (CUDA context, cuBLAS).
+            model.gpu_used = process_gpu_memory(model.process.pid)
         for device, estimated in model.plan.reservation.items():
-            actual = model.reported.total(device)
+            actual = model.memory()["actual"].get(device, 0)
             if actual > estimated * 1.1:
                 log.warning("memory_above_estimate", model=model.name, device=device,
                             estimated=estimated, actual=actual)
