@@ -11,9 +11,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from corral.errors import ConfigError, CorralError
+from corral.errors import ConfigError
 from corral.proxy.admission import AdmissionQueue
-from corral.proxy.errors import error_response, response_for
+from corral.proxy.errors import error_response
 from corral.supervisor import ManagedModel, ModelState
 
 if TYPE_CHECKING:
@@ -68,13 +68,7 @@ def routes(corral: Corral) -> list[Route]:
     supervisor = corral.supervisor
 
     def admin_only(handler: Handler) -> Handler:
-        async def checked(request: Request) -> Response:
-            try:
-                corral.proxy.require(request, "admin")
-                return await handler(request)
-            except CorralError as exc:
-                return response_for(exc)
-        return checked
+        return corral.proxy.guarded(handler, "admin")
 
     async def get_status(request: Request) -> Response:
         return JSONResponse(status(corral))

@@ -112,15 +112,27 @@ def create_app(config: Config, corral: Corral | None = None) -> ASGIApp:
         finally:
             await corral.supervisor.shutdown()
 
+    list_models = proxy.guarded(proxy.list_models, "inference")
+
+    # Read at each request: a reload may flip them.
+    def public_health() -> bool:
+        return corral.config.file.auth.public_health
+
+    def public_metrics() -> bool:
+        return corral.config.file.auth.public_metrics
+
     routes = [Route(path, proxy.inference, methods=["POST"]) for path in INFERENCE_PATHS]
     routes += [
         Route("/props", proxy.model_get, methods=["GET"]),
         Route("/slots", proxy.model_get, methods=["GET"]),
-        Route("/v1/models", proxy.list_models, methods=["GET"]),
-        Route("/models", proxy.list_models, methods=["GET"]),
-        Route("/v1/models/{name:path}", proxy.get_model, methods=["GET"]),
-        Route("/health", proxy.health, methods=["GET"]),
-        Route("/metrics", proxy.metrics_text, methods=["GET"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/models", list_models, methods=["GET"]),
+        Route("/v1/models/{name:path}", proxy.guarded(proxy.get_model, "inference"),
+              methods=["GET"]),
+        Route("/health", proxy.guarded(proxy.health, "inference", public_health),
+              methods=["GET"]),
+        Route("/metrics", proxy.guarded(proxy.metrics_text, "admin", public_metrics),
+              methods=["GET"]),
         *admin.routes(corral),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
@@ -34,6 +35,8 @@ from corral.proxy.routing import SLOTLESS_PATHS, model_name, parse_body
 from corral.supervisor import Lease, ManagedModel, ModelState, Supervisor
 
 log = structlog.get_logger("corral.proxy")
+
+Handler = Callable[[Request], Awaitable[Response]]
 
 
 class Proxy:
@@ -209,21 +212,26 @@ class Proxy:
                  seconds=round(seconds, 4))
         return response
 
-    async def metrics_text(self, request: Request) -> Response:
-        """GET /metrics: corral's metrics and each child's, for Prometheus."""
-        if not self.config.file.auth.public_metrics:
+    def guarded(
+        self, handler: Handler, scope: str, public: Callable[[], bool] = lambda: False
+    ) -> Handler:
+        """``handler`` behind a key with ``scope`` (unless ``public()``); corral's errors
+        become their HTTP answers."""
+        async def checked(request: Request) -> Response:
             try:
-                self.require(request, "admin")
+                if not public():
+                    self.require(request, scope)
+                return await handler(request)
             except CorralError as exc:
                 return response_for(exc)
+        return checked
+
+    async def metrics_text(self, request: Request) -> Response:
+        """GET /metrics: corral's metrics and each child's, for Prometheus."""
         return Response(await self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     async def list_models(self, request: Request) -> Response:
         """GET /v1/models: every model and alias in OpenAI form, with corral's details."""
-        try:
-            self.require(request, "inference")
-        except CorralError as exc:
-            return response_for(exc)
         models = list(self.supervisor.models.values())
         data = [_model_entry(m.describe(), m.name) for m in models]
         for m in models:
@@ -233,20 +241,11 @@ class Proxy:
 
     async def get_model(self, request: Request) -> Response:
         name = request.path_params["name"]
-        try:
-            self.require(request, "inference")
-            model = self.supervisor.get(name)
-        except CorralError as exc:
-            return response_for(exc)
+        model = self.supervisor.get(name)
         alias_of = None if name == model.name else model.name
         return JSONResponse(_model_entry(model.describe(), name, alias_of=alias_of))
 
     async def health(self, request: Request) -> Response:
-        if not self.config.file.auth.public_health:
-            try:
-                self.require(request, "inference")
-            except CorralError as exc:
-                return response_for(exc)
         if request.app.state.corral.draining:
             # Load balancers stop sending here while in-flight requests finish.
             return JSONResponse({"status": "draining"}, status_code=503)
