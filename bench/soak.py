@@ -51,10 +51,9 @@ def smollm2() -> str:
 
 def soak_config(upstream: str, clients: int, tmp: Path, port: int) -> dict[str, Any]:
     if upstream == "fake":
-        model_file = tmp / "fake.gguf"
-        model_file.write_bytes(b"GGUF fake")
+        # The fake ignores the model file, but corral places it first: a real GGUF header.
         # Enough slots that the queue is exercised but never overflows.
-        model = {"path": str(model_file), "binary": str(FAKE), "slots": max(1, clients // 2),
+        model = {"path": smollm2(), "binary": str(FAKE), "slots": max(1, clients // 2),
                  "ctx_per_slot": 256, "env": {"FAKE_MODE": "ok"}}
     else:
         binary = shutil.which("llama-server") or str(Path(sys.executable).parent / "llama-server")

@@ -27,10 +27,9 @@ Start = Callable[..., CorralProcess]
 FAST_HEALTH = {"interval": "0.3s", "failures": 2}
 
 
-def fake(tmp_path: Path, mode: str, **extra: Any) -> dict[str, Any]:
-    model = tmp_path / "fake.gguf"
-    model.write_bytes(b"GGUF fake")
-    return {"path": str(model), "binary": FAKE_LLAMA_SERVER, "slots": 1, "ctx_per_slot": 256,
+def fake(smollm2: Path, mode: str, **extra: Any) -> dict[str, Any]:
+    # The fake ignores the model, but corral places it first: give it a real GGUF header.
+    return {"path": str(smollm2), "binary": FAKE_LLAMA_SERVER, "slots": 1, "ctx_per_slot": 256,
             "env": {"FAKE_MODE": mode}, **extra}
 
 
@@ -61,9 +60,9 @@ def error_event(events: list[str]) -> dict[str, Any]:
 
 
 def test_crash_mid_stream_ends_the_stream_with_an_error_event(
-    corral: Start, tmp_path: Path, smollm2: Path
+    corral: Start, smollm2: Path
 ) -> None:
-    server = corral({"models": {"flaky": fake(tmp_path, "crash_after:5"),
+    server = corral({"models": {"flaky": fake(smollm2, "crash_after:5"),
                                 "steady": real(smollm2, preload=True)}})
     server.wait_for(lambda: server.model("steady")["state"] == "ready")
     steady_pid = server.model("steady")["pid"]
@@ -85,8 +84,8 @@ def test_crash_mid_stream_ends_the_stream_with_an_error_event(
     assert server.model("steady")["state"] == "ready"
 
 
-def test_hung_child_is_killed_by_the_health_checks(corral: Start, tmp_path: Path) -> None:
-    server = corral({"models": {"m": fake(tmp_path, "hang_after:3")}, "health": FAST_HEALTH})
+def test_hung_child_is_killed_by_the_health_checks(corral: Start, smollm2: Path) -> None:
+    server = corral({"models": {"m": fake(smollm2, "hang_after:3")}, "health": FAST_HEALTH})
     started = time.monotonic()
     events = stream_events(server, "m", 20)
     assert time.monotonic() - started < 10
@@ -98,7 +97,7 @@ def test_hung_child_is_killed_by_the_health_checks(corral: Start, tmp_path: Path
 
 
 def test_queued_requests_wait_for_the_restart_after_a_crash(
-    corral: Start, tmp_path: Path, smollm2: Path
+    corral: Start, smollm2: Path
 ) -> None:
     server = corral({"models": {"m": real(smollm2)}})
     assert server.http.post("/admin/models/m/load").status_code == 200
@@ -130,9 +129,9 @@ def test_pinned_model_restarts_by_itself(corral: Start, smollm2: Path) -> None:
 
 
 def test_failed_loads_back_off_then_give_up_until_an_admin_load(
-    corral: Start, tmp_path: Path
+    corral: Start, smollm2: Path
 ) -> None:
-    server = corral({"models": {"m": fake(tmp_path, "fail_start")},
+    server = corral({"models": {"m": fake(smollm2, "fail_start")},
                      "restart": {"max_failures": 3, "window": "10m"}})
     ask = {"model": "m", "messages": [{"role": "user", "content": "Hi"}]}
     first = server.http.post("/v1/chat/completions", json=ask)
@@ -200,9 +199,9 @@ def test_real_llama_server_stopped_mid_stream_is_found_hung(
         "model": "a", "prompt": "Hi", "max_tokens": 2}).status_code == 200, timeout=15)
 
 
-def test_slow_answers_pass_and_a_silent_child_times_out(corral: Start, tmp_path: Path) -> None:
-    server = corral({"models": {"slow": fake(tmp_path, "slow:0.3"),
-                                "silent": fake(tmp_path, "gap:5")},
+def test_slow_answers_pass_and_a_silent_child_times_out(corral: Start, smollm2: Path) -> None:
+    server = corral({"models": {"slow": fake(smollm2, "slow:0.3"),
+                                "silent": fake(smollm2, "gap:5")},
                      "upstream": {"read_timeout": "2s"}})
     events = stream_events(server, "slow", 8)  # 2.4 s in all, never 2 s of silence
     assert events[-1] == "data: [DONE]"
@@ -210,8 +209,8 @@ def test_slow_answers_pass_and_a_silent_child_times_out(corral: Start, tmp_path:
     assert error_event(events)["error"]["code"] == "upstream_failed"
 
 
-def test_broken_http_from_a_child_is_a_502(corral: Start, tmp_path: Path) -> None:
-    server = corral({"models": {"m": fake(tmp_path, "broken_http")}})
+def test_broken_http_from_a_child_is_a_502(corral: Start, smollm2: Path) -> None:
+    server = corral({"models": {"m": fake(smollm2, "broken_http")}})
     reply = server.http.post("/v1/chat/completions", json={
         "model": "m", "messages": [{"role": "user", "content": "Hi"}]})
     assert reply.status_code == 502
@@ -220,9 +219,9 @@ def test_broken_http_from_a_child_is_a_502(corral: Start, tmp_path: Path) -> Non
 
 
 def test_a_client_that_leaves_mid_stream_frees_the_fake_slot_quickly(
-    corral: Start, tmp_path: Path
+    corral: Start, smollm2: Path
 ) -> None:
-    server = corral({"models": {"m": fake(tmp_path, "slow:0.1")}})
+    server = corral({"models": {"m": fake(smollm2, "slow:0.1")}})
     body = {"model": "m", "messages": [{"role": "user", "content": "Hi"}],
             "max_tokens": 500, "stream": True}
     with httpx.Client(base_url=server.url) as http:
