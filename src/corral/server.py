@@ -154,6 +154,9 @@ def serve(config: Config) -> None:
             log_level="warning",
             # Requests have drained before uvicorn's own shutdown; this only bounds stragglers.
             timeout_graceful_shutdown=5,
+            # Longer than clients keep idle connections (httpx: 5 s, most others up to 60 s),
+            # so a client never sends a request on a connection corral is just closing.
+            timeout_keep_alive=75,
             server_header=False,
         ),
         corral,

@@ -45,8 +45,9 @@ def one_fits(smollm2: Path, **models: dict[str, Any]) -> dict[str, Any]:
 
 
 def ask(server: CorralProcess, name: str, tokens: int = 2) -> int:
-    body = {"model": name, "prompt": "Hi", "max_tokens": tokens}
-    return server.http.post("/v1/completions", json=body).status_code
+    body = {"model": name, "prompt": "Hi", "max_tokens": tokens, "ignore_eos": True}
+    # Generous: a loaded two-core machine can take a minute for a few hundred tokens.
+    return server.http.post("/v1/completions", json=body, timeout=300).status_code
 
 
 def test_an_idle_model_is_evicted_to_make_room(corral: Start, smollm2: Path) -> None:
