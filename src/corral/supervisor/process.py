@@ -84,6 +84,10 @@ class ModelProcess:
         # A private key per child: its loopback port is useless to anyone who goes around corral.
         self.api_key = secrets.token_urlsafe(24)
         self.client: httpx.AsyncClient | None = None
+        # Everything printed until the child is ready: its buffer sizes are among these lines,
+        # and with many tensors or slots they can scroll out of the 200-line tail.
+        self.startup_lines: list[str] | None = []
+        self.ready_lines: list[str] = []  # startup_lines, once the child is ready
         self._proc: asyncio.subprocess.Process | None = None
         self._pump: asyncio.Task[None] | None = None
         self._exited: asyncio.Task[int] | None = None
@@ -167,6 +171,8 @@ class ModelProcess:
             with contextlib.suppress(httpx.TransportError):
                 response = await self.client.get("/health", timeout=2.0)
                 if response.status_code == 200:
+                    self.ready_lines = self.startup_lines or []
+                    self.startup_lines = None
                     return
             if time.monotonic() >= deadline:
                 await self.kill()
@@ -259,4 +265,6 @@ class ModelProcess:
             line = raw.decode("utf-8", "replace").rstrip()
             if line:
                 self.log_tail.append(line)
+                if self.startup_lines is not None:
+                    self.startup_lines.append(line)
                 bound.debug("child_output", line=line)

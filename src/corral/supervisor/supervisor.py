@@ -299,7 +299,7 @@ class Supervisor:
     def _check_memory(self, model: ManagedModel) -> None:
         """Compare what the child says it allocated with the estimate it was placed by."""
         assert model.plan is not None and model.process is not None
-        model.reported = parse_buffer_sizes(model.log_tail, model.plan.gpus)
+        model.reported = parse_buffer_sizes(model.process.ready_lines, model.plan.gpus)
         model.gpu_used = {}
         if model.plan.gpus and model.process.pid is not None:
             # NVML's view includes what no buffer line reports (CUDA context, cuBLAS).
