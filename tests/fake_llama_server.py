@@ -12,7 +12,6 @@ metrics, chat completions, the private API key) and misbehaves as ``FAKE_MODE`` 
 - ``slow:S``: wait S seconds before each token
 - ``gap:S``: wait S seconds before the first token only
 - ``broken_http``: answer completions with bytes that are not HTTP
-- ``fail_start``: print an error and exit 1 before listening
 
 It uses only the standard library so it starts in milliseconds.
 """
@@ -109,9 +108,6 @@ def chunk(data: bytes) -> bytes:
 
 
 async def main() -> None:
-    if MODE == "fail_start":
-        print("fake: error: this model cannot be loaded", flush=True)
-        sys.exit(1)
     server = await asyncio.start_server(handle, arg("--host", "127.0.0.1"),
                                         int(arg("--port", "8080")))
     print(f"fake llama-server listening, mode {MODE}", flush=True)

@@ -129,14 +129,19 @@ def test_pinned_model_restarts_by_itself(corral: Start, smollm2: Path) -> None:
 
 
 def test_failed_loads_back_off_then_give_up_until_an_admin_load(
-    corral: Start, smollm2: Path
+    corral: Start, smollm2: Path, tmp_path: Path
 ) -> None:
-    server = corral({"models": {"m": fake(smollm2, "fail_start")},
+    # The real llama-server fails to load a file whose weights are cut off (the header, which
+    # corral reads to place it, is intact).
+    truncated = tmp_path / "truncated.gguf"
+    with smollm2.open("rb") as whole:
+        truncated.write_bytes(whole.read(8 * 2**20))
+    server = corral({"models": {"m": real(truncated)},
                      "restart": {"max_failures": 3, "window": "10m"}})
     ask = {"model": "m", "messages": [{"role": "user", "content": "Hi"}]}
     first = server.http.post("/v1/chat/completions", json=ask)
     assert first.status_code == 503
-    assert "this model cannot be loaded" in first.json()["error"]["message"]  # its own words
+    assert "failed to load model" in first.json()["error"]["message"]  # its own words
     # Within the back-off: refused at once, no new process.
     again = server.http.post("/v1/chat/completions", json=ask)
     assert again.status_code == 503 and int(again.headers["retry-after"]) >= 1
