@@ -236,6 +236,17 @@ def test_default_model_serves_clients_written_for_one_llama_server(
     assert reply.headers["x-request-id"]
 
 
+def test_a_finished_response_has_already_released_its_slot(corral: Start, smollm2: Path) -> None:
+    # A client that sends its next request the moment a response ends must find the counts free.
+    server = corral(two_models(smollm2))
+    body = {"model": "smollm2", "messages": CHAT, "max_tokens": 2}
+    for _ in range(30):
+        assert server.http.post("/v1/chat/completions", json=body).status_code == 200
+        assert server.model("smollm2")["in_flight"] == 0
+        assert server.http.get("/slots", params={"model": "smollm2"}).status_code == 200
+        assert server.model("smollm2")["in_flight"] == 0
+
+
 def test_client_disconnect_frees_the_slot(corral: Start, smollm2: Path) -> None:
     server = corral(two_models(smollm2))
     body = {"model": "smollm2", "messages": CHAT, "max_tokens": 4000, "stream": True,

@@ -80,6 +80,7 @@ class UpstreamResponse:
         self.is_sse = content_type.startswith("text/event-stream")
         self.client_gone = False
         self._finished = False
+        self._closed = False
         self.upstream_error: str | None = None
         self.first_chunk_at: float | None = None
 
@@ -90,6 +91,11 @@ class UpstreamResponse:
                 await self._stream(send)
                 group.cancel_scope.cancel()
         finally:
+            await self._close()
+
+    async def _close(self) -> None:
+        if not self._closed:
+            self._closed = True
             await self.upstream.aclose()
             self.on_close()
 
@@ -110,6 +116,9 @@ class UpstreamResponse:
             await send({"type": "http.response.body", "body": sse_error(
                 f"the model failed mid-stream: {self.upstream_error}"), "more_body": True})
         self._finished = True
+        # Release the slot before the last frame: a client that sees its response end and sends
+        # the next one at once must find the slot (and the admin counts) already free.
+        await self._close()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _watch_disconnect(self, receive: Receive, scope: anyio.CancelScope) -> None:
