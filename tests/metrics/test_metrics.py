@@ -101,6 +101,8 @@ def test_scraping_neither_loads_a_model_nor_keeps_it_alive(corral: Start, smollm
     while server.model("m")["state"] != "unloaded":
         assert time.monotonic() < deadline, "scrapes kept the model from going idle"
         samples(server)
+        slots = server.http.get("/slots", params={"model": "m"})
+        assert slots.status_code in (200, 503)  # 503 once it is unloaded: /slots never loads
         time.sleep(0.2)
     found = samples(server)
     assert value(found, "corral_model_evictions_total", model="m", reason="idle") == 1.0

@@ -114,7 +114,8 @@ class Proxy:
             if request.url.path == "/slots" and model.state != ModelState.READY:
                 raise ModelUnavailableError(
                     model.name, f"it is {model.state}; /slots does not load models", 5.0)
-            return await self._forward(request, model, b"", request_id, started, False)
+            return await self._forward(request, model, b"", request_id, started, False,
+                                       touch=request.url.path != "/slots")
         except CorralError as exc:
             return self._error(request, name, exc, request_id, started)
 
@@ -126,6 +127,7 @@ class Proxy:
         request_id: str,
         started: float,
         uses_slot: bool,
+        touch: bool = True,
     ) -> Response:
         queue = self.queues[model.name]
         if uses_slot:
@@ -133,7 +135,7 @@ class Proxy:
             self.instruments.queue_wait.labels(model.name).observe(waited)
         try:
             lease, upstream = await self._send(request, model, body,
-                                               queue if uses_slot else None)
+                                               queue if uses_slot else None, touch)
         except BaseException:
             if uses_slot:
                 queue.release()
@@ -158,7 +160,12 @@ class Proxy:
         return response  # type: ignore[return-value]
 
     async def _send(
-        self, request: Request, model: ManagedModel, body: bytes, queue: AdmissionQueue | None
+        self,
+        request: Request,
+        model: ManagedModel,
+        body: bytes,
+        queue: AdmissionQueue | None,
+        touch: bool = True,
     ) -> tuple[Lease, httpx.Response]:
         """A lease and the child's open response; waits for a load or restart if needed.
 
@@ -168,7 +175,7 @@ class Proxy:
             if queue is not None:
                 queue.loading += 1
             try:
-                lease = await self.supervisor.acquire(model)
+                lease = await self.supervisor.acquire(model, touch)
             finally:
                 if queue is not None:
                     queue.loading -= 1

@@ -118,12 +118,14 @@ class Lease:
     model: ManagedModel
     process: ModelProcess
     client: httpx.AsyncClient
+    touch: bool = True
     _released: bool = False
 
     def release(self) -> None:
         if not self._released:
             self._released = True
             self.model.in_flight -= 1
-            self.model.last_used = time.monotonic()
+            if self.touch:
+                self.model.last_used = time.monotonic()
 
 

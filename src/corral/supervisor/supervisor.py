@@ -86,8 +86,10 @@ class Supervisor:
             if model.spec.preload:
                 self._spawn(self._preload(model))
 
-    async def acquire(self, name: str | ManagedModel) -> Lease:
+    async def acquire(self, name: str | ManagedModel, touch: bool = True) -> Lease:
         """A lease on a ready model (a name, alias, or the model), loading it first if needed.
+
+        ``touch=False`` is for monitoring reads: they must not keep a model from going idle.
 
         Raises ``ModelNotFoundError``, ``ModelLoadError`` or ``ModelUnavailableError``.
         """
@@ -98,8 +100,9 @@ class Supervisor:
             if model.state == ModelState.READY:
                 assert model.process is not None and model.process.client is not None
                 model.in_flight += 1
-                model.last_used = time.monotonic()
-                return Lease(model, model.process, model.process.client)
+                if touch:
+                    model.last_used = time.monotonic()
+                return Lease(model, model.process, model.process.client, touch)
             if model.state in (ModelState.STARTING, ModelState.STOPPING):
                 assert model.transition is not None
                 # Shielded: a caller that gives up must not cancel a load others wait for.
