@@ -151,9 +151,12 @@ def test_key_config_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         "auth.keys.0.key_env: environment variable 'CORRAL_NO_SUCH_KEY' is not set or empty"]
     assert problems({"key_file": "missing.txt"})[0].startswith(
         "auth.keys.0.key_file: cannot read")
-    assert problems({"key": "a", "key_env": "B"}) == [
-        "auth.keys.0: give exactly one of key, key_env, key_file, got {'key': 'a', 'key_env': "
-        "'B'}"]
+    # The key itself never appears: these lines reach stderr, the log and a 400 body.
+    assert problems({"key": "SuperSecret123", "key_env": "B"}) == [
+        "auth.keys.0: give exactly one of key, key_env, key_file, got {'key': '***', "
+        "'key_env': 'B'}"]
+    assert problems({"key": 123456789}) == [
+        "auth.keys.0.key: input should be a valid string, got '***'"]
     assert problems({"key": "a", "models": ["nope"]}) == [
         "auth.keys.0.models: 'nope' is not a configured model or alias"]
     assert problems({"key": "a", "scopes": ["root"]}) == [

@@ -65,7 +65,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(source, [f"not valid YAML: {exc}"]) from None
+        raise ConfigError(source, [f"not valid YAML: {_yaml_problem(exc)}"]) from None
     return parse_config(data, source=source, base_dir=Path(path).resolve().parent)
 
 
@@ -140,6 +140,10 @@ def _resolve_keys(
             except OSError as exc:
                 problems.append(f"{where}.key_file: cannot read {str(path)!r}: "
                                 f"{exc.strerror or exc}")
+                continue
+            except UnicodeDecodeError:
+                # The decoder's own message quotes the offending bytes, which are the key's.
+                problems.append(f"{where}.key_file: {str(path)!r} is not UTF-8 text")
                 continue
         if not secret:
             problems.append(f"{where}: the key is empty")
@@ -220,7 +224,44 @@ def _describe(exc: ValidationError) -> Iterator[str]:
         elif kind in ("missing", "extra_forbidden"):
             yield f"{path}: {message}"
         else:
-            yield f"{path}: {message}, got {error['input']!r}"
+            yield f"{path}: {message}, got {_redacted(loc, error['input'])!r}"
+
+
+REDACTED = "***"
+
+
+def _redacted(loc: list[str], value: Any) -> Any:
+    """``value`` with every API key in it replaced by ``***``.
+
+    Problems reach stderr, the log and the answer to ``POST /admin/reload``, so they must never
+    carry a key. Under ``auth`` and each ``auth.keys`` entry a bare scalar is most likely a key
+    written in the wrong place, so it is hidden too; the key path still says where to look.
+    """
+    in_keys = loc[:2] == ["auth", "keys"]
+    if in_keys and len(loc) >= 4 and loc[3] == "key":
+        return REDACTED
+    return _hide_keys(value, bare=loc == ["auth"] or (in_keys and len(loc) <= 3))
+
+
+def _hide_keys(value: Any, *, bare: bool) -> Any:
+    if isinstance(value, dict):
+        return {k: REDACTED if k == "key" else _hide_keys(v, bare=False) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_hide_keys(v, bare=bare) for v in value]
+    return REDACTED if bare else value
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """The parser's complaint and where, without the excerpt of the file that PyYAML adds:
+    the excerpt is the offending line, which may be the one holding an API key."""
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return str(exc)
+    parts = []
+    for text, mark in ((exc.context, exc.context_mark), (exc.problem, exc.problem_mark)):
+        if text:
+            where = "" if mark is None else f" (line {mark.line + 1}, column {mark.column + 1})"
+            parts.append(f"{text}{where}")
+    return "; ".join(parts) or "cannot be parsed"
 
 
 def _is_union_tag(part: int | str) -> bool:
