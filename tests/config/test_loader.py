@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
+import gguf
+import numpy as np
 import pytest
 import yaml
 
@@ -128,6 +131,52 @@ def test_check_model_files(tmp_path: Path, smollm2: Path) -> None:
         f"models.junk.path: not a GGUF file (bad magic b'not '), got '{tmp_path}/junk.gguf'",
         f"models.gone.path: file does not exist, got '{tmp_path}/gone.gguf'",
     ]
+
+
+def tiny_gguf(path: Path) -> Path:
+    """A valid GGUF of a few hundred bytes: one metadata key and one small tensor."""
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_uint32("llama.block_count", 1)
+    writer.add_tensor("output_norm.weight", np.zeros((8,), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize(
+    ("header", "reason"),
+    [
+        (bytes(range(256)) * 4, "GGUF version 50462976 is not supported"),
+        # version 3, no tensors, one key whose name claims 1000 bytes
+        (struct.pack("<IQQQ", 3, 0, 1, 1000) + b"abc", "the GGUF header is truncated"),
+        (struct.pack("<IQQQ", 3, 0, 1, 1) + b"a" + struct.pack("<I", 99),
+         "unknown GGUF value type 99"),
+        # an array of 3 strings whose first claims 100 bytes, past the end of the file
+        (struct.pack("<IQQQ", 3, 0, 1, 1) + b"a" + struct.pack("<IIQQ", 9, 8, 3, 100),
+         "the GGUF header is truncated"),
+    ],
+    ids=["junk", "truncated-key", "unknown-type", "string-past-the-end"],
+)
+def test_check_model_files_reads_the_header_after_the_magic(
+    tmp_path: Path, smollm2: Path, capsys: pytest.CaptureFixture[str], header: bytes,
+    reason: str,
+) -> None:
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"GGUF" + header)
+    config = {"models": {"real": {"path": str(smollm2)},
+                         "tiny": {"path": str(tiny_gguf(tmp_path / "tiny.gguf"))},
+                         "garbage": {"path": str(garbage)}}}
+    expected = f"models.garbage.path: not a readable GGUF file ({reason}), got '{garbage}'"
+    assert check_model_files(parse_config(config)) == [expected]
+    path = tmp_path / "corral.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["check", "-c", str(path)]) == 2
+    assert expected in capsys.readouterr().err
+    del config["models"]["garbage"]
+    path.write_text(yaml.safe_dump(config))
+    assert main(["check", "-c", str(path)]) == 0  # the real and the synthetic file pass
 
 
 def test_corral_check_exit_codes(

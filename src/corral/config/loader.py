@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,7 +175,8 @@ def _is_loopback(host: str) -> bool:
 
 
 def check_model_files(config: Config) -> list[str]:
-    """Problems with the model files themselves: missing, unreadable, or not GGUF."""
+    """Problems with the model files themselves: missing, unreadable, not GGUF, or a GGUF
+    header that cannot be read (the weights after it are llama-server's to judge)."""
     problems = []
     for name, spec in config.models.items():
         where = f"models.{name}.path"
@@ -191,7 +193,36 @@ def check_model_files(config: Config) -> list[str]:
             problems.append(
                 f"{where}: not a GGUF file (bad magic {magic!r}), got {str(spec.path)!r}"
             )
+            continue
+        reason = _gguf_header_problem(str(spec.path))
+        if reason is not None:
+            problems.append(
+                f"{where}: not a readable GGUF file ({reason}), got {str(spec.path)!r}"
+            )
     return problems
+
+
+def _gguf_header_problem(path: str) -> str | None:
+    """Why the GGUF header at ``path`` cannot be read, or None if it can.
+
+    The right magic is not enough: corral reads the header to place the model, and a header it
+    cannot read fails every load, so ``corral check`` catches it with the same scanner.
+    """
+    # Imported here: the probe package imports placement, which imports this module.
+    from corral.probe.gguf import read_header
+
+    try:
+        read_header(path)
+    except OSError as exc:
+        return f"cannot read it: {exc.strerror or exc}"
+    except struct.error:
+        # The scanner skips string arrays by their lengths, which may point past the end.
+        return "the GGUF header is truncated"
+    except KeyError as exc:
+        return f"unsupported tensor type {exc.args[0]}"
+    except (ValueError, OverflowError) as exc:
+        return str(exc).removeprefix(f"{path}: ")
+    return None
 
 
 _MESSAGES = {
