@@ -57,5 +57,7 @@ def backoff(failures: int, jitter: float) -> float:
 
     Jitter keeps many corrals (or models) that failed together from retrying in lockstep.
     """
-    ceiling = min(MAX_BACKOFF, BASE_BACKOFF * 2.0 ** (failures - 1))
+    # The exponent is bounded: past the cap it changes nothing, and 2.0 ** 1024 overflows, which
+    # a config with a large max_failures and a long window can reach.
+    ceiling = min(MAX_BACKOFF, BASE_BACKOFF * 2.0 ** min(failures - 1, 64))
     return ceiling * (0.5 + jitter / 2)
