@@ -4,7 +4,8 @@
 estimate the memory llama-server allocates for it (see ``corral.placement.estimate``). It is built
 by ``profile_from_fields`` from plain values (metadata key -> value, tensor name -> bytes), so
 tests can describe public models from their published hyper-parameters without any file;
-``corral.probe.gguf.read_profile`` feeds it from a real file.
+``corral.probe.gguf.read_profile`` feeds it from a real file (the tensors of every shard of a
+split model, metadata from the first).
 
 Supported metadata, following llama.cpp (commit 515e855) key names, ``{arch}`` being
 ``general.architecture``:

@@ -1,8 +1,9 @@
 """Read a GGUF file's metadata and tensor sizes into a ``ModelProfile``.
 
-Only the header is read (the file is memory-mapped and no tensor data is touched).
-Profiles are cached by (path, size, modification time), so asking again for an unchanged file
-costs one ``stat``.
+Only the header is read (the file is memory-mapped and no tensor data is touched). A model
+split into shards (``name-00001-of-00003.gguf``) is read shard by shard, as llama-server loads
+it. Profiles are cached by (path, size, modification time) of the file and of every shard, so
+asking again for an unchanged model costs one ``stat`` per file.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import functools
 import math
 import mmap
 import os
+import re
 import struct
-from pathlib import Path
 
 from corral.placement.profile import ModelProfile, profile_from_fields
 
@@ -23,25 +24,112 @@ _SKIPPED_PREFIX = "tokenizer."
 
 
 def read_profile(path: str | os.PathLike[str]) -> ModelProfile:
-    """The profile of the GGUF file at ``path``.
+    """The profile of the GGUF model at ``path``, every shard of it when it is split.
 
-    Raises ``OSError`` when the file cannot be read and ``ValueError`` when it is not a GGUF
-    model corral understands (the message names the missing key).
+    A split model (``name-00001-of-00003.gguf`` with ``split.count`` in its metadata) is
+    profiled from the tensors of all its shards: llama-server loads them all from the first
+    path. Raises ``OSError`` when a file cannot be read (a missing shard is named) and
+    ``ValueError`` when it is not a GGUF model corral understands (the message names the
+    missing key).
     """
-    resolved = Path(path).resolve()
-    stat = resolved.stat()
-    return _read_cached(str(resolved), stat.st_size, stat.st_mtime_ns)
+    # Absolute but not resolved: shards are found beside the path as given, as llama.cpp
+    # does, and the Hugging Face cache links each shard to a differently named blob.
+    first = os.path.abspath(path)
+    shards = _named_shards(first)
+    key = (_stat(first, missing_ok=False), *(_stat(s, missing_ok=True) for s in shards[1:]))
+    return _read_cached(first, key)
+
+
+def _stat(path: str, missing_ok: bool) -> tuple[str, int, int]:
+    """(path, size, mtime) for the cache key; (path, -1, -1) for a missing shard."""
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        if not missing_ok:
+            raise
+        return (path, -1, -1)
+    return (path, stat.st_size, stat.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=64)
-def _read_cached(path: str, size: int, mtime_ns: int) -> ModelProfile:
-    # size and mtime_ns are only part of the cache key: a rewritten file is read again.
-    del size, mtime_ns
+def _read_cached(path: str, files: tuple[tuple[str, int, int], ...]) -> ModelProfile:
+    # ``files`` (path, size and mtime of the file and of each shard its name implies) is only
+    # the cache key: rewriting, adding or removing any shard reads the model again.
+    del files
     fields, tensors = read_header(path)
+    count = fields.get("split.count", 0)
+    if isinstance(count, int) and count > 1:
+        tensors = tensors + _other_shards(path, fields, count, len(tensors))
     try:
         return profile_from_fields(fields, tensors)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
+
+
+# llama.cpp names shards "%s-%05d-of-%05d.gguf" (llama_split_path), numbered from 1.
+_SHARD_NAME = re.compile(r"-(\d{5,})-of-(\d{5,})\.gguf$")
+
+
+def split_paths(path: str, count: int) -> list[str]:
+    """The paths of all ``count`` shards of a split model whose first shard is ``path``.
+
+    The names llama.cpp derives (``llama_split_prefix``, then ``llama_split_path``): the first
+    file's name ends in ``-00001-of-<count>.gguf`` and every shard shares its prefix. Raises
+    ``ValueError`` when ``path`` is not named so, which llama-server refuses too ("invalid split
+    file name").
+    """
+    suffix = f"-{1:05d}-of-{count:05d}.gguf"
+    if len(path) <= len(suffix) or not path.endswith(suffix):
+        raise ValueError(
+            f"{path}: the model is split into {count} files, so its name must end in "
+            f"{suffix!r} (llama-server finds the other shards by that name)"
+        )
+    prefix = path[: -len(suffix)]
+    return [f"{prefix}-{number:05d}-of-{count:05d}.gguf" for number in range(1, count + 1)]
+
+
+def _named_shards(path: str) -> list[str]:
+    """The shards a first shard's name implies; [path] for any other name.
+
+    Only for the cache key: read off the name so that asking again costs a few ``stat`` calls
+    and no read. The file's own ``split.count`` decides what is read.
+    """
+    match = _SHARD_NAME.search(path)
+    if match is None or int(match.group(1)) != 1 or int(match.group(2)) < 2:
+        return [path]
+    return split_paths(path, int(match.group(2)))
+
+
+def _other_shards(
+    path: str, fields: dict[str, object], count: int, n_first: int
+) -> list[tuple[str, int]]:
+    """Tensor sizes of shards 2..count, checked as llama.cpp's loader checks them."""
+    number = fields.get("split.no", 0)
+    if number != 0:
+        shown = number + 1 if isinstance(number, int) else number
+        raise ValueError(
+            f"{path}: this is shard {shown} of {count}; configure the first shard (its name "
+            "ends in -00001-of-...), llama-server loads the others from it"
+        )
+    tensors: list[tuple[str, int]] = []
+    for index, shard in enumerate(split_paths(path, count)[1:], start=1):
+        if not os.path.exists(shard):
+            raise FileNotFoundError(
+                f"{path}: shard {index + 1} of {count} of this split model is missing: {shard}"
+            )
+        shard_fields, shard_tensors = read_header(shard)
+        if shard_fields.get("split.no") != index:
+            raise ValueError(
+                f"{shard}: split.no is {shard_fields.get('split.no')!r}, expected {index} "
+                f"(shard {index + 1} of {count})"
+            )
+        tensors += shard_tensors
+    expected = fields.get("split.tensors.count")
+    found = n_first + len(tensors)
+    if isinstance(expected, int) and expected != found:
+        raise ValueError(f"{path}: split.tensors.count is {expected} but the {count} shards "
+                         f"hold {found} tensors")
+    return tensors
 
 
 def read_header(path: str) -> tuple[dict[str, object], list[tuple[str, int]]]:
