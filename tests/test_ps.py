@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -15,9 +16,13 @@ from tests.conftest import CorralProcess
 Start = Callable[..., CorralProcess]
 
 
-def corral_ps(*args: str) -> subprocess.CompletedProcess[str]:
+def corral_ps(*args: str, key_env: str | None = None) -> subprocess.CompletedProcess[str]:
+    """``corral ps ARGS`` as a user runs it; ``$CORRAL_API_KEY`` is ``key_env`` (or unset)."""
+    env = {k: v for k, v in os.environ.items() if k != "CORRAL_API_KEY"}
+    if key_env is not None:
+        env["CORRAL_API_KEY"] = key_env
     return subprocess.run([sys.executable, "-m", "corral", "ps", *args],
-                          capture_output=True, text=True, timeout=30)
+                          capture_output=True, text=True, timeout=30, env=env)
 
 
 @pytest.mark.integration
@@ -48,4 +53,43 @@ def test_ps_shows_models_slots_and_queues(corral: Start, smollm2: Path) -> None:
 def test_ps_says_when_corral_is_not_there() -> None:
     result = corral_ps("--url", "http://127.0.0.1:9")
     assert result.returncode == 1
-    assert "cannot read http://127.0.0.1:9/admin/status" in result.stderr
+    assert "cannot read http://127.0.0.1:9/admin/status: cannot connect" in result.stderr
+    assert "is corral running" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+ADMIN_KEY = "ps-admin-secret-0123456789"
+APP_KEY = "ps-app-secret-9876543210"
+
+
+def test_ps_presents_a_key_when_corral_has_keys(corral: Start, smollm2: Path) -> None:
+    # No model is loaded: this runs corral itself, not llama-server.
+    server = corral({
+        "models": {"m": {"path": str(smollm2), "slots": 1, "ctx_per_slot": 256}},
+        "auth": {"keys": [{"name": "ops", "key": ADMIN_KEY, "scopes": ["inference", "admin"]},
+                          {"name": "app", "key": APP_KEY}]},
+    })
+    endpoint = f"cannot read {server.url}/admin/status"
+
+    def refused(result: subprocess.CompletedProcess[str], *words: str) -> None:
+        assert result.returncode == 1, result.stdout
+        assert result.stderr.startswith(f"corral: {endpoint}: "), result.stderr
+        for word in words:
+            assert word in result.stderr
+        assert "Traceback" not in result.stderr
+        assert ADMIN_KEY not in result.stderr and APP_KEY not in result.stderr
+
+    refused(corral_ps("--url", server.url), "401", "--key", "CORRAL_API_KEY")
+    refused(corral_ps("--url", server.url, "--key", "wrong"), "401", "refused the API key")
+    refused(corral_ps("--url", server.url, key_env=APP_KEY), "403", "admin scope",
+            "key 'app' does not have the 'admin' scope")
+
+    by_flag = corral_ps("--url", server.url, "--key", ADMIN_KEY, "--json")
+    assert by_flag.returncode == 0, by_flag.stderr
+    assert [m["name"] for m in json.loads(by_flag.stdout)["models"]] == ["m"]
+    # The variable, with the address taken from the config; --key wins over it.
+    by_env = corral_ps("-c", str(server.config_path), key_env=ADMIN_KEY)
+    assert by_env.returncode == 0, by_env.stderr
+    assert by_env.stdout.splitlines()[1].split()[:2] == ["m", "unloaded"]
+    both = corral_ps("--url", server.url, "--key", ADMIN_KEY, key_env="wrong")
+    assert both.returncode == 0, both.stderr

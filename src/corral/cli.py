@@ -1,12 +1,14 @@
 """The ``corral`` command: ``serve``, ``check``, ``plan`` and ``ps``.
 
-Exit codes: 0 fine, 1 corral not reachable (``ps``) or preloaded and pinned models that do not
-fit together (``plan``), 2 invalid configuration (or model files that cannot be used).
+Exit codes: 0 fine, 1 corral not reachable or the API key refused (``ps``) or preloaded and
+pinned models that do not fit together (``plan``), 2 invalid configuration (or model files that
+cannot be used).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import structlog
@@ -32,10 +34,14 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("-c", "--config", help="YAML file (default $CORRAL_CONFIG, ./corral.yaml)")
     subs["ps"].add_argument("--url", help="corral's address (default: listen from the config)")
     subs["ps"].add_argument("--json", action="store_true", help="print /admin/status as JSON")
+    subs["ps"].add_argument(
+        "--key", help="an API key with the admin scope, needed when auth.keys are configured "
+        "(default $CORRAL_API_KEY, which other users cannot see in the process list)")
     subs["plan"].add_argument("--json", action="store_true", help="print the plan as JSON")
     args = parser.parse_args(argv)
+    key = (args.key or os.environ.get("CORRAL_API_KEY")) if args.command == "ps" else None
     if args.command == "ps" and args.url:
-        return ps(args.url, args.json)
+        return ps(args.url, args.json, key)
 
     path = config_path(args.config)
     try:
@@ -50,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "ps":
         host = config.file.listen.host
         host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-        return ps(f"http://{host}:{config.file.listen.port}", args.json)
+        return ps(f"http://{host}:{config.file.listen.port}", args.json, key)
     return serve(config)
 
 
@@ -62,17 +68,15 @@ def plan(config: Config, as_json: bool) -> int:
     return 0 if report.ok else 1
 
 
-def ps(url: str, as_json: bool) -> int:
+def ps(url: str, as_json: bool, api_key: str | None = None) -> int:
     import json
 
-    import httpx
-
-    from corral.ps import fetch_status, render
+    from corral.ps import StatusError, fetch_status, render
 
     try:
-        status = fetch_status(url)
-    except httpx.HTTPError as exc:
-        print(f"corral: cannot read {url}/admin/status: {exc}", file=sys.stderr)
+        status = fetch_status(url, api_key)
+    except StatusError as exc:
+        print(f"corral: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(status, indent=2) if as_json else render(status))
     return 0

@@ -10,12 +10,53 @@ COLUMNS = ("MODEL", "STATE", "SLOTS", "QUEUE", "CTX/SLOT", "IN FLIGHT", "PID", "
            "MEMORY")
 
 
+class StatusError(Exception):
+    """``/admin/status`` could not be read; the message says why and what to do (never the key)."""
+
+
 def fetch_status(url: str, api_key: str | None = None, timeout: float = 5.0) -> dict[str, Any]:
+    """The ``/admin/status`` of the corral at ``url``, presenting ``api_key`` if given.
+
+    Raises ``StatusError`` when corral cannot be reached, refuses the key, or answers with
+    something that is not its status.
+    """
+    endpoint = url.rstrip("/") + "/admin/status"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    response = httpx.get(url.rstrip("/") + "/admin/status", headers=headers, timeout=timeout)
-    response.raise_for_status()
-    body: dict[str, Any] = response.json()
+    try:
+        response = httpx.get(endpoint, headers=headers, timeout=timeout)
+    except httpx.ConnectError as exc:
+        raise StatusError(f"cannot read {endpoint}: cannot connect ({exc}); is corral running "
+                          "and listening there?") from None
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        raise StatusError(f"cannot read {endpoint}: {exc}") from None
+    if response.status_code == 401:
+        why = ("corral refused the API key; check --key or CORRAL_API_KEY" if api_key else
+               "corral requires an API key with the admin scope; pass --key or set "
+               "CORRAL_API_KEY")
+        raise StatusError(f"cannot read {endpoint}: {why} ({_answer(response)})")
+    if response.status_code == 403:
+        raise StatusError(f"cannot read {endpoint}: the API key does not have the admin scope "
+                          f"({_answer(response)})")
+    if response.status_code != 200:
+        raise StatusError(f"cannot read {endpoint}: {_answer(response)}")
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict) or "models" not in body:
+        raise StatusError(f"cannot read {endpoint}: the answer is not corral's status; is "
+                          "corral listening there?")
     return body
+
+
+def _answer(response: httpx.Response) -> str:
+    """The status line and corral's own error message (which never holds a key), if any."""
+    answer = f"{response.status_code} {response.reason_phrase}"
+    try:
+        message = response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return answer
+    return f"{answer}: {message}"
 
 
 def render(status: dict[str, Any]) -> str:
