@@ -44,6 +44,7 @@ class Shortfall:
     free: int
     capacity: int  # the device's budget: total - reserve - external
     holders: Mapping[str, int]  # owner -> bytes held on this device
+    external: int = 0  # bytes other programs use there (already taken out of ``capacity``)
 
     @property
     def missing(self) -> int:
@@ -56,9 +57,12 @@ class Shortfall:
             f"{owner} {format_bytes(n)}"
             for owner, n in sorted(self.holders.items(), key=lambda kv: -kv[1])
         )
+        notes = [f"held by {held}"] if held else []
+        if self.external:
+            notes.append(f"other programs use {format_bytes(self.external)}")
         return (
             f"{self.device}: needs {format_bytes(self.needed)}, {format_bytes(self.free)} free "
-            f"of {format_bytes(self.capacity)}" + (f" (held by {held})" if held else "")
+            f"of {format_bytes(self.capacity)}" + (f" ({'; '.join(notes)})" if notes else "")
         )
 
 
@@ -99,7 +103,8 @@ class DeviceUsage:
     def as_dict(self) -> dict[str, object]:
         """For JSON: ``/admin/status`` and ``corral plan --json``."""
         return {"device": self.device.id, "name": self.device.name, "total": self.device.total,
-                "reserve": self.reserve, "capacity": self.capacity, "reserved": self.held,
+                "reserve": self.reserve, "external": self.external, "capacity": self.capacity,
+                "reserved": self.held,
                 "free": self.free, "holders": dict(self.holders)}
 
 
@@ -154,6 +159,15 @@ class Ledger:
         """Everyone holding a reservation."""
         return list(self._held)
 
+    def reservations(self) -> dict[str, dict[str, int]]:
+        """Owner -> device -> bytes for every reservation, copied at one moment."""
+        with self._lock:
+            return {owner: dict(amounts) for owner, amounts in self._held.items()}
+
+    def external(self, device_id: str) -> int:
+        """Bytes other programs use on the device, as last observed (0 if never)."""
+        return self._external[device_id]
+
     def shortfalls(
         self, amounts: Mapping[str, int], ignoring: Iterable[str] = ()
     ) -> list[Shortfall]:
@@ -168,7 +182,7 @@ class Ledger:
                 holders = {o: n for o, n in self.held_by(device_id).items() if o not in skip}
                 result.append(
                     Shortfall(device_id, needed, free, self.capacity(device_id),
-                              MappingProxyType(holders))
+                              MappingProxyType(holders), self._external[device_id])
                 )
         return result
 
@@ -207,7 +221,7 @@ class Ledger:
         """Record a fresh probe: what is neither free nor corral's children's is external.
 
         ``device.free`` comes from NVML or psutil; ``corral_used`` is what corral's own children
-        use there now (e.g. ``corral.probe.devices.process_gpu_memory`` summed over them). A child
+        use there now (``corral_usage``: measured where it can be, else reserved). A child
         still loading has not allocated everything yet; its missing part counts as free on the
         device and stays reserved here, so nothing is counted twice.
         """
@@ -225,6 +239,35 @@ class Ledger:
                 )
                 for device in self._devices.values()
             ]
+
+
+def corral_usage(
+    reservations: Iterable[Mapping[str, Mapping[str, int]]],
+    measured: Mapping[str, Mapping[str, int]],
+) -> dict[str, int]:
+    """Bytes corral's children use per device, for ``Ledger.observe``.
+
+    Each child counts with what was ``measured`` for it on a device (owner -> device -> bytes,
+    e.g. NVML's per-process view) where there is a measurement, else with its reservation.
+    ``reservations`` may hold several views of the ledger (before and after a probe, which
+    takes time): a child in any of them counts, with its largest reservation. Counting a child
+    that had not allocated yet, or had just freed its memory, makes the external use look
+    smaller than it is for one decision; leaving out one that holds memory would count it as
+    another program's and refuse loads that fit.
+    """
+    held: dict[str, dict[str, int]] = {}
+    for view in reservations:
+        for owner, amounts in view.items():
+            mine = held.setdefault(owner, {})
+            for device, n in amounts.items():
+                mine[device] = max(mine.get(device, 0), n)
+    for owner, amounts in measured.items():
+        held.setdefault(owner, {}).update(amounts)
+    used: dict[str, int] = {}
+    for amounts in held.values():
+        for device, n in amounts.items():
+            used[device] = used.get(device, 0) + n
+    return used
 
 
 @dataclass(frozen=True)

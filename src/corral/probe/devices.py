@@ -1,4 +1,4 @@
-"""Discover GPUs (NVML) and system memory (psutil), and what a process holds on each GPU.
+"""Discover GPUs (NVML) and system memory (psutil), and what processes hold on each GPU.
 
 NVML comes from ``nvidia-ml-py`` and is imported only inside these functions: on a machine
 without an NVIDIA driver the import or ``nvmlInit`` fails, and that simply means no GPUs.
@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+import os
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import psutil
@@ -80,7 +81,15 @@ def process_gpu_memory(pid: int) -> dict[str, int]:
     NVML cannot attribute memory inside some containers (it reports no value); such GPUs are
     left out rather than reported as 0.
     """
-    used: dict[str, int] = {}
+    return _gpu_memory_by_pid().get(pid, {})
+
+
+def _gpu_memory_by_pid() -> dict[int, dict[str, int]]:
+    """Bytes NVML attributes to each process on each GPU; {} without NVML.
+
+    Processes NVML lists without a value (inside some containers) are left out.
+    """
+    used: dict[int, dict[str, int]] = {}
     with _nvml() as nvml:
         if nvml is None:
             return used
@@ -96,6 +105,50 @@ def process_gpu_memory(pid: int) -> dict[str, int]:
                 continue
             for proc in procs:
                 amount = getattr(proc, "usedGpuMemory", None)
-                if int(proc.pid) == pid and isinstance(amount, int):
-                    used[f"cuda:{index}"] = used.get(f"cuda:{index}", 0) + amount
+                if isinstance(amount, int):
+                    mine = used.setdefault(int(proc.pid), {})
+                    mine[f"cuda:{index}"] = mine.get(f"cuda:{index}", 0) + amount
+    return used
+
+
+def _alias(argv: Iterable[str]) -> str | None:
+    """The model name a llama-server child serves: the value of corral's ``--alias``."""
+    args = list(argv)
+    for i, arg in enumerate(args[:-1]):
+        if arg == "--alias":
+            return args[i + 1]  # corral puts its own first; a model's extra args come after
+    return None
+
+
+def children_gpu_memory(parent_pid: int | None = None) -> dict[str, dict[str, int]]:
+    """GPU bytes of each llama-server child of ``parent_pid`` (default: this process).
+
+    Keyed by the model the child serves (its ``--alias``, which corral always passes), then
+    device id; a child's own children count with it (a wrapper script around llama-server).
+    Children NVML has no per-process value for are left out: unknown, not 0, so that the
+    caller can fall back on their reservation.
+    """
+    try:
+        children = psutil.Process(parent_pid or os.getpid()).children()
+    except psutil.Error:
+        return {}
+    owners: dict[int, str] = {}
+    for child in children:
+        try:
+            name = _alias(child.cmdline())
+            if name is None:
+                continue
+            owners[child.pid] = name
+            for descendant in child.children(recursive=True):
+                owners[descendant.pid] = name
+        except psutil.Error:  # exited meanwhile, or not ours to read
+            continue
+    if not owners:
+        return {}
+    used: dict[str, dict[str, int]] = {}
+    for pid, amounts in _gpu_memory_by_pid().items():
+        if pid in owners:
+            mine = used.setdefault(owners[pid], {})
+            for device, n in amounts.items():
+                mine[device] = mine.get(device, 0) + n
     return used

@@ -1,7 +1,12 @@
 """Placing a model before its child starts: profile, plan, reserve, evict if needed.
 
 The decisions are placement's pure functions; this module does their I/O (reading the GGUF
-header off the event loop, stopping models that must make room, waiting for memory).
+header off the event loop, reading what the devices have free, stopping models that must make
+room, waiting for memory).
+
+On discovered devices, memory other programs use is read again before every decision
+(``refresh_external``): a device's budget is its total minus ``reserve`` minus that. Declared
+devices are a budget the configuration sets, so nothing is read for them.
 """
 
 from __future__ import annotations
@@ -23,9 +28,9 @@ from corral.placement.decide import (
     plan_placement,
 )
 from corral.placement.devices import Device
-from corral.placement.ledger import CapacityError, Ledger
+from corral.placement.ledger import CapacityError, Ledger, corral_usage
 from corral.placement.requests import declared_devices, placement_request
-from corral.probe.devices import discover_devices
+from corral.probe.devices import children_gpu_memory, discover_devices
 from corral.probe.gguf import read_profile
 
 log = structlog.get_logger("corral.supervisor")
@@ -38,6 +43,35 @@ def make_ledger(config: Config) -> Ledger:
     devices: list[Device] = declared_devices(config) or discover_devices()
     reserve = config.file.reserve
     return Ledger(devices, reserve_gpu=int(reserve.gpu), reserve_ram=int(reserve.ram))
+
+
+def _read_devices() -> tuple[list[Device], dict[str, dict[str, int]]]:
+    """The devices with what they have free now, and what NVML says corral's children use."""
+    return discover_devices(), children_gpu_memory()
+
+
+async def refresh_external(ledger: Ledger) -> None:
+    """Read the devices again and record in ``ledger`` what other programs use on each.
+
+    Other programs' use is what is neither free nor corral's: total - free - what corral's
+    children use, each child counted with NVML's figure where it has one (a GPU) and else with
+    its reservation (see ``corral_usage``). The reading takes time off the event loop;
+    reservations made or dropped meanwhile count as corral's, so a load that started during
+    the reading is never mistaken for another program. On the host nothing measures a child,
+    so its reservation counts; weights it maps from the file are page cache the kernel calls
+    available, so other programs' use of RAM can read low by that much (never high).
+    """
+    before = ledger.reservations()
+    try:
+        devices, measured = await asyncio.to_thread(_read_devices)
+    except Exception as exc:  # a failed reading keeps the last values rather than fail loads
+        log.warning("device_reading_failed", error=str(exc))
+        return
+    used = corral_usage([before, ledger.reservations()], measured)
+    known = {d.id for d in ledger.devices}
+    for device in devices:
+        if device.id in known:
+            ledger.observe(device, used.get(device.id, 0))
 
 
 @dataclass(frozen=True)
@@ -69,8 +103,12 @@ async def place(
         raise ModelLoadError(spec.name, f"cannot read the model file: {exc}",
                              retry_after=30.0) from None
     request = placement_request(spec, config)
+    discovered = declared_devices(config) is None
     deadline = time.monotonic() + wait
     while True:
+        if discovered:
+            # Before each decision (after evictions and waits too): other programs come and go.
+            await refresh_external(ledger)
         try:
             plan = plan_placement(profile, request, ledger.devices, ledger)
             # No await between planning and reserving: no other load can take the same bytes.

@@ -1,0 +1,81 @@
+"""``children_gpu_memory``: NVML's per-process figures, summed per model over corral's children.
+
+The children are real processes (Python sleeping, with corral's ``--alias`` on their command
+line); NVML is faked, listing those pids with the memory a test gives them.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import types
+from collections.abc import Iterator
+
+import psutil
+import pytest
+
+from corral.probe.devices import children_gpu_memory
+from tests.probe.test_devices import Memory, Proc
+
+GiB = 1 << 30
+SLEEP = "import time; time.sleep(60)"
+# A wrapper that starts the real server as its own child, as a shell script around it would.
+WRAPPER = ("import subprocess, sys; "
+           "subprocess.run([sys.executable, '-c', 'import time; time.sleep(60)'])")
+
+
+@pytest.fixture
+def spawn() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            child.kill()
+        proc.kill()
+        proc.wait()
+
+
+def child(spawn: list[subprocess.Popen[bytes]], code: str, *args: str) -> int:
+    proc = subprocess.Popen([sys.executable, "-c", code, *args])
+    spawn.append(proc)
+    return proc.pid
+
+
+def nvml(on_gpu: dict[int, list[Proc]]) -> types.ModuleType:
+    module = types.ModuleType("pynvml")
+    module.nvmlInit = lambda: None  # type: ignore[attr-defined]
+    module.nvmlShutdown = lambda: None  # type: ignore[attr-defined]
+    module.nvmlDeviceGetCount = lambda: len(on_gpu)  # type: ignore[attr-defined]
+    module.nvmlDeviceGetHandleByIndex = lambda i: i  # type: ignore[attr-defined]
+    module.nvmlDeviceGetMemoryInfo = lambda h: Memory(80 * GiB, 40 * GiB, 40 * GiB)  # type: ignore[attr-defined]
+    module.nvmlDeviceGetComputeRunningProcesses = lambda h: on_gpu[h]  # type: ignore[attr-defined]
+    return module
+
+
+def test_each_childs_gpu_memory_by_the_model_it_serves(
+    monkeypatch: pytest.MonkeyPatch, spawn: list[subprocess.Popen[bytes]]
+) -> None:
+    a = child(spawn, SLEEP, "-m", "a.gguf", "--alias", "a", "-ngl", "99")
+    wrapped = child(spawn, WRAPPER, "--alias", "b", "--alias", "user-extra")
+    no_alias = child(spawn, SLEEP, "--port", "1234")
+    deadline = time.monotonic() + 30
+    while not psutil.Process(wrapped).children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (server,) = psutil.Process(wrapped).children()
+    monkeypatch.setitem(sys.modules, "pynvml", nvml({
+        0: [Proc(a, 3 * GiB), Proc(server.pid, 2 * GiB), Proc(no_alias, 1 * GiB),
+            Proc(999_999_999, 5 * GiB)],  # another user's process
+        1: [Proc(a, 1 * GiB), Proc(server.pid, None)],  # no value: unknown, left out
+    }))
+    assert children_gpu_memory() == {"a": {"cuda:0": 3 * GiB, "cuda:1": 1 * GiB},
+                                     "b": {"cuda:0": 2 * GiB}}
+
+
+def test_no_nvml_or_no_children_means_nothing_measured(
+    monkeypatch: pytest.MonkeyPatch, spawn: list[subprocess.Popen[bytes]]
+) -> None:
+    assert children_gpu_memory(parent_pid=child(spawn, SLEEP)) == {}  # it has no children
+    child(spawn, SLEEP, "--alias", "a")
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import pynvml -> ImportError
+    assert children_gpu_memory() == {}

@@ -1,0 +1,167 @@
+"""``place`` reads discovered devices again before each decision, so other programs' memory counts.
+
+The device reading is faked: ``discover_devices`` (NVML and psutil) and ``children_gpu_memory``
+(NVML's per-process view) are replaced in ``corral.supervisor.placing`` by a ``Machine`` whose
+free memory each test sets. That is the I/O at the edge; the profile (the real SmolLM2 file),
+the plan, the ledger and the eviction loop are the real code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from corral.config import Config, parse_config
+from corral.errors import ModelLoadError
+from corral.placement.decide import plan_placement
+from corral.placement.devices import Device, format_bytes, gpu, host
+from corral.placement.ledger import Ledger
+from corral.placement.requests import placement_request
+from corral.probe.gguf import read_profile
+from corral.supervisor import placing
+from corral.supervisor.placing import Candidate, make_ledger, place
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+class Machine:
+    """What the probes would read now: each device's total and free bytes, NVML's per-child use."""
+
+    def __init__(self, devices: Iterable[Device]) -> None:
+        self.devices = {d.id: d for d in devices}
+        self.measured: dict[str, dict[str, int]] = {}
+        self.reads = 0
+        self.broken = False
+
+    def set_free(self, device_id: str, free: int) -> None:
+        d = self.devices[device_id]
+        self.devices[device_id] = Device(d.id, d.kind, d.total, free, d.name, d.uuid)
+
+    def discover(self) -> list[Device]:
+        self.reads += 1
+        if self.broken:
+            raise OSError("NVML went away")
+        return list(self.devices.values())
+
+    def children(self, parent_pid: int | None = None) -> dict[str, dict[str, int]]:
+        return {name: dict(used) for name, used in self.measured.items()}
+
+
+@pytest.fixture
+def machine(monkeypatch: pytest.MonkeyPatch) -> Machine:
+    fake = Machine([host(8 * GiB, free=8 * GiB)])
+    monkeypatch.setattr(placing, "discover_devices", fake.discover)
+    monkeypatch.setattr(placing, "children_gpu_memory", fake.children)
+    return fake
+
+
+def config(smollm2: Path, *names: str, **extra: Any) -> Config:
+    model = {"path": str(smollm2), "slots": 1, "ctx_per_slot": 512}
+    return parse_config({"models": {n: model for n in names}, "reserve": {"gpu": 0, "ram": 0},
+                         **extra})
+
+
+def need(cfg: Config, name: str, devices: list[Device]) -> dict[str, int]:
+    """What ``name`` reserves on idle ``devices``."""
+    spec = cfg.models[name]
+    return plan_placement(read_profile(spec.path), placement_request(spec, cfg), devices,
+                          Ledger(devices)).reservation
+
+
+def nobody() -> list[Candidate]:
+    return []
+
+
+async def no_eviction(name: str) -> None:
+    raise AssertionError(f"nothing should be evicted, got {name}")
+
+
+async def test_other_programs_memory_refuses_a_load_and_the_503_says_how_much(
+    smollm2: Path, machine: Machine
+) -> None:
+    cfg = config(smollm2, "a")
+    n = need(cfg, "a", [host(8 * GiB)])["cpu"]
+    ledger = make_ledger(cfg)
+    assert ledger.fits({"cpu": n})  # by total minus reserve alone it would fit
+    other = 8 * GiB - n // 2
+    machine.set_free("cpu", 8 * GiB - other)  # another program took all but half of it
+    with pytest.raises(ModelLoadError) as caught:
+        await place(cfg.models["a"], cfg, ledger, nobody, no_eviction, wait=0.0)
+    assert f"other programs use {format_bytes(other)}" in caught.value.reason
+    assert ledger.external("cpu") == other and ledger.owners == []
+
+
+async def test_corrals_own_children_are_not_other_programs(
+    smollm2: Path, machine: Machine
+) -> None:
+    cfg = config(smollm2, "a", "b")
+    a, b = need(cfg, "a", [host(8 * GiB)])["cpu"], need(cfg, "b", [host(8 * GiB)])["cpu"]
+    other = 8 * GiB - a - b - 16 * MiB  # room for b only if a's memory is not counted twice
+    ledger = make_ledger(cfg)
+    ledger.reserve("a", {"cpu": a})  # a's child runs and has allocated what it reserved
+    machine.set_free("cpu", 8 * GiB - other - a)
+    plan = await place(cfg.models["b"], cfg, ledger, nobody, no_eviction, wait=0.0)
+    assert plan.reservation == {"cpu": b} and ledger.external("cpu") == other
+
+
+async def test_a_loading_gpu_child_counts_with_what_nvml_measures(
+    smollm2: Path, machine: Machine
+) -> None:
+    machine.devices = {d.id: d for d in [gpu(0, 8 * GiB, free=8 * GiB), host(8 * GiB, 8 * GiB)]}
+    cfg = config(smollm2, "a", "b")
+    ledger = make_ledger(cfg)
+    ledger.reserve("a", {"cuda:0": 4 * GiB})
+    # a has allocated 1 of its 4 GiB so far; other programs hold 2 GiB.
+    machine.measured = {"a": {"cuda:0": 1 * GiB}}
+    machine.set_free("cuda:0", 8 * GiB - 1 * GiB - 2 * GiB)
+    await place(cfg.models["b"], cfg, ledger, nobody, no_eviction, wait=0.0)
+    # With a's reservation instead of its measurement, the 3 GiB a has not allocated yet would
+    # hide the other programs' 2 GiB: 8 - 5 - 4 < 0.
+    assert ledger.external("cuda:0") == 2 * GiB
+    assert ledger.external("cpu") == 0
+
+
+async def test_declared_devices_are_a_budget_and_never_read(
+    smollm2: Path, machine: Machine
+) -> None:
+    machine.set_free("cpu", 0)  # were it read, nothing would fit
+    cfg = config(smollm2, "a", devices=[{"id": "cpu", "memory": "8GiB"}])
+    ledger = make_ledger(cfg)
+    await place(cfg.models["a"], cfg, ledger, nobody, no_eviction, wait=0.0)
+    assert machine.reads == 0 and ledger.external("cpu") == 0
+
+
+async def test_devices_are_read_again_after_an_eviction(smollm2: Path, machine: Machine) -> None:
+    cfg = config(smollm2, "a", "b")
+    a, b = need(cfg, "a", [host(8 * GiB)])["cpu"], need(cfg, "b", [host(8 * GiB)])["cpu"]
+    other = 8 * GiB - a - b // 2  # b fits only once a has gone
+    ledger = make_ledger(cfg)
+    ledger.reserve("a", {"cpu": a})
+    machine.set_free("cpu", 8 * GiB - other - a)
+    evicted: list[str] = []
+
+    async def evict(name: str) -> None:
+        evicted.append(name)
+        ledger.release(name)
+        machine.set_free("cpu", 8 * GiB - other)  # its child has exited: the OS has it back
+
+    def idle_a() -> list[Candidate]:
+        return [Candidate("a", 0.0, busy=False, pinned=False)] if ledger.holdings("a") else []
+
+    reads = machine.reads
+    await place(cfg.models["b"], cfg, ledger, idle_a, evict, wait=0.0)
+    assert evicted == ["a"] and machine.reads == reads + 2  # before each of the two decisions
+    assert ledger.external("cpu") == other and ledger.holdings("b") == {"cpu": b}
+
+
+async def test_a_failed_reading_keeps_the_last_values(smollm2: Path, machine: Machine) -> None:
+    cfg = config(smollm2, "a")
+    ledger = make_ledger(cfg)
+    ledger.set_external("cpu", 1 * GiB)
+    machine.broken = True
+    await place(cfg.models["a"], cfg, ledger, nobody, no_eviction, wait=0.0)
+    assert ledger.external("cpu") == 1 * GiB and ledger.owners == ["a"]
