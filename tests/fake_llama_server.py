@@ -9,7 +9,7 @@ metrics, chat completions, the private API key) and misbehaves as ``FAKE_MODE`` 
 - ``ok``: a normal stream of ``max_tokens`` tokens (default mode)
 - ``crash_after:N``: exit with code 3 after sending N tokens of a stream
 - ``hang_after:N``: after N tokens stop answering anything, /health included
-- ``slow:S``: wait S seconds before each token
+- ``slow:S``: wait S seconds before each token (a non-streamed answer: S x tokens, then all)
 - ``gap:S``: wait S seconds before the first token only
 - ``broken_http``: answer completions with bytes that are not HTTP
 
@@ -79,6 +79,8 @@ async def complete(request: dict[str, object], writer: asyncio.StreamWriter) -> 
     if not request.get("stream"):
         if MODE == "crash_after":
             os._exit(3)
+        if MODE == "slow":
+            await asyncio.sleep(float(ARG) * tokens)
         text = " ".join(["tok"] * tokens)
         body = {"choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                              "finish_reason": "length"}], "model": "fake", "object": "chat"}

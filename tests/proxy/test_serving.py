@@ -265,7 +265,39 @@ def test_client_disconnect_frees_the_slot(corral: Start, smollm2: Path) -> None:
     # Leaving the block closed the client's connection mid-stream.
     started = time.monotonic()
     server.wait_for(lambda: not busy(), timeout=5)
-    assert time.monotonic() - started < 2.0
+    assert time.monotonic() - started < 1.0
     assert server.model("smollm2")["in_flight"] == 0
     logs = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
     assert any(e.get("event") == "request" and e.get("client_gone") for e in logs)
+
+
+def test_a_client_that_leaves_a_non_streamed_request_frees_the_slot(
+    corral: Start, smollm2: Path
+) -> None:
+    # A non-streamed answer has no headers until the generation ends; corral must not wait for
+    # them to notice the client is gone.
+    server = corral(two_models(smollm2))
+    body = {"model": "smollm2", "messages": CHAT, "max_tokens": 4000, "ignore_eos": True}
+
+    def busy() -> bool:
+        slots = server.http.get("/slots", params={"model": "smollm2"}).json()
+        return any(s["is_processing"] for s in slots)
+
+    server.wait_for(lambda: server.http.post("/v1/chat/completions", json={
+        "model": "smollm2", "messages": CHAT, "max_tokens": 1}).status_code == 200)
+    with ThreadPoolExecutor(1) as pool:
+        leaving = pool.submit(httpx.post, f"{server.url}/v1/chat/completions", json=body,
+                              timeout=httpx.Timeout(5.0, read=3.0))
+        server.wait_for(busy, timeout=10)
+        with pytest.raises(httpx.ReadTimeout):
+            leaving.result()
+    assert server.model("smollm2")["in_flight"] == 0
+    # llama-server looks at a non-streamed request's connection only after a second without any
+    # result from any task; each /slots read is one, so polling would keep it from noticing.
+    # Without corral closing the upstream request, the 4000 tokens would run for 10+ s.
+    time.sleep(2.5)
+    assert not busy()
+    assert server.model_status("smollm2")["slots_busy"] == 0
+    logs = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    assert any(e.get("event") == "request" and e.get("status") == 499 for e in logs), \
+        [e for e in logs if e.get("event", "").startswith("request")]

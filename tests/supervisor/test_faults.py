@@ -212,6 +212,12 @@ def test_slow_answers_pass_and_a_silent_child_times_out(corral: Start, smollm2: 
     assert events[-1] == "data: [DONE]"
     events = stream_events(server, "silent", 3)
     assert error_event(events)["error"]["code"] == "upstream_failed"
+    # A non-streamed answer is silent until it is complete: 2.4 s here, past the read timeout,
+    # and still delivered.
+    reply = server.http.post("/v1/chat/completions", json={
+        "model": "slow", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8})
+    assert reply.status_code == 200
+    assert reply.json()["choices"][0]["message"]["content"].count("tok") == 8
 
 
 def test_broken_http_from_a_child_is_a_502(corral: Start, smollm2: Path) -> None:

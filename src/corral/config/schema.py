@@ -207,8 +207,9 @@ class RestartSettings(StrictModel):
 
 class UpstreamSettings(StrictModel):
     """Timeouts towards children. ``read_timeout`` is the longest silence between two chunks
-    of an answer (a non-streamed answer is silent until it is complete), so it must exceed the
-    longest generation; hung children are caught by the health probes instead."""
+    of a streamed answer. A non-streamed answer is silent until it is complete, so it gets no
+    read timeout (a long generation is never cut short): hung children are caught by the
+    health probes instead."""
 
     connect_timeout: PositiveDuration = 5.0
     read_timeout: PositiveDuration = 600.0

@@ -38,11 +38,16 @@ async def send_upstream(
     query: bytes,
     headers: list[tuple[bytes, bytes]],
     body: bytes,
+    bounded_read: bool = True,
 ) -> httpx.Response:
-    """Send the request to the child; the response is open for streaming (close it!)."""
+    """Send the request to the child; the response is open for streaming (close it!).
+
+    ``bounded_read=False`` lifts the client's read timeout for this request.
+    """
     url = httpx.URL(path=path, query=query)
+    timeout = client.timeout if bounded_read else _unbounded_read(client.timeout)
     request = client.build_request(
-        method, url, content=body,
+        method, url, content=body, timeout=timeout,
         headers=[(k, v) for k, v in headers if k.lower() not in _DROP_REQUEST],
     )
     try:
@@ -53,6 +58,11 @@ async def send_upstream(
         unanswered = isinstance(exc, httpx.ConnectError | httpx.RemoteProtocolError)
         raise UpstreamError(model, f"{type(exc).__name__}: {exc}", delivered=not unanswered,
                             refused=isinstance(exc, httpx.ConnectError)) from None
+
+
+def _unbounded_read(timeout: httpx.Timeout) -> httpx.Timeout:
+    return httpx.Timeout(connect=timeout.connect, read=None, write=timeout.write,
+                         pool=timeout.pool)
 
 
 class UpstreamResponse:

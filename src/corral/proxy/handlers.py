@@ -19,6 +19,7 @@ from starlette.types import Receive
 from corral.config import Config
 from corral.config.schema import ResolvedKey
 from corral.errors import (
+    ClientGoneError,
     CorralError,
     ModelUnavailableError,
     QueueFullError,
@@ -83,11 +84,13 @@ class Proxy:
         try:
             key = self.require(request, "inference")
             body = await read_body(request, self.limits.max_body, self.limits.body_timeout)
-            model = self.supervisor.get(model_name(parse_body(body), self.default_model))
+            payload = parse_body(body)
+            model = self.supervisor.get(model_name(payload, self.default_model))
             name = model.name
             self.auth.authorize_model(key, name)
             uses_slot = request.url.path not in SLOTLESS_PATHS
-            return await self._forward(request, model, body, request_id, started, uses_slot)
+            return await self._forward(request, model, body, request_id, started, uses_slot,
+                                       streams=payload.get("stream") is True)
         except CorralError as exc:
             return self._error(request, name, exc, request_id, started)
 
@@ -128,14 +131,21 @@ class Proxy:
         started: float,
         uses_slot: bool,
         touch: bool = True,
+        streams: bool = True,
     ) -> Response:
         queue = self.queues[model.name]
         if uses_slot:
             waited = await queue.admit(partial(_disconnected, request.receive))
             self.instruments.queue_wait.labels(model.name).observe(waited)
         try:
-            lease, upstream = await self._send(request, model, body,
-                                               queue if uses_slot else None, touch)
+            sending = self._send(request, model, body, queue if uses_slot else None, touch,
+                                 streams)
+            if uses_slot:
+                # A non-streamed answer has no headers until it is complete: a client that
+                # leaves meanwhile must free the child's slot now, not after the generation.
+                lease, upstream = await _unless_client_leaves(request.receive, sending)
+            else:
+                lease, upstream = await sending
         except BaseException:
             if uses_slot:
                 queue.release()
@@ -166,6 +176,7 @@ class Proxy:
         body: bytes,
         queue: AdmissionQueue | None,
         touch: bool = True,
+        streams: bool = True,
     ) -> tuple[Lease, httpx.Response]:
         """A lease and the child's open response; waits for a load or restart if needed.
 
@@ -183,6 +194,10 @@ class Proxy:
                 upstream = await send_upstream(
                     lease.client, model.name, request.method, request.url.path,
                     request.scope["query_string"], request.headers.raw, body,
+                    # The read timeout bounds the silence between chunks of a stream. A
+                    # non-streamed answer is silent until done, so none applies: a hung child
+                    # is caught by the health probes instead of cutting a long generation.
+                    bounded_read=streams,
                 )
             except UpstreamError as exc:
                 lease.release()
@@ -276,6 +291,38 @@ def _model_entry(info: dict[str, Any], name: str, alias_of: str | None = None) -
 
 def _planned_slots(model: ManagedModel) -> int:
     return model.slots
+
+
+async def _unless_client_leaves(
+    receive: Receive, sending: Awaitable[tuple[Lease, httpx.Response]]
+) -> tuple[Lease, httpx.Response]:
+    """Await ``sending``, but give up (closing what it opened) once the client disconnects."""
+    task = asyncio.ensure_future(sending)
+    watcher = asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.add_done_callback(_close_unwanted)
+        raise
+    finally:
+        watcher.cancel()
+        task.cancel()  # a no-op when it is done
+    if not watcher.done() or watcher.cancelled():
+        return task.result()  # the task finished first
+    # The client left. A task that still opens something (or just did) closes it again.
+    task.add_done_callback(_close_unwanted)
+    raise ClientGoneError("client disconnected while its answer was prepared")
+
+
+def _close_unwanted(task: asyncio.Future[tuple[Lease, httpx.Response]]) -> None:
+    if task.done() and not task.cancelled() and task.exception() is None:
+        lease, upstream = task.result()
+        lease.release()
+        _background.add(closing := asyncio.ensure_future(upstream.aclose()))
+        closing.add_done_callback(_background.discard)
+
+
+_background: set[asyncio.Future[None]] = set()
 
 
 async def _disconnected(receive: Receive) -> None:
