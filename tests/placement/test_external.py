@@ -57,28 +57,20 @@ def test_without_external_use_the_message_is_unchanged() -> None:
 def test_corral_usage_prefers_measurements_and_falls_back_on_reservations() -> None:
     reserved = {"a": {"cuda:0": 10 * GiB, "cpu": 1 * GiB}, "b": {"cuda:1": 4 * GiB}}
     # NVML sees "a" on cuda:0 only (still loading: 6 of its 10 GiB); nothing measures the host.
-    used = corral_usage([reserved], {"a": {"cuda:0": 6 * GiB}})
-    assert used == {"cuda:0": 6 * GiB, "cpu": 1 * GiB, "cuda:1": 4 * GiB}
-
-
-def test_corral_usage_counts_a_child_from_any_view_once() -> None:
-    before = {"a": {"cuda:0": 10 * GiB}, "gone": {"cuda:0": 3 * GiB}}
-    after = {"a": {"cuda:0": 12 * GiB}, "new": {"cuda:0": 2 * GiB}}
-    used = corral_usage([before, after], {"stray": {"cuda:0": 1 * GiB}})
-    # a: its larger reservation, once; released and new reservations count; a measured child
-    # of corral's that holds no reservation (just released, still exiting) counts as corral's.
-    assert used == {"cuda:0": 18 * GiB}
+    # "stopping" no longer holds a reservation but its child still has 1 GiB: corral's too.
+    used = corral_usage(reserved, {"a": {"cuda:0": 6 * GiB}, "stopping": {"cuda:1": 1 * GiB}})
+    assert used == {"cuda:0": 6 * GiB, "cpu": 1 * GiB, "cuda:1": 5 * GiB}
 
 
 def test_observe_with_corral_usage_charges_only_the_rest_to_other_programs() -> None:
     lg = Ledger(ONE_24, reserve_gpu=1 * GiB)
     lg.reserve("a", {"cuda:0": 10 * GiB})
     # a has allocated 6 of its 10 GiB; other programs use 4: NVML reports 24 - 10 = 14 free.
-    used = corral_usage([lg.reservations()], {"a": {"cuda:0": 6 * GiB}})
+    used = corral_usage(lg.reservations(), {"a": {"cuda:0": 6 * GiB}})
     lg.observe(gpu(0, 24 * GiB, free=14 * GiB), used["cuda:0"])
     assert lg.external("cuda:0") == 4 * GiB
     assert lg.free("cuda:0") == 24 * GiB - 1 * GiB - 4 * GiB - 10 * GiB
     # Counted with its reservation instead (no measurement), the external use would read 0:
     # the estimate's unallocated part hides other programs.
-    lg.observe(gpu(0, 24 * GiB, free=14 * GiB), corral_usage([lg.reservations()], {})["cuda:0"])
+    lg.observe(gpu(0, 24 * GiB, free=14 * GiB), corral_usage(lg.reservations(), {})["cuda:0"])
     assert lg.external("cuda:0") == 0

@@ -8,7 +8,7 @@ the plan, the ledger and the eviction loop are the real code.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ class Machine:
         self.measured: dict[str, dict[str, int]] = {}
         self.reads = 0
         self.broken = False
+        self.during_read: Callable[[], None] = lambda: None  # what corral does meanwhile
 
     def set_free(self, device_id: str, free: int) -> None:
         d = self.devices[device_id]
@@ -45,6 +46,8 @@ class Machine:
         self.reads += 1
         if self.broken:
             raise OSError("NVML went away")
+        self.during_read()
+        self.during_read = lambda: None
         return list(self.devices.values())
 
     def children(self, parent_pid: int | None = None) -> dict[str, dict[str, int]]:
@@ -165,3 +168,39 @@ async def test_a_failed_reading_keeps_the_last_values(smollm2: Path, machine: Ma
     machine.broken = True
     await place(cfg.models["a"], cfg, ledger, nobody, no_eviction, wait=0.0)
     assert ledger.external("cpu") == 1 * GiB and ledger.owners == ["a"]
+
+
+async def test_a_reservation_made_during_the_reading_is_not_yet_in_use(
+    smollm2: Path, machine: Machine
+) -> None:
+    cfg = config(smollm2, "a")
+    ledger = make_ledger(cfg)
+    other = 2 * GiB
+    machine.set_free("cpu", 8 * GiB - other)
+    # Another load reserves while the devices are read; its child has not started, so the
+    # reading does not show its memory as used and it must not be subtracted either.
+    machine.during_read = lambda: ledger.reserve("x", {"cpu": 1 * GiB})
+    reads = machine.reads
+    await place(cfg.models["a"], cfg, ledger, nobody, no_eviction, wait=0.0)
+    assert ledger.external("cpu") == other and machine.reads == reads + 1
+
+
+async def test_a_child_that_exits_during_the_reading_makes_it_read_again(
+    smollm2: Path, machine: Machine
+) -> None:
+    cfg = config(smollm2, "a")
+    ledger = make_ledger(cfg)
+    ledger.reserve("gone", {"cpu": 3 * GiB})
+    other = 2 * GiB
+    machine.set_free("cpu", 8 * GiB - other - 3 * GiB)
+
+    def exits() -> None:
+        # Its child exits before the sample (the OS has the memory back), then corral releases
+        # it: counting it as corral's would hide 3 GiB of the other programs' use.
+        machine.set_free("cpu", 8 * GiB - other)
+        ledger.release("gone")
+
+    machine.during_read = exits
+    reads = machine.reads
+    await place(cfg.models["a"], cfg, ledger, nobody, no_eviction, wait=0.0)
+    assert machine.reads == reads + 2 and ledger.external("cpu") == other

@@ -242,25 +242,18 @@ class Ledger:
 
 
 def corral_usage(
-    reservations: Iterable[Mapping[str, Mapping[str, int]]],
+    reservations: Mapping[str, Mapping[str, int]],
     measured: Mapping[str, Mapping[str, int]],
 ) -> dict[str, int]:
     """Bytes corral's children use per device, for ``Ledger.observe``.
 
-    Each child counts with what was ``measured`` for it on a device (owner -> device -> bytes,
-    e.g. NVML's per-process view) where there is a measurement, else with its reservation.
-    ``reservations`` may hold several views of the ledger (before and after a probe, which
-    takes time): a child in any of them counts, with its largest reservation. Counting a child
-    that had not allocated yet, or had just freed its memory, makes the external use look
-    smaller than it is for one decision; leaving out one that holds memory would count it as
-    another program's and refuse loads that fit.
+    ``reservations`` and ``measured`` are owner -> device -> bytes: what the ledger holds (see
+    ``Ledger.reservations``) and what was measured for a child (NVML's per-process view). Each
+    child counts with its measurement on a device where there is one, else with its
+    reservation; a measured child without a reservation (stopping, its reservation already
+    dropped) counts too, as its memory is corral's and not another program's.
     """
-    held: dict[str, dict[str, int]] = {}
-    for view in reservations:
-        for owner, amounts in view.items():
-            mine = held.setdefault(owner, {})
-            for device, n in amounts.items():
-                mine[device] = max(mine.get(device, 0), n)
+    held = {owner: dict(amounts) for owner, amounts in reservations.items()}
     for owner, amounts in measured.items():
         held.setdefault(owner, {}).update(amounts)
     used: dict[str, int] = {}

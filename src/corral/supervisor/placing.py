@@ -36,6 +36,7 @@ from corral.probe.gguf import read_profile
 log = structlog.get_logger("corral.supervisor")
 
 _CAPACITY_POLL = 0.25
+_READ_ATTEMPTS = 3
 
 
 def make_ledger(config: Config) -> Ledger:
@@ -55,19 +56,29 @@ async def refresh_external(ledger: Ledger) -> None:
 
     Other programs' use is what is neither free nor corral's: total - free - what corral's
     children use, each child counted with NVML's figure where it has one (a GPU) and else with
-    its reservation (see ``corral_usage``). The reading takes time off the event loop;
-    reservations made or dropped meanwhile count as corral's, so a load that started during
-    the reading is never mistaken for another program. On the host nothing measures a child,
-    so its reservation counts; weights it maps from the file are page cache the kernel calls
-    available, so other programs' use of RAM can read low by that much (never high).
+    its reservation (see ``corral_usage``).
+
+    The reservations are taken as the reading begins: one made while the reading runs (it
+    takes time off the event loop) belongs to a load whose child has not started yet, so none
+    of it is in use. One dropped meanwhile belongs to a child that exited at some moment of
+    the reading, before or after the device was sampled; that reading is taken again (up to
+    ``_READ_ATTEMPTS`` times, then the last values stay), as either guess could be wrong by
+    the whole child. On the host nothing measures a child and its reservation counts; weights
+    it maps from the file are page cache the kernel calls available, so other programs' use of
+    RAM can read low by that much (never high).
     """
-    before = ledger.reservations()
-    try:
-        devices, measured = await asyncio.to_thread(_read_devices)
-    except Exception as exc:  # a failed reading keeps the last values rather than fail loads
-        log.warning("device_reading_failed", error=str(exc))
+    for _ in range(_READ_ATTEMPTS):
+        held = ledger.reservations()
+        try:
+            devices, measured = await asyncio.to_thread(_read_devices)
+        except Exception as exc:  # a failed reading keeps the last values rather than fail
+            log.warning("device_reading_failed", error=str(exc))
+            return
+        if set(held) <= set(ledger.owners):
+            break
+    else:
         return
-    used = corral_usage([before, ledger.reservations()], measured)
+    used = corral_usage(held, measured)
     known = {d.id for d in ledger.devices}
     for device in devices:
         if device.id in known:
