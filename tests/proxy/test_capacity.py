@@ -35,16 +35,22 @@ def test_ten_streams_on_two_slots_never_exceed_two_upstream(
 ) -> None:
     server = corral(config(smollm2, 2))
     assert server.http.post("/admin/models/m/load").status_code == 200
-    busiest, deepest = 0, 0
+    busiest, deepest, deferred, scrapes = 0, 0, 0.0, 0
     done = threading.Event()
 
     def watch() -> None:
-        nonlocal busiest, deepest
+        nonlocal busiest, deepest, deferred, scrapes
         while not done.is_set():
             slots = server.http.get("/slots", params={"model": "m"}).json()
             busiest = max(busiest, sum(s["is_processing"] for s in slots))
             deepest = max(deepest, server.http.get("/admin/status").json()["totals"][
                 "queue_depth"])
+            # llama-server's own count of requests it had to hold back for want of a slot:
+            # a third request upstream would show here, not in is_processing.
+            for line in server.http.get("/metrics").text.splitlines():
+                if line.startswith('llamacpp_requests_deferred{model="m"}'):
+                    deferred = max(deferred, float(line.split()[-1]))
+                    scrapes += 1
             time.sleep(0.02)
 
     def stream(_: int) -> str:
@@ -61,7 +67,8 @@ def test_ten_streams_on_two_slots_never_exceed_two_upstream(
         done.set()
         watcher.join()
     assert all(b.rstrip().endswith("data: [DONE]") for b in bodies)
-    assert busiest == 2  # both slots worked, never a third request upstream
+    assert busiest == 2  # both slots worked
+    assert scrapes > 0 and deferred == 0  # never a third request upstream
     assert deepest >= 5  # the overflow waited in corral's queue, where it can be seen
     metrics = server.http.get("/metrics").text
     assert 'corral_queue_wait_seconds_count{model="m"} 10.0' in metrics
@@ -117,3 +124,22 @@ def test_a_client_that_disconnects_while_queued_leaves_the_queue(
         in metrics
     assert 'corral_requests_total{code="200",endpoint="/v1/completions",model="m"} 0.0' \
         in metrics
+
+
+def test_requests_waiting_for_a_load_are_counted_as_queued(corral: Start, smollm2: Path) -> None:
+    # A cold model: the first request starts the load, the other two wait behind it. All three
+    # are queued from a client's view, and /admin/status and the metrics must say so.
+    server = corral(config(smollm2, 1))
+    depths: list[int] = []
+    with ThreadPoolExecutor(3) as pool:
+        replies = [pool.submit(server.http.post, "/v1/chat/completions",
+                               json=long_body(2, stream=False)) for _ in range(3)]
+        while not all(r.done() for r in replies):
+            status = server.model_status("m")
+            if status["state"] == "starting":
+                depths.append(status["queue_depth"])
+                assert status["slots_busy"] == 0  # nothing is upstream before the load ends
+            time.sleep(0.01)
+        assert [r.result().status_code for r in replies] == [200, 200, 200]
+    assert depths and max(depths) == 3
+    assert server.model_status("m")["queue_depth"] == 0
