@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -106,3 +108,29 @@ def test_scraping_neither_loads_a_model_nor_keeps_it_alive(corral: Start, smollm
         time.sleep(0.2)
     found = samples(server)
     assert value(found, "corral_model_evictions_total", model="m", reason="idle") == 1.0
+
+
+def test_a_child_that_does_not_answer_drops_out_of_the_scrape(
+    corral: Start, smollm2: Path
+) -> None:
+    # The real llama-server, frozen with SIGSTOP: it accepts connections but answers nothing.
+    model = {"path": str(smollm2), "slots": 1, "ctx_per_slot": 256}
+    server = corral({"models": {"live": model, "frozen": model}})
+    for name in ("live", "frozen"):
+        assert server.http.post(f"/admin/models/{name}/load").status_code == 200
+    pid = server.model("frozen")["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        found = samples(server)
+        took = time.monotonic() - started
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert took < 3.0  # the 1 s child timeout, not a hang
+    assert value(found, "llamacpp_tokens_predicted_total", model="live") is not None
+    assert value(found, "corral_slot_busy", model="live", slot="0") == 0.0
+    assert value(found, "llamacpp_tokens_predicted_total", model="frozen") is None
+    assert value(found, "corral_slot_busy", model="frozen", slot="0") is None
+    # corral's own series for the frozen model are all still there.
+    assert value(found, "corral_model_state", model="frozen", state="ready") == 1.0
+    assert value(found, "corral_model_slots", model="frozen") == 1.0
