@@ -157,7 +157,10 @@ def test_failed_loads_back_off_then_give_up_until_an_admin_load(
     time.sleep(4.5)  # longer than any back-off so far: it stays given up
     refused = server.http.post("/v1/chat/completions", json=ask)
     assert refused.status_code == 503
-    assert "gave up after 3 failures" in refused.json()["error"]["message"]
+    assert int(refused.headers["retry-after"]) >= 1
+    message = refused.json()["error"]["message"]
+    assert "gave up after 3 failures" in message
+    assert "last lines from llama-server:" in message and "failed to load model" in message
     assert server.model("m")["loads"] == 3
     # An admin load clears it (and tries once more).
     assert server.http.post("/admin/models/m/load").status_code == 503
@@ -165,6 +168,34 @@ def test_failed_loads_back_off_then_give_up_until_an_admin_load(
     assert info["loads"] == 4 and not info["given_up"] and info["recent_failures"] == 1
     metrics = server.http.get("/metrics").text
     assert 'corral_model_loads_total{model="m",result="failed"} 4.0' in metrics
+
+
+def test_a_model_that_keeps_crashing_is_given_up_on(corral: Start, smollm2: Path) -> None:
+    # A fake: the real llama-server cannot be made to crash on each request on demand. Each
+    # crash is a served-then-died child, restarted while requests want it, until max_failures.
+    server = corral({"models": {"m": fake(smollm2, "crash_after:0"),
+                                "other": real(smollm2)},
+                     "restart": {"max_failures": 3, "window": "10m"}})
+    ask = {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    codes = []
+    for _ in range(3):
+        codes.append(server.http.post("/v1/chat/completions", json=ask).status_code)
+        server.wait_for(lambda: server.model("m")["state"] != "starting", timeout=10)
+    assert codes == [502, 502, 502]  # each request that reached a dying child
+    server.wait_for(lambda: server.model("m")["given_up"], timeout=15)
+    refused = server.http.post("/v1/chat/completions", json=ask)
+    assert refused.status_code == 503 and int(refused.headers["retry-after"]) >= 1
+    message = refused.json()["error"]["message"]
+    assert "gave up after 3 failures" in message
+    assert "last lines from llama-server:" in message and "fake llama-server" in message
+    assert server.model("m")["state"] == "failed"
+    other = server.http.post("/v1/completions", json={"model": "other", "prompt": "Hi",
+                                                      "max_tokens": 2})
+    assert other.status_code == 200  # every other model keeps serving
+    metrics = server.http.get("/metrics").text
+    # Three children: the first load, then a restart after each of the first two crashes.
+    assert 'corral_model_loads_total{model="m",result="ok"} 3.0' in metrics
+    assert 'corral_model_restarts_total{model="m"} 2.0' in metrics
 
 
 def test_real_llama_server_killed_mid_stream(corral: Start, smollm2: Path) -> None:
