@@ -1,7 +1,8 @@
 """Memory other programs use: it shrinks a device's budget, and refusals say how much it is.
 
 ``corral_usage`` decides what counts as corral's own when the rest of a device's used memory is
-charged to other programs: each child's measured use where there is one, else its reservation.
+charged to other programs: each child's measured use up to its reservation, else its
+reservation.
 """
 
 from __future__ import annotations
@@ -54,12 +55,15 @@ def test_without_external_use_the_message_is_unchanged() -> None:
         lg.reserve("b", {"cuda:0": 6 * GiB})
 
 
-def test_corral_usage_prefers_measurements_and_falls_back_on_reservations() -> None:
+def test_corral_usage_counts_each_child_up_to_its_reservation() -> None:
     reserved = {"a": {"cuda:0": 10 * GiB, "cpu": 1 * GiB}, "b": {"cuda:1": 4 * GiB}}
-    # NVML sees "a" on cuda:0 only (still loading: 6 of its 10 GiB); nothing measures the host.
-    # "stopping" no longer holds a reservation but its child still has 1 GiB: corral's too.
-    used = corral_usage(reserved, {"a": {"cuda:0": 6 * GiB}, "stopping": {"cuda:1": 1 * GiB}})
-    assert used == {"cuda:0": 6 * GiB, "cpu": 1 * GiB, "cuda:1": 5 * GiB}
+    measured = {
+        "a": {"cuda:0": 6 * GiB},  # still loading: 6 of its 10 GiB; nothing measured the host
+        "b": {"cuda:1": 5 * GiB},  # 1 GiB more than estimated: that much is charged elsewhere
+        "stray": {"cuda:1": 2 * GiB},  # no reservation: the ledger does not cover it
+    }
+    assert corral_usage(reserved, measured) == {"cuda:0": 6 * GiB, "cpu": 1 * GiB,
+                                                "cuda:1": 4 * GiB}
 
 
 def test_observe_with_corral_usage_charges_only_the_rest_to_other_programs() -> None:
@@ -74,3 +78,13 @@ def test_observe_with_corral_usage_charges_only_the_rest_to_other_programs() -> 
     # the estimate's unallocated part hides other programs.
     lg.observe(gpu(0, 24 * GiB, free=14 * GiB), corral_usage(lg.reservations(), {})["cuda:0"])
     assert lg.external("cuda:0") == 0
+
+
+def test_a_child_above_its_estimate_still_leaves_the_budget_true() -> None:
+    lg = Ledger(ONE_24, reserve_gpu=1 * GiB)
+    lg.reserve("a", {"cuda:0": 10 * GiB})
+    # a uses 12 GiB, 2 more than it reserved; other programs 4: 24 - 16 = 8 GiB free.
+    used = corral_usage(lg.reservations(), {"a": {"cuda:0": 12 * GiB}})
+    lg.observe(gpu(0, 24 * GiB, free=8 * GiB), used["cuda:0"])
+    assert lg.external("cuda:0") == 6 * GiB  # its excess counts with other programs' 4
+    assert lg.free("cuda:0") == 8 * GiB - 1 * GiB  # what is really free, less the reserve

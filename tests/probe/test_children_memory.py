@@ -1,7 +1,8 @@
-"""``children_gpu_memory``: NVML's per-process figures, summed per model over corral's children.
+"""``children_memory``: what each of corral's children uses, summed per model it serves.
 
 The children are real processes (Python sleeping, with corral's ``--alias`` on their command
-line); NVML is faked, listing those pids with the memory a test gives them.
+line), so their host memory is the kernel's figure; NVML is faked, listing those pids with the
+GPU memory a test gives them.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
-from corral.probe.devices import children_gpu_memory
+from corral.probe.devices import children_memory
 from tests.probe.test_devices import Memory, Proc
 
 GiB = 1 << 30
@@ -68,14 +69,27 @@ def test_each_childs_gpu_memory_by_the_model_it_serves(
             Proc(999_999_999, 5 * GiB)],  # another user's process
         1: [Proc(a, 1 * GiB), Proc(server.pid, None)],  # no value: unknown, left out
     }))
-    assert children_gpu_memory() == {"a": {"cuda:0": 3 * GiB, "cuda:1": 1 * GiB},
-                                     "b": {"cuda:0": 2 * GiB}}
+    found = children_memory()
+    assert set(found) == {"a", "b"}
+    assert {d: n for d, n in found["a"].items() if d != "cpu"} == {"cuda:0": 3 * GiB,
+                                                                   "cuda:1": 1 * GiB}
+    assert {d: n for d, n in found["b"].items() if d != "cpu"} == {"cuda:0": 2 * GiB}
+    # Host memory: resident and not file-backed, the wrapper's and the server's together.
+    # (Sleeping processes: their figures do not move between the two readings.)
+    def anon(*pids: int) -> int:
+        infos = [psutil.Process(pid).memory_info() for pid in pids]
+        return sum(m.rss - m.shared for m in infos)
+
+    assert abs(found["a"]["cpu"] - anon(a)) < 1 << 20
+    assert abs(found["b"]["cpu"] - anon(wrapped, server.pid)) < 1 << 20
+    assert found["b"]["cpu"] > found["a"]["cpu"] > 0
 
 
-def test_no_nvml_or_no_children_means_nothing_measured(
+def test_without_nvml_only_the_host_is_measured(
     monkeypatch: pytest.MonkeyPatch, spawn: list[subprocess.Popen[bytes]]
 ) -> None:
-    assert children_gpu_memory(parent_pid=child(spawn, SLEEP)) == {}  # it has no children
+    assert children_memory(parent_pid=child(spawn, SLEEP)) == {}  # it has no children
     child(spawn, SLEEP, "--alias", "a")
     monkeypatch.setitem(sys.modules, "pynvml", None)  # import pynvml -> ImportError
-    assert children_gpu_memory() == {}
+    found = children_memory()
+    assert list(found) == ["a"] and list(found["a"]) == ["cpu"]  # no GPU figure without NVML

@@ -1,9 +1,9 @@
 """``place`` reads discovered devices again before each decision, so other programs' memory counts.
 
-The device reading is faked: ``discover_devices`` (NVML and psutil) and ``children_gpu_memory``
-(NVML's per-process view) are replaced in ``corral.supervisor.placing`` by a ``Machine`` whose
-free memory each test sets. That is the I/O at the edge; the profile (the real SmolLM2 file),
-the plan, the ledger and the eviction loop are the real code.
+The device reading is faked: ``discover_devices`` (NVML and psutil) and ``children_memory``
+(what NVML and the kernel say each child uses) are replaced in ``corral.supervisor.placing``
+by a ``Machine`` whose free memory each test sets. That is the I/O at the edge; the profile
+(the real SmolLM2 file), the plan, the ledger and the eviction loop are the real code.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ MiB = 1 << 20
 
 
 class Machine:
-    """What the probes would read now: each device's total and free bytes, NVML's per-child use."""
+    """What the probes would read now: each device's total and free bytes, each child's use."""
 
     def __init__(self, devices: Iterable[Device]) -> None:
         self.devices = {d.id: d for d in devices}
@@ -58,7 +58,7 @@ class Machine:
 def machine(monkeypatch: pytest.MonkeyPatch) -> Machine:
     fake = Machine([host(8 * GiB, free=8 * GiB)])
     monkeypatch.setattr(placing, "discover_devices", fake.discover)
-    monkeypatch.setattr(placing, "children_gpu_memory", fake.children)
+    monkeypatch.setattr(placing, "children_memory", fake.children)
     return fake
 
 
@@ -126,6 +126,22 @@ async def test_a_loading_gpu_child_counts_with_what_nvml_measures(
     # hide the other programs' 2 GiB: 8 - 5 - 4 < 0.
     assert ledger.external("cuda:0") == 2 * GiB
     assert ledger.external("cpu") == 0
+
+
+async def test_a_cpu_child_counts_with_what_it_uses_not_its_mapped_weights(
+    smollm2: Path, machine: Machine
+) -> None:
+    cfg = config(smollm2, "a", "b")
+    ledger = make_ledger(cfg)
+    # a reserved 3 GiB, mostly weights mapped from the file: page cache the kernel reports as
+    # available. Only its 512 MiB of KV cache and buffers are in use to the kernel.
+    ledger.reserve("a", {"cpu": 3 * GiB})
+    machine.measured = {"a": {"cpu": 512 * MiB}}
+    other = 2 * GiB
+    machine.set_free("cpu", 8 * GiB - other - 512 * MiB)
+    await place(cfg.models["b"], cfg, ledger, nobody, no_eviction, wait=0.0)
+    # Counted with its 3 GiB reservation, 2.5 GiB of the other programs' 2 GiB would vanish.
+    assert ledger.external("cpu") == other
 
 
 async def test_declared_devices_are_a_budget_and_never_read(

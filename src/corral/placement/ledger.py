@@ -221,7 +221,7 @@ class Ledger:
         """Record a fresh probe: what is neither free nor corral's children's is external.
 
         ``device.free`` comes from NVML or psutil; ``corral_used`` is what corral's own children
-        use there now (``corral_usage``: measured where it can be, else reserved). A child
+        use there now, each at most its reservation (``corral_usage``). A child
         still loading has not allocated everything yet; its missing part counts as free on the
         device and stays reserved here, so nothing is counted twice.
         """
@@ -245,21 +245,29 @@ def corral_usage(
     reservations: Mapping[str, Mapping[str, int]],
     measured: Mapping[str, Mapping[str, int]],
 ) -> dict[str, int]:
-    """Bytes corral's children use per device, for ``Ledger.observe``.
+    """Bytes per device to count as corral's in ``Ledger.observe``; the rest of what is used
+    there is charged to other programs.
 
     ``reservations`` and ``measured`` are owner -> device -> bytes: what the ledger holds (see
-    ``Ledger.reservations``) and what was measured for a child (NVML's per-process view). Each
-    child counts with its measurement on a device where there is one, else with its
-    reservation; a measured child without a reservation (stopping, its reservation already
-    dropped) counts too, as its memory is corral's and not another program's.
+    ``Ledger.reservations``) and what a child uses now (NVML, the kernel). Each reservation
+    counts with ``min(measured, reserved)``:
+
+    - a child still loading has used part of its reservation; the rest is free on the device
+      and stays reserved in the ledger, so nothing is counted twice and nothing is lost;
+    - a child using more than it reserved counts with its reservation: the excess is charged to
+      other programs, so the budget still covers it;
+    - a child nothing measures counts with its whole reservation. Then what it has not used yet
+      hides as much of other programs' use (a loading child's budget is not kept from them).
+
+    Measured processes without a reservation count for nothing: their memory is in use but
+    the ledger does not hold it, so it belongs with other programs'.
     """
-    held = {owner: dict(amounts) for owner, amounts in reservations.items()}
-    for owner, amounts in measured.items():
-        held.setdefault(owner, {}).update(amounts)
     used: dict[str, int] = {}
-    for amounts in held.values():
-        for device, n in amounts.items():
-            used[device] = used.get(device, 0) + n
+    for owner, amounts in reservations.items():
+        actual = measured.get(owner, {})
+        for device, reserved in amounts.items():
+            now = actual.get(device)
+            used[device] = used.get(device, 0) + (reserved if now is None else min(now, reserved))
     return used
 
 

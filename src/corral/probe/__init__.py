@@ -6,13 +6,13 @@ plain values to it.
 
 from __future__ import annotations
 
-from corral.probe.devices import children_gpu_memory, discover_devices, process_gpu_memory
+from corral.probe.devices import children_memory, discover_devices, process_gpu_memory
 from corral.probe.gguf import read_profile
 from corral.probe.usage import ReportedMemory, parse_buffer_sizes
 
 __all__ = [
     "ReportedMemory",
-    "children_gpu_memory",
+    "children_memory",
     "discover_devices",
     "parse_buffer_sizes",
     "process_gpu_memory",

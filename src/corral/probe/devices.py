@@ -120,35 +120,48 @@ def _alias(argv: Iterable[str]) -> str | None:
     return None
 
 
-def children_gpu_memory(parent_pid: int | None = None) -> dict[str, dict[str, int]]:
-    """GPU bytes of each llama-server child of ``parent_pid`` (default: this process).
+def children_memory(parent_pid: int | None = None) -> dict[str, dict[str, int]]:
+    """What each llama-server child of ``parent_pid`` (default: this process) uses now.
 
     Keyed by the model the child serves (its ``--alias``, which corral always passes), then
     device id; a child's own children count with it (a wrapper script around llama-server).
-    Children NVML has no per-process value for are left out: unknown, not 0, so that the
-    caller can fall back on their reservation.
+
+    - ``cpu``: resident memory that is not shared with a file (RSS minus "shared"), the part
+      the kernel does not count as available. Weights llama-server maps from the model file
+      are page cache the kernel can drop, which ``discover_devices`` reports as free already.
+    - ``cuda:N``: what NVML attributes to the child's processes. GPUs it has no value for
+      (inside some containers) are left out: unknown, not 0.
     """
     try:
         children = psutil.Process(parent_pid or os.getpid()).children()
     except psutil.Error:
         return {}
     owners: dict[int, str] = {}
+    used: dict[str, dict[str, int]] = {}
     for child in children:
         try:
             name = _alias(child.cmdline())
             if name is None:
                 continue
-            owners[child.pid] = name
-            for descendant in child.children(recursive=True):
-                owners[descendant.pid] = name
+            procs = [child, *child.children(recursive=True)]
         except psutil.Error:  # exited meanwhile, or not ours to read
             continue
+        mine = used.setdefault(name, {})
+        for proc in procs:
+            owners[proc.pid] = name
+            try:
+                memory = proc.memory_info()
+            except psutil.Error:
+                continue
+            # "shared" is Linux's file-backed and shmem resident pages; elsewhere it is absent
+            # and the whole RSS counts (more than is used, never less).
+            anon = max(0, memory.rss - getattr(memory, "shared", 0))
+            mine["cpu"] = mine.get("cpu", 0) + anon
     if not owners:
         return {}
-    used: dict[str, dict[str, int]] = {}
     for pid, amounts in _gpu_memory_by_pid().items():
         if pid in owners:
-            mine = used.setdefault(owners[pid], {})
+            mine = used[owners[pid]]
             for device, n in amounts.items():
                 mine[device] = mine.get(device, 0) + n
     return used

@@ -30,7 +30,7 @@ from corral.placement.decide import (
 from corral.placement.devices import Device
 from corral.placement.ledger import CapacityError, Ledger, corral_usage
 from corral.placement.requests import declared_devices, placement_request
-from corral.probe.devices import children_gpu_memory, discover_devices
+from corral.probe.devices import children_memory, discover_devices
 from corral.probe.gguf import read_profile
 
 log = structlog.get_logger("corral.supervisor")
@@ -47,25 +47,23 @@ def make_ledger(config: Config) -> Ledger:
 
 
 def _read_devices() -> tuple[list[Device], dict[str, dict[str, int]]]:
-    """The devices with what they have free now, and what NVML says corral's children use."""
-    return discover_devices(), children_gpu_memory()
+    """The devices with what they have free now, and what corral's children use on each."""
+    return discover_devices(), children_memory()
 
 
 async def refresh_external(ledger: Ledger) -> None:
     """Read the devices again and record in ``ledger`` what other programs use on each.
 
     Other programs' use is what is neither free nor corral's: total - free - what corral's
-    children use, each child counted with NVML's figure where it has one (a GPU) and else with
-    its reservation (see ``corral_usage``).
+    children use, each child counted with what it uses now up to its reservation, or its whole
+    reservation where nothing measures it (see ``corral_usage``).
 
     The reservations are taken as the reading begins: one made while the reading runs (it
     takes time off the event loop) belongs to a load whose child has not started yet, so none
     of it is in use. One dropped meanwhile belongs to a child that exited at some moment of
     the reading, before or after the device was sampled; that reading is taken again (up to
     ``_READ_ATTEMPTS`` times, then the last values stay), as either guess could be wrong by
-    the whole child. On the host nothing measures a child and its reservation counts; weights
-    it maps from the file are page cache the kernel calls available, so other programs' use of
-    RAM can read low by that much (never high).
+    the whole child.
     """
     for _ in range(_READ_ATTEMPTS):
         held = ledger.reservations()
