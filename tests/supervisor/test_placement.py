@@ -142,3 +142,24 @@ def test_corral_plan_fails_when_preloaded_models_do_not_fit(
     assert result.returncode == 1
     assert "resident together: a" in result.stdout
     assert "PROBLEM: preloaded/pinned models do not all fit: b" in result.stdout
+
+
+def test_actual_memory_and_rss_are_shown_and_an_overrun_is_logged(
+    corral: Start, smollm2: Path
+) -> None:
+    # A draft model (speculative decoding) is memory the estimate does not count: llama-server
+    # loads a second copy of the weights, so the child reports more than corral reserved.
+    server = corral({"models": {
+        "plain": model(smollm2),
+        "drafted": model(smollm2, args=["--model-draft", str(smollm2)]),
+    }})
+    for name in ("plain", "drafted"):
+        assert server.http.post(f"/admin/models/{name}/load").status_code == 200
+    plain, drafted = server.model("plain")["memory"], server.model("drafted")["memory"]
+    assert plain["rss"] > 50 * MiB and drafted["rss"] > 50 * MiB
+    assert plain["actual"]["cpu"] <= plain["estimated"]["cpu"] * 1.1
+    assert drafted["actual"]["cpu"] > drafted["estimated"]["cpu"] * 1.1
+    warnings = [json.loads(line) for line in server.log().splitlines()
+                if '"memory_above_estimate"' in line]
+    assert [(w["model"], w["device"], w["actual"]) for w in warnings] == [
+        ("drafted", "cpu", drafted["actual"]["cpu"])]

@@ -16,7 +16,6 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import psutil
 from prometheus_client import CollectorRegistry, disable_created_metrics, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -188,11 +187,9 @@ class CorralMetrics(SupervisorEvents, Collector):
             for kind in ("estimated", "actual"):
                 for device, size in usage[kind].items():
                     memory.add_metric([model.name, device, kind], float(size))
-            proc = model.process
-            if model.state == ModelState.READY and proc is not None and proc.pid is not None:
-                with contextlib.suppress(psutil.Error):
-                    rss = psutil.Process(proc.pid).memory_info().rss
-                    memory.add_metric([model.name, "cpu", "rss"], float(rss))
+            rss = model.rss()
+            if rss is not None:
+                memory.add_metric([model.name, "cpu", "rss"], float(rss))
         yield memory
         assert self._supervisor is not None
         devices = GaugeMetricFamily(

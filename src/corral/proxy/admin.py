@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-import psutil
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -28,16 +26,7 @@ def model_status(model: ManagedModel, queue: AdmissionQueue | None) -> dict[str,
         "queue_depth": queue.depth if queue else 0,
         "queue_limit": queue.limit() if queue else 0,
     })
-    info["memory"]["rss"] = _rss(info["pid"])
     return info
-
-
-def _rss(pid: int | None) -> int | None:
-    if pid is None:
-        return None
-    with contextlib.suppress(psutil.Error):
-        return int(psutil.Process(pid).memory_info().rss)
-    return None
 
 
 def status(corral: Corral) -> dict[str, Any]:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import httpx
+import psutil
 import structlog
 
 from corral.config import ModelSpec
@@ -75,6 +77,14 @@ class ManagedModel:
             actual.update(self.gpu_used)
         return {"estimated": dict(estimated), "actual": actual}
 
+    def rss(self) -> int | None:
+        """The ready child's resident memory in bytes (mapped weights it touched included)."""
+        proc = self.process
+        if self.state == ModelState.READY and proc is not None and proc.pid is not None:
+            with contextlib.suppress(psutil.Error):
+                return int(psutil.Process(proc.pid).memory_info().rss)
+        return None
+
     def set_state(self, new: ModelState) -> None:
         check_transition(self.state, new)
         log.info("model_state", model=self.name, state=str(new), previous=str(self.state),
@@ -95,7 +105,7 @@ class ManagedModel:
             "ctx_per_slot": self.ctx_per_slot,
             "gpu_layers": self.plan.gpu_layers if self.plan else self.spec.gpu_layers,
             "devices": list(self.plan.gpus) or ["cpu"] if self.plan else None,
-            "memory": self.memory(),
+            "memory": {**self.memory(), "rss": self.rss()},
             "in_flight": self.in_flight,
             "uptime_seconds": (round(time.time() - self.ready_at, 3)
                                if self.ready_at and self.state == ModelState.READY else None),
