@@ -89,6 +89,28 @@ def test_busy_and_pinned_models_are_never_evicted(corral: Start, smollm2: Path) 
     assert server.model("p")["state"] == "ready"
 
 
+def test_a_load_waits_for_a_busy_model_to_finish_then_takes_its_place(
+    corral: Start, smollm2: Path
+) -> None:
+    server = corral(one_fits(smollm2, a=model(smollm2),
+                             b=model(smollm2, queue={"timeout": "120s"})))
+    assert server.http.post("/admin/models/a/load").status_code == 200
+    with ThreadPoolExecutor(2) as pool:
+        busy = pool.submit(ask, server, "a", 200)
+        server.wait_for(lambda: server.model("a")["in_flight"] == 1)
+        waiting = pool.submit(ask, server, "b")
+        # b waits (a is busy, so not evictable) and is seen waiting, not refused.
+        server.wait_for(lambda: server.model_status("b")["queue_depth"] == 1)
+        # Its load has begun but waits for memory: no process is started for it yet.
+        assert not waiting.done() and server.model("b")["pid"] is None
+        assert len(server.children()) == 1
+        assert busy.result() == 200
+        assert waiting.result() == 200
+    assert server.model("a")["state"] == "unloaded"
+    assert server.model("a")["last_stop_reason"] == "memory"
+    assert server.model("b")["state"] == "ready" and len(server.children()) == 1
+
+
 def test_a_model_that_can_never_fit_is_refused_at_once(corral: Start, smollm2: Path) -> None:
     config = one_fits(smollm2, big=model(smollm2, slots=64, ctx_per_slot=8192))
     server = corral(config)
