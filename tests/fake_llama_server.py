@@ -12,6 +12,15 @@ metrics, chat completions, the private API key) and misbehaves as ``FAKE_MODE`` 
 - ``slow:S``: wait S seconds before each token (a non-streamed answer: S x tokens, then all)
 - ``gap:S``: wait S seconds before the first token only
 - ``broken_http``: answer completions with bytes that are not HTTP
+- ``never_ready``: listen, but answer /health with 503 "Loading model" forever, as the real one
+  does while it loads (a real load cannot be made to last forever)
+- ``ignore_term``: ignore SIGTERM, and start a grandchild (``sleep``) in the same process group
+  that ignores it too, so only a SIGKILL of the whole group ends them
+- ``echo_body``: answer every model request with what arrived: the body's exact bytes (base64)
+  and the header lines, so a test can see what corral sent upstream
+
+With ``FAKE_RECORD`` set to a file, the fake appends what a test cannot see from outside:
+``pid N`` at start, ``grandchild N``, and ``SIGTERM`` for each SIGTERM it received.
 
 It uses only the standard library so it starts in milliseconds.
 """
@@ -19,14 +28,24 @@ It uses only the standard library so it starts in milliseconds.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
+import signal
+import subprocess
 import sys
 import time
 
 MODE, _, ARG = os.environ.get("FAKE_MODE", "ok").partition(":")
 KEY = os.environ.get("LLAMA_API_KEY", "")
 hung = False
+
+
+def record(line: str) -> None:
+    path = os.environ.get("FAKE_RECORD")
+    if path:
+        with open(path, "a") as out:
+            out.write(line + "\n")
 
 
 def arg(flag: str, default: str) -> str:
@@ -46,12 +65,18 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
             head = await reader.readuntil(b"\r\n\r\n")
             lines = head.decode().split("\r\n")
             method, path, _ = lines[0].split(" ", 2)
-            headers = {k.lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])}
+            fields = (line.partition(":") for line in lines[1:] if line)
+            pairs = [(k.lower(), v.strip()) for k, _, v in fields]
+            headers = dict(pairs)
             body = await reader.readexactly(int(headers.get("content-length", "0")))
             if hung:
                 await asyncio.sleep(3600)
             path = path.split("?")[0]
-            if path == "/health":
+            if path == "/health" and MODE == "never_ready":
+                # llama-server's own answer while the model loads
+                writer.write(response(503, b'{"error":{"code":503,"message":"Loading model",'
+                                           b'"type":"unavailable_error"}}'))
+            elif path == "/health":
                 writer.write(response(200, b'{"status":"ok"}'))
             elif headers.get("authorization") != f"Bearer {KEY}":
                 writer.write(response(401, b'{"error":{"message":"Invalid API Key"}}'))
@@ -61,6 +86,9 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
             elif path == "/metrics":
                 writer.write(response(200, b"# TYPE llamacpp:requests_processing gauge\n"
                                            b"llamacpp:requests_processing 0\n", "text/plain"))
+            elif MODE == "echo_body":
+                echoed = {"body_base64": base64.b64encode(body).decode(), "headers": pairs}
+                writer.write(response(200, json.dumps(echoed).encode()))
             elif MODE == "broken_http":
                 writer.write(b"this is not HTTP at all\r\n\r\n")
                 await writer.drain()
@@ -110,6 +138,14 @@ def chunk(data: bytes) -> bytes:
 
 
 async def main() -> None:
+    record(f"pid {os.getpid()}")
+    if MODE == "ignore_term":
+        # SIG_IGN (unlike a handler) survives exec: the grandchild ignores SIGTERM as well.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        grandchild = subprocess.Popen(["sleep", "300"], stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        record(f"grandchild {grandchild.pid}")
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, record, "SIGTERM")
     server = await asyncio.start_server(handle, arg("--host", "127.0.0.1"),
                                         int(arg("--port", "8080")))
     print(f"fake llama-server listening, mode {MODE}", flush=True)
