@@ -16,6 +16,8 @@ metrics, chat completions, the private API key) and misbehaves as ``FAKE_MODE`` 
   does while it loads (a real load cannot be made to last forever)
 - ``ignore_term``: ignore SIGTERM, and start a grandchild (``sleep``) in the same process group
   that ignores it too, so only a SIGKILL of the whole group ends them
+- ``leave_helper``: like a wrapper script that started a helper: a grandchild that ignores
+  SIGTERM, while the fake itself exits on SIGTERM at once
 - ``echo_body``: answer every model request with what arrived: the body's exact bytes (base64)
   and the header lines, so a test can see what corral sent upstream
 
@@ -139,13 +141,16 @@ def chunk(data: bytes) -> bytes:
 
 async def main() -> None:
     record(f"pid {os.getpid()}")
-    if MODE == "ignore_term":
+    if MODE in ("ignore_term", "leave_helper"):
         # SIG_IGN (unlike a handler) survives exec: the grandchild ignores SIGTERM as well.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         grandchild = subprocess.Popen(["sleep", "300"], stdin=subprocess.DEVNULL,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         record(f"grandchild {grandchild.pid}")
+    if MODE == "ignore_term":
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, record, "SIGTERM")
+    if MODE == "leave_helper":
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     server = await asyncio.start_server(handle, arg("--host", "127.0.0.1"),
                                         int(arg("--port", "8080")))
     print(f"fake llama-server listening, mode {MODE}", flush=True)

@@ -67,12 +67,13 @@ def record(tmp_path: Path) -> Iterator[Record]:
             proc.kill()  # psutil refuses if the pid now belongs to another process
 
 
-def started(server: CorralProcess, record: Record) -> tuple[psutil.Process, psutil.Process]:
+def started(server: CorralProcess, record: Record,
+            name: str = "stubborn") -> tuple[psutil.Process, psutil.Process]:
     """Load the model with a request; the fake and its grandchild."""
     reply = server.http.post("/v1/chat/completions", json={
-        "model": "stubborn", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+        "model": name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
     assert reply.status_code == 200, reply.text
-    pid = server.model("stubborn")["pid"]
+    pid = server.model(name)["pid"]
     assert record.pids("pid") == [pid]
     (grandchild_pid,) = record.pids("grandchild")
     child, grandchild = psutil.Process(pid), psutil.Process(grandchild_pid)
@@ -102,6 +103,24 @@ def test_a_child_that_ignores_sigterm_is_killed_with_its_group_after_stop_timeou
     assert gone(child)
     assert gone(grandchild)
     assert server.children(None) == []
+
+
+def test_a_helper_left_in_the_group_goes_with_a_child_that_stopped_at_once(
+    corral: Start, smollm2: Path, record: Record
+) -> None:
+    # A wrapper script as `binary` that started a helper: the child itself obeys SIGTERM, so no
+    # stop_timeout passes, and the helper would outlive it without a kill of the whole group.
+    server = corral({"models": {"wrapped": fake(smollm2, "leave_helper", record)},
+                     "llama_server": {"stop_timeout": "30s"}})
+    child, helper = started(server, record, "wrapped")
+    began = time.monotonic()
+    assert server.http.post("/admin/models/wrapped/unload").status_code == 200
+    assert time.monotonic() - began < SLACK
+    assert gone(child)
+    deadline = time.monotonic() + 2
+    while not gone(helper) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gone(helper)
 
 
 def test_corrals_shutdown_kills_a_child_that_ignores_sigterm_and_its_group(

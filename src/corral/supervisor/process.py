@@ -152,9 +152,17 @@ class ModelProcess:
                                 keepalive_expiry=2.0),
         )
         self._pump = asyncio.create_task(self._pump_output(self._proc.stdout))
-        self._exited = asyncio.create_task(self._proc.wait())
+        self._exited = asyncio.create_task(self._wait_exit(self._proc))
         log.info("child_started", model=self.spec.name, pid=self.pid, port=self.port,
                  argv=argv[1:])
+
+    async def _wait_exit(self, proc: asyncio.subprocess.Process) -> int:
+        code = await proc.wait()
+        # Whatever the child started in its group (a wrapper script's helpers) goes with it, even
+        # when the child itself left at once: a stop or a crash must leave nothing running.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        return code
 
     async def wait_ready(self, timeout: float) -> None:
         """Poll ``/health`` until 200; raise ``ModelLoadError`` on exit or after ``timeout``."""
