@@ -93,6 +93,11 @@ class Candidate:
     pinned: bool
 
 
+def _still_idle(name: str, candidates: Iterable[Candidate]) -> bool:
+    """Whether ``name`` may still be evicted: it holds memory, is not busy and not pinned."""
+    return any(c.name == name and not c.busy and not c.pinned for c in candidates)
+
+
 async def place(
     spec: ModelSpec,
     config: Config,
@@ -130,7 +135,11 @@ async def place(
                     for c in candidates()]
             victims = choose_evictions(exc.needed, pool, ledger)
             if victims:
-                for victim in victims:
+                for i, victim in enumerate(victims):
+                    # Stopping one takes time: a request may have come for the next one since
+                    # they were chosen. Then it is no longer idle; plan again instead.
+                    if i and not _still_idle(victim, candidates()):
+                        break
                     log.info("model_evicting", model=victim, reason="memory", for_model=spec.name)
                     await evict(victim)
                 continue
