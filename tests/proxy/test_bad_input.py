@@ -182,6 +182,43 @@ def test_fuzzed_requests_never_get_a_5xx(
         assert set(response.json()["error"]) == {"message", "type", "code"}
 
 
+# Mistakes only the model can judge: they reach the real llama-server, which must not turn any
+# of them into a 5xx either (where it would, corral refuses them first).
+USER = [{"role": "user", "content": "Hi"}]
+MODEL_CASES: list[tuple[str, dict[str, Any]]] = [
+    (CHAT, {"messages": "hello"}),
+    (CHAT, {"messages": [{"role": "user"}]}),
+    (CHAT, {"messages": USER, "max_tokens": "x"}),
+    (CHAT, {"messages": USER, "stream": "yes"}),
+    (CHAT, {"messages": USER, "n": 3}),
+    (CHAT, {"messages": USER, "grammar": "root ::= ???"}),
+    (CHAT, {"messages": USER, "tools": "x"}),  # llama-server: 500
+    (CHAT, {"messages": USER, "tools": [1]}),  # llama-server: 500
+    (CHAT, {"messages": USER, "tools": [{}]}),  # llama-server: 500
+    (CHAT, {"messages": USER, "tools": [{"type": "function"}]}),  # llama-server: 500
+    ("/v1/messages", {"max_tokens": 1}),  # llama-server: 500
+    ("/v1/messages/count_tokens", {}),  # llama-server: 500
+    ("/v1/messages", {"messages": "x", "max_tokens": 1}),
+    ("/v1/completions", {"prompt": 5}),
+    ("/v1/completions", {"prompt": "Hi", "lora": "x"}),
+    ("/completion", {"prompt": [[-5]]}),
+    ("/tokenize", {"content": 5}),
+    ("/detokenize", {"tokens": ["a"]}),
+    ("/detokenize", {"tokens": [-1]}),
+    ("/detokenize", {"tokens": [99999999]}),  # llama-server: 500 (out of the vocabulary)
+]
+
+
+@pytest.mark.parametrize(("path", "body"), MODEL_CASES,
+                         ids=[f"{p} {json.dumps(b)[:40]}" for p, b in MODEL_CASES])
+def test_mistakes_the_model_judges_get_a_4xx(
+    server: CorralProcess, path: str, body: dict[str, Any]
+) -> None:
+    response = server.http.post(path, json={"model": "m", **body})
+    assert 400 <= response.status_code < 500, response.text
+    assert response.json()["error"]["message"]
+
+
 def test_still_healthy_after_everything(server: CorralProcess) -> None:
     assert server.http.get("/health").json() == {"status": "ok"}
     assert server.proc.poll() is None
@@ -189,3 +226,15 @@ def test_still_healthy_after_everything(server: CorralProcess) -> None:
         {"role": "user", "content": "Hi"}], "max_tokens": 2})
     assert reply.status_code == 200
 
+
+
+def test_well_formed_tools_still_reach_the_model(server: CorralProcess) -> None:
+    # corral's own checks on tools must not refuse what llama-server accepts.
+    tool = {"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "properties": {}}}}
+    reply = server.http.post(CHAT, json={"model": "m", "messages": USER, "tools": [tool],
+                                         "max_tokens": 2})
+    assert reply.status_code == 200, reply.text
+    reply = server.http.post("/v1/messages", json={"model": "m", "messages": USER,
+                                                   "max_tokens": 2})
+    assert reply.status_code == 200, reply.text

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from corral.proxy.errors import BadRequestError
-from corral.proxy.routing import model_name, parse_body
+from corral.proxy.routing import check_fields, model_name, parse_body
 
 
 @pytest.mark.parametrize(
@@ -33,3 +35,31 @@ def test_model_name() -> None:
         model_name({"model": 3}, "dflt")
     with pytest.raises(BadRequestError, match="must not be empty"):
         model_name({"model": ""}, "dflt")
+
+
+@pytest.mark.parametrize(("path", "body", "n_vocab", "code"), [
+    ("/v1/chat/completions", {"tools": "x"}, None, "invalid_tools"),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {}}]}, None,
+     "invalid_tools"),
+    ("/v1/messages", {}, None, "invalid_messages"),
+    ("/detokenize", {"tokens": [True]}, None, "invalid_tokens"),
+    ("/detokenize", {"tokens": [100]}, 100, "invalid_tokens"),
+])
+def test_check_fields_refuses(path: str, body: dict[str, Any], n_vocab: int | None,
+                              code: str) -> None:
+    with pytest.raises(BadRequestError) as caught:
+        check_fields(path, body, n_vocab)
+    assert caught.value.code == code
+
+
+@pytest.mark.parametrize(("path", "body", "n_vocab"), [
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, None),
+    # The Responses API's flat tool shape is not the chat one.
+    ("/v1/responses", {"tools": [{"type": "function", "name": "f"}]}, None),
+    ("/v1/messages", {"messages": []}, None),
+    ("/detokenize", {"tokens": [0, 99]}, 100),
+    ("/detokenize", {"tokens": [10**6]}, None),  # unknown vocabulary: llama-server judges
+    ("/v1/completions", {"prompt": "x"}, None),
+])
+def test_check_fields_accepts(path: str, body: dict[str, Any], n_vocab: int | None) -> None:
+    check_fields(path, body, n_vocab)

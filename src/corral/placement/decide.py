@@ -115,6 +115,7 @@ class PlacementPlan:
     estimate: MemoryEstimate
     args: tuple[str, ...]
     env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    n_vocab: int = 0  # the model's vocabulary size (0: unknown), for checking token ids
 
     @property
     def ctx_total(self) -> int:
@@ -313,7 +314,7 @@ class _Planner:
             args += ["--split-mode", "layer", "--tensor-split", ",".join(map(str, split))]
         env = MappingProxyType(gpu_env(g))
         return PlacementPlan(slots, est.ctx_per_slot, est.gpu_layers, tuple(d.id for d in g),
-                             split, est, tuple(args), env)
+                             split, est, tuple(args), env, self.profile.n_vocab)
 
 
 def plan_placement(

@@ -32,7 +32,7 @@ from corral.proxy.auth import Authenticator
 from corral.proxy.body import read_body
 from corral.proxy.errors import BadRequestError, response_for
 from corral.proxy.forward import UpstreamResponse, send_upstream
-from corral.proxy.routing import SLOTLESS_PATHS, model_name, parse_body
+from corral.proxy.routing import SLOTLESS_PATHS, check_fields, model_name, parse_body
 from corral.supervisor import Lease, ManagedModel, ModelState, Supervisor
 
 log = structlog.get_logger("corral.proxy")
@@ -88,6 +88,7 @@ class Proxy:
             model = self.supervisor.get(model_name(payload, self.default_model))
             name = model.name
             self.auth.authorize_model(key, name)
+            check_fields(request.url.path, payload, model.plan.n_vocab if model.plan else None)
             uses_slot = request.url.path not in SLOTLESS_PATHS
             return await self._forward(request, model, body, request_id, started, uses_slot,
                                        streams=payload.get("stream") is True)

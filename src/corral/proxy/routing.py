@@ -53,6 +53,53 @@ def parse_body(body: bytes) -> dict[str, Any]:
     return data
 
 
+CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
+MESSAGES_PATHS = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
+
+
+def check_fields(path: str, data: dict[str, Any], n_vocab: int | None = None) -> None:
+    """Refuse (400) the client mistakes llama-server itself misreports as 500 errors.
+
+    Everything else is llama-server's to judge: it answers 400 for what it cannot read. A few
+    dictionary lookups on the hot path, no schema. ``n_vocab`` bounds ``/detokenize`` ids.
+    """
+    tools = data.get("tools")
+    if tools is not None:
+        _check_tools(tools, chat=path in CHAT_PATHS)
+    if path in MESSAGES_PATHS and not isinstance(data.get("messages"), list):
+        raise BadRequestError(
+            f"\"messages\" must be an array, got {_json_type(data.get('messages'))}",
+            code="invalid_messages")
+    if path == "/detokenize":
+        tokens = data.get("tokens")
+        limit = n_vocab if n_vocab else 2**31
+        if tokens is not None and not (isinstance(tokens, list) and all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < limit for t in tokens
+        )):
+            bound = f" below the vocabulary size {n_vocab}" if n_vocab else ""
+            raise BadRequestError(
+                f"\"tokens\" must be an array of token ids (integers >= 0{bound})",
+                code="invalid_tokens")
+
+
+def _check_tools(tools: object, chat: bool) -> None:
+    if not isinstance(tools, list):
+        raise BadRequestError(f"\"tools\" must be an array, got {_json_type(tools)}",
+                              code="invalid_tools")
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict) or not isinstance(tool.get("type"), str):
+            raise BadRequestError(f"tools[{i}] must be an object with a \"type\"",
+                                  code="invalid_tools")
+        # The chat completions shape: {"type": "function", "function": {"name": ...}}.
+        function = tool.get("function")
+        if chat and tool["type"] == "function" and not (
+            isinstance(function, dict) and isinstance(function.get("name"), str)
+        ):
+            raise BadRequestError(
+                f"tools[{i}] of type \"function\" needs a \"function\" object with a \"name\"",
+                code="invalid_tools")
+
+
 def model_name(data: dict[str, Any], default: str | None) -> str:
     """The model a parsed body asks for; the default when it names none."""
     name = data.get("model")
