@@ -161,3 +161,33 @@ def test_key_config_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         "auth.keys.0.models: 'nope' is not a configured model or alias"]
     assert problems({"key": "a", "scopes": ["root"]}) == [
         "auth.keys.0.scopes.0: input should be 'inference' or 'admin', got 'root'"]
+
+
+@pytest.mark.integration
+def test_slot_actions_and_lora_changes_need_admin_and_a_loaded_model(
+    corral: Start, smollm2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CORRAL_TEST_KEY_A", TEAM_A)
+    config = secured(smollm2, tmp_path)
+    # llama-server allows slot actions only with a save path.
+    config["models"]["open"]["args"] = ["--slot-save-path", str(tmp_path)]
+    server = corral(config)
+    erase = "/slots/0?model=open&action=erase"
+    # They change the child for everyone: an inference key may not, and nothing is loaded.
+    refused = server.http.post(erase, headers=bearer(TEAM_A))
+    assert refused.status_code == 403, refused.text
+    not_loaded = server.http.post(erase, headers=bearer(ADMIN))
+    assert not_loaded.status_code == 503
+    assert "does not load models" in not_loaded.json()["error"]["message"]
+    assert server.http.get("/admin/status", headers=bearer(ADMIN)).json()["totals"][
+        "models_ready"] == 0
+    # GET /lora-adapters is a reading a single-server client makes: it loads, like /props.
+    adapters = server.http.get("/lora-adapters?model=open", headers=bearer(TEAM_A))
+    assert adapters.status_code == 200 and adapters.json() == []
+    erased = server.http.post(erase, headers=bearer(ADMIN))
+    assert erased.status_code == 200, erased.text
+    assert erased.json()["id_slot"] == 0
+    lora = server.http.post("/lora-adapters?model=open", json=[], headers=bearer(ADMIN))
+    assert lora.status_code == 200, lora.text
+    assert server.http.post("/lora-adapters?model=open", json=[],
+                            headers=bearer(TEAM_A)).status_code == 403

@@ -125,6 +125,8 @@ def create_app(config: Config, corral: Corral | None = None) -> ASGIApp:
     routes += [
         Route("/props", proxy.model_get, methods=["GET"]),
         Route("/slots", proxy.model_get, methods=["GET"]),
+        Route("/slots/{slot:int}", proxy.model_get, methods=["POST"]),
+        Route("/lora-adapters", proxy.model_get, methods=["GET", "POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/models", list_models, methods=["GET"]),
         Route("/v1/models/{name:path}", proxy.guarded(proxy.get_model, "inference"),

@@ -96,30 +96,37 @@ class Proxy:
             return self._error(request, name, exc, request_id, started)
 
     async def model_get(self, request: Request) -> Response:
-        """GET /props, /slots: llama-server's model-less endpoints, for ``?model=`` or default.
+        """llama-server's endpoints that name no model in a body, for ``?model=`` or default.
 
-        ``/slots`` never loads a model (monitoring must not keep a model from going idle);
-        ``/props`` does, as a single-server client asks it before its first request.
+        ``GET /props`` and ``GET /lora-adapters`` load the model, as a single-server client asks
+        them before its first request. ``GET /slots`` never loads one (monitoring must not keep a
+        model from going idle). ``POST /slots/{id}`` (save, restore, erase a slot's cache) and
+        ``POST /lora-adapters`` change a child for everyone: they need the admin scope and a
+        model that is already loaded.
         """
         started = time.perf_counter()
         request_id = _request_id(request)
         name = ""
+        path = request.url.path
+        changes = request.method == "POST"
         try:
-            key = self.require(request, "inference")
+            key = self.require(request, "admin" if changes else "inference")
             asked = request.query_params.get("model") or self.default_model
             if not asked:
                 raise BadRequestError(
-                    f"{request.url.path} needs ?model= when corral has no default_model",
+                    f"{path} needs ?model= when corral has no default_model",
                     code="model_required",
                 )
             model = self.supervisor.get(asked)
             name = model.name
             self.auth.authorize_model(key, name)
-            if request.url.path == "/slots" and model.state != ModelState.READY:
+            body = (await read_body(request, self.limits.max_body, self.limits.body_timeout)
+                    if changes else b"")
+            if (changes or path == "/slots") and model.state != ModelState.READY:
                 raise ModelUnavailableError(
-                    model.name, f"it is {model.state}; /slots does not load models", 5.0)
-            return await self._forward(request, model, b"", request_id, started, False,
-                                       touch=request.url.path != "/slots")
+                    model.name, f"it is {model.state}; {path} does not load models", 5.0)
+            return await self._forward(request, model, body, request_id, started, False,
+                                       touch=path != "/slots")
         except CorralError as exc:
             return self._error(request, name, exc, request_id, started)
 
