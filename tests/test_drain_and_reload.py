@@ -61,6 +61,36 @@ def test_sigterm_lets_five_streams_finish_and_refuses_new_requests(
     assert all(not c.is_running() for c in children)
 
 
+def test_the_drain_gives_up_after_shutdown_timeout(corral: Start, smollm2: Path) -> None:
+    server = corral({"shutdown_timeout": "2s",
+                     "models": {"m": {"path": str(smollm2), "slots": 1, "ctx_per_slot": 4096}}})
+    assert server.http.post("/admin/models/m/load").status_code == 200
+    children = server.children()
+    received: list[str] = []
+    with ThreadPoolExecutor(1) as pool, httpx.Client(base_url=server.url, timeout=60) as http:
+        def stream() -> None:
+            # Far longer than the drain allows: thousands of tokens on a CPU.
+            with http.stream("POST", "/v1/chat/completions", json=chat("m", 4000, True)) as r:
+                for chunk in r.iter_text():
+                    received.append(chunk)
+
+        endless = pool.submit(stream)
+        server.wait_for(lambda: len(received) > 2, timeout=30)
+        began = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(timeout=30) == 0
+        took = time.monotonic() - began
+        # The stream was cut, not finished: the client sees it end early.
+        try:
+            endless.result(timeout=10)
+        except httpx.HTTPError:
+            pass
+    assert 2.0 <= took < 2.0 + 8.0
+    assert "data: [DONE]" not in "".join(received)
+    assert all(not c.is_running() for c in children)
+    assert '"drain_timeout"' in server.log()
+
+
 def test_reload_changes_adds_and_removes_models_without_dropping_requests(
     corral: Start, smollm2: Path
 ) -> None:
