@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -134,3 +135,21 @@ def test_a_child_that_does_not_answer_drops_out_of_the_scrape(
     # corral's own series for the frozen model are all still there.
     assert value(found, "corral_model_state", model="frozen", state="ready") == 1.0
     assert value(found, "corral_model_slots", model="frozen") == 1.0
+
+
+def test_slot_series_follow_a_task_in_progress(corral: Start, smollm2: Path) -> None:
+    server = corral({"models": {"m": {"path": str(smollm2), "slots": 2, "ctx_per_slot": 4096}}})
+    body = {"model": "m", "messages": [{"role": "user", "content": "Tell me a story."}],
+            "max_tokens": 3000, "ignore_eos": True, "stream": True}
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        with http.stream("POST", "/v1/chat/completions", json=body) as response:
+            chunks = response.iter_raw()
+            for _ in range(20):
+                next(chunks)
+            found = samples(server)
+    busy = [s for s in ("0", "1") if value(found, "corral_slot_busy", model="m", slot=s) == 1.0]
+    assert len(busy) == 1
+    (slot,) = busy
+    assert (value(found, "corral_slot_decoded_tokens", model="m", slot=slot) or 0) >= 10
+    assert (value(found, "corral_slot_prompt_tokens", model="m", slot=slot) or 0) > 5
+    assert value(found, "corral_model_slots_busy", model="m") == 1.0
