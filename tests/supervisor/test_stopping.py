@@ -83,12 +83,18 @@ def started(server: CorralProcess, record: Record,
     return child, grandchild
 
 
+def stubborn(corral: Start, smollm2: Path,
+             record: Record) -> tuple[CorralProcess, psutil.Process, psutil.Process]:
+    """A corral whose loaded child ignores SIGTERM, as does the grandchild it started."""
+    server = corral({"models": {"stubborn": fake(smollm2, "ignore_term", record)},
+                     "llama_server": {"stop_timeout": f"{STOP_TIMEOUT}s"}})
+    return (server, *started(server, record))
+
+
 def test_a_child_that_ignores_sigterm_is_killed_with_its_group_after_stop_timeout(
     corral: Start, smollm2: Path, record: Record
 ) -> None:
-    server = corral({"models": {"stubborn": fake(smollm2, "ignore_term", record)},
-                     "llama_server": {"stop_timeout": f"{STOP_TIMEOUT}s"}})
-    child, grandchild = started(server, record)
+    server, child, grandchild = stubborn(corral, smollm2, record)
 
     began = time.monotonic()
     unloaded = server.http.post("/admin/models/stubborn/unload")
@@ -126,9 +132,7 @@ def test_a_helper_left_in_the_group_goes_with_a_child_that_stopped_at_once(
 def test_corrals_shutdown_kills_a_child_that_ignores_sigterm_and_its_group(
     corral: Start, smollm2: Path, record: Record
 ) -> None:
-    server = corral({"models": {"stubborn": fake(smollm2, "ignore_term", record)},
-                     "llama_server": {"stop_timeout": f"{STOP_TIMEOUT}s"}})
-    child, grandchild = started(server, record)
+    server, child, grandchild = stubborn(corral, smollm2, record)
 
     began = time.monotonic()
     assert server.stop(signal.SIGTERM) == 0
