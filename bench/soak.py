@@ -129,6 +129,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "rss_after_warmup_mib": round(warm[0] / 2**20, 1) if warm else None,
         "rss_end_mib": round(warm[-1] / 2**20, 1) if warm else None,
         "rss_growth_percent": round(100 * growth, 2),
+        # The curve tells a warm-up that levels off from a leak that keeps climbing.
+        "rss_samples_mib": [(round(t), round(rss / 2**20, 1)) for t, rss in samples],
     }
 
 
