@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from corral.config import parse_config
 
 
@@ -54,3 +56,18 @@ def test_health_and_limits_overrides() -> None:
                                 limits={"max_body": "1MiB"})).file
     assert (file.health.interval, file.health.failures) == (2.0, 5)
     assert file.limits.max_body == 2**20
+
+
+@pytest.mark.parametrize(("args", "multimodal"), [
+    ([], False),
+    (["--temp", "0.7"], False),
+    (["--mmproj", "/models/mmproj.gguf"], True),
+    (["-mm", "/models/mmproj.gguf"], True),
+    (["--mmproj=/models/mmproj.gguf"], True),
+    (["--mmproj-url", "http://example/mmproj.gguf"], True),
+])
+def test_a_model_is_multimodal_when_its_args_give_a_projector(
+    args: list[str], multimodal: bool
+) -> None:
+    config = parse_config({"models": {"m": {"path": "m.gguf", "args": args}}})
+    assert config.models["m"].multimodal is multimodal

@@ -195,6 +195,8 @@ MODEL_CASES: list[tuple[str, dict[str, Any]]] = [
     (CHAT, {"messages": USER, "tools": "x"}),  # llama-server: 500
     (CHAT, {"messages": USER, "tools": [1]}),  # llama-server: 500
     (CHAT, {"messages": USER, "tools": [{}]}),  # llama-server: 500
+    (CHAT, {"messages": [{"role": "user", "content": [  # llama-server without --mmproj: 500
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}]}),
     (CHAT, {"messages": USER, "tools": [{"type": "function"}]}),  # llama-server: 500
     ("/v1/messages", {"max_tokens": 1}),  # llama-server: 500
     ("/v1/messages/count_tokens", {}),  # llama-server: 500

@@ -44,11 +44,15 @@ def test_model_name() -> None:
     ("/v1/messages", {}, None, "invalid_messages"),
     ("/detokenize", {"tokens": [True]}, None, "invalid_tokens"),
     ("/detokenize", {"tokens": [100]}, 100, "invalid_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What is this?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}, None,
+     "unsupported_content"),
 ])
 def test_check_fields_refuses(path: str, body: dict[str, Any], n_vocab: int | None,
                               code: str) -> None:
     with pytest.raises(BadRequestError) as caught:
-        check_fields(path, body, n_vocab)
+        check_fields(path, body, n_vocab, multimodal=False)
     assert caught.value.code == code
 
 
@@ -62,4 +66,12 @@ def test_check_fields_refuses(path: str, body: dict[str, Any], n_vocab: int | No
     ("/v1/completions", {"prompt": "x"}, None),
 ])
 def test_check_fields_accepts(path: str, body: dict[str, Any], n_vocab: int | None) -> None:
-    check_fields(path, body, n_vocab)
+    check_fields(path, body, n_vocab, multimodal=False)
+
+
+def test_media_parts_pass_for_a_model_with_a_projector() -> None:
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    body = {"messages": [{"role": "user", "content": [image]}]}
+    check_fields("/v1/chat/completions", body, None, multimodal=True)
+    text_parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]}]}
+    check_fields("/v1/chat/completions", text_parts, None, multimodal=False)

@@ -349,6 +349,15 @@ class ModelSpec:
         """How many requests may wait for ``slots`` busy slots."""
         return 4 * slots if self.queue_max is None else self.queue_max
 
+    @property
+    def multimodal(self) -> bool:
+        """Whether the child gets a multimodal projector, so it can take images and audio."""
+        return any(arg in _MMPROJ_FLAGS or arg.startswith(("--mmproj=", "--mmproj-url="))
+                   for arg in self.args)
+
+
+_MMPROJ_FLAGS = frozenset({"--mmproj", "-mm", "--mmproj-url", "-mmu"})
+
 
 @dataclass(frozen=True)
 class ResolvedKey:

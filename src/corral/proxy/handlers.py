@@ -88,7 +88,8 @@ class Proxy:
             model = self.supervisor.get(model_name(payload, self.default_model))
             name = model.name
             self.auth.authorize_model(key, name)
-            check_fields(request.url.path, payload, model.plan.n_vocab if model.plan else None)
+            check_fields(request.url.path, payload, model.plan.n_vocab if model.plan else None,
+                         model.spec.multimodal)
             uses_slot = request.url.path not in SLOTLESS_PATHS
             return await self._forward(request, model, body, request_id, started, uses_slot,
                                        streams=payload.get("stream") is True)

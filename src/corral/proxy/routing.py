@@ -57,15 +57,20 @@ CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
 MESSAGES_PATHS = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
 
 
-def check_fields(path: str, data: dict[str, Any], n_vocab: int | None = None) -> None:
+def check_fields(
+    path: str, data: dict[str, Any], n_vocab: int | None = None, multimodal: bool = True
+) -> None:
     """Refuse (400) the client mistakes llama-server itself misreports as 500 errors.
 
     Everything else is llama-server's to judge: it answers 400 for what it cannot read. A few
-    dictionary lookups on the hot path, no schema. ``n_vocab`` bounds ``/detokenize`` ids.
+    dictionary lookups on the hot path, no schema. ``n_vocab`` bounds ``/detokenize`` ids;
+    a model that is not ``multimodal`` takes no image or audio parts in chat messages.
     """
     tools = data.get("tools")
     if tools is not None:
         _check_tools(tools, chat=path in CHAT_PATHS)
+    if not multimodal and path in CHAT_PATHS:
+        _check_text_only(data.get("messages"))
     if path in MESSAGES_PATHS and not isinstance(data.get("messages"), list):
         raise BadRequestError(
             f"\"messages\" must be an array, got {_json_type(data.get('messages'))}",
@@ -80,6 +85,23 @@ def check_fields(path: str, data: dict[str, Any], n_vocab: int | None = None) ->
             raise BadRequestError(
                 f"\"tokens\" must be an array of token ids (integers >= 0{bound})",
                 code="invalid_tokens")
+
+
+_MEDIA_PARTS = frozenset({"image_url", "input_audio"})
+
+
+def _check_text_only(messages: object) -> None:
+    if not isinstance(messages, list):
+        return  # llama-server answers 400 for that itself
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list) and any(
+            isinstance(part, dict) and part.get("type") in _MEDIA_PARTS for part in content
+        ):
+            raise BadRequestError(
+                "this model takes text only: it has no multimodal projector (--mmproj in its "
+                "args), so image and audio parts cannot be read",
+                code="unsupported_content")
 
 
 def _check_tools(tools: object, chat: bool) -> None:
