@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from corral.cli import local_url
 from tests.conftest import CorralProcess
 
 Start = Callable[..., CorralProcess]
@@ -93,3 +94,15 @@ def test_ps_presents_a_key_when_corral_has_keys(corral: Start, smollm2: Path) ->
     assert by_env.stdout.splitlines()[1].split()[:2] == ["m", "unloaded"]
     both = corral_ps("--url", server.url, "--key", ADMIN_KEY, key_env="wrong")
     assert both.returncode == 0, both.stderr
+
+
+@pytest.mark.parametrize(("host", "url"), [
+    ("127.0.0.1", "http://127.0.0.1:8080"),
+    ("0.0.0.0", "http://127.0.0.1:8080"),
+    ("::", "http://[::1]:8080"),
+    ("::1", "http://[::1]:8080"),
+    ("fd00::5", "http://[fd00::5]:8080"),
+    ("corral.internal", "http://corral.internal:8080"),
+])
+def test_ps_reaches_the_address_corral_listens_on(host: str, url: str) -> None:
+    assert local_url(host, 8080) == url

@@ -54,9 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "plan":
         return plan(config, args.json)
     if args.command == "ps":
-        host = config.file.listen.host
-        host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-        return ps(f"http://{host}:{config.file.listen.port}", args.json, key)
+        return ps(local_url(config.file.listen.host, config.file.listen.port), args.json, key)
     return serve(config)
 
 
@@ -66,6 +64,15 @@ def plan(config: Config, as_json: bool) -> int:
     report = build_report(config)
     print(to_json(report) if as_json else render(report))
     return 0 if report.ok else 1
+
+
+def local_url(host: str, port: int) -> str:
+    """Where to reach a corral listening on ``host``: a wildcard means this machine."""
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def ps(url: str, as_json: bool, api_key: str | None = None) -> int:
