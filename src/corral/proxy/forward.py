@@ -104,10 +104,13 @@ class UpstreamResponse:
             await self._close()
 
     async def _close(self) -> None:
-        if not self._closed:
-            self._closed = True
+        if self._closed:
+            return
+        self._closed = True
+        try:
             await self.upstream.aclose()
-            self.on_close()
+        finally:
+            self.on_close()  # the lease and the slot, even when a leaving client cancels this
 
     async def _stream(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.upstream.status_code,
