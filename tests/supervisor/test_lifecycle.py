@@ -129,3 +129,28 @@ def test_child_output_becomes_log_events(corral: Start, smollm2: Path) -> None:
     lines = [e for e in events if e["event"] == "child_output"]
     assert lines and all(e["model"] == "a" and e["pid"] == pid for e in lines)
     assert any("server is listening" in e["line"] or "model loaded" in e["line"] for e in lines)
+
+
+def test_the_last_200_lines_a_model_printed_are_kept_and_shown(
+    corral: Start, smollm2: Path, tmp_path: Path
+) -> None:
+    # A stand-in binary: the real llama-server cannot be made to print 500 numbered lines and
+    # exit on demand. Its output must come through as it does for llama-server.
+    noisy = tmp_path / "noisy-server"
+    noisy.write_text("#!/bin/sh\nfor i in $(seq 1 500); do echo \"line $i\"; done\nexit 3\n")
+    noisy.chmod(0o755)
+    server = corral({"log_level": "debug",
+                     "models": {"noisy": model(smollm2, binary=str(noisy)),
+                                "fine": model(smollm2)}})
+    failed = server.http.post("/admin/models/noisy/load")
+    assert failed.status_code == 503
+    assert "exited with code 3" in failed.json()["error"]["message"]
+    assert "line 500" in failed.json()["error"]["message"]
+    logs = server.http.get("/admin/models/noisy/logs")
+    assert logs.status_code == 200
+    assert logs.json()["lines"] == [f"line {i}" for i in range(301, 501)]
+    # Each line is also a structured event tagged with the model (at debug level).
+    events = [json.loads(line) for line in server.log().splitlines() if '"line 42"' in line]
+    assert [(e["event"], e["model"]) for e in events] == [("child_output", "noisy")]
+    assert server.http.get("/admin/models/fine/logs").json()["lines"] == []
+    assert server.http.get("/admin/models/nope/logs").status_code == 404

@@ -52,7 +52,7 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 def routes(corral: Corral) -> list[Route]:
-    """``/admin/status``, ``/admin/models``, ``/admin/models/{name}/load|unload``,
+    """``/admin/status``, ``/admin/models``, ``/admin/models/{name}/load|unload|logs``,
     ``/admin/reload``; every one needs the ``admin`` scope when keys are configured."""
     supervisor = corral.supervisor
 
@@ -73,6 +73,12 @@ def routes(corral: Corral) -> list[Route]:
         model = await supervisor.unload(request.path_params["name"], "manual")
         return JSONResponse(model.describe())
 
+    async def logs(request: Request) -> Response:
+        # The last lines the model's children printed (200 at most), across restarts: what an
+        # operator reads first when a model fails.
+        model = supervisor.get(request.path_params["name"])
+        return JSONResponse({"model": model.name, "lines": list(model.log_tail)})
+
     async def reload(request: Request) -> Response:
         try:
             changes = await corral.reload()
@@ -85,5 +91,6 @@ def routes(corral: Corral) -> list[Route]:
         Route("/admin/models", admin_only(list_models), methods=["GET"]),
         Route("/admin/models/{name:path}/load", admin_only(load), methods=["POST"]),
         Route("/admin/models/{name:path}/unload", admin_only(unload), methods=["POST"]),
+        Route("/admin/models/{name:path}/logs", admin_only(logs), methods=["GET"]),
         Route("/admin/reload", admin_only(reload), methods=["POST"]),
     ]
