@@ -265,7 +265,7 @@ def test_client_disconnect_frees_the_slot(corral: Start, smollm2: Path) -> None:
     # Leaving the block closed the client's connection mid-stream.
     started = time.monotonic()
     server.wait_for(lambda: not busy(), timeout=5)
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 1.0  # the issue: "free again within a second"
     assert server.model("smollm2")["in_flight"] == 0
     logs = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
     assert any(e.get("event") == "request" and e.get("client_gone") for e in logs)
@@ -276,7 +276,9 @@ def test_a_client_that_leaves_a_non_streamed_request_frees_the_slot(
 ) -> None:
     # A non-streamed answer has no headers until the generation ends; corral must not wait for
     # them to notice the client is gone.
-    server = corral(two_models(smollm2))
+    # A 4096-token slot so that the generation cannot end before the client's read timeout.
+    server = corral({"models": {"smollm2": {"path": str(smollm2), "slots": 2,
+                                            "ctx_per_slot": 4096}}})
     body = {"model": "smollm2", "messages": CHAT, "max_tokens": 4000, "ignore_eos": True}
 
     def busy() -> bool:
@@ -291,7 +293,8 @@ def test_a_client_that_leaves_a_non_streamed_request_frees_the_slot(
         server.wait_for(busy, timeout=10)
         with pytest.raises(httpx.ReadTimeout):
             leaving.result()
-    assert server.model("smollm2")["in_flight"] == 0
+    # corral notices the closed connection on its next look at the client, well within a second.
+    server.wait_for(lambda: server.model("smollm2")["in_flight"] == 0, timeout=2.0)
     # llama-server looks at a non-streamed request's connection only after a second without any
     # result from any task; each /slots read is one, so polling would keep it from noticing.
     # Without corral closing the upstream request, the 4000 tokens would run for 10+ s.
