@@ -199,6 +199,8 @@ MODEL_CASES: list[tuple[str, dict[str, Any]]] = [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}]}),
     (CHAT, {"messages": USER, "tools": [{"type": "function"}]}),  # llama-server: 500
     ("/v1/messages", {"max_tokens": 1}),  # llama-server: 500
+    ("/v1/messages", {"messages": USER, "max_tokens": 1, "tools": [{}]}),  # llama-server: ignored
+    ("/v1/responses", {"input": "Hi", "tools": [{"type": "function"}]}),  # llama-server: 500
     ("/v1/messages/count_tokens", {}),  # llama-server: 500
     ("/v1/messages", {"messages": "x", "max_tokens": 1}),
     ("/v1/completions", {"prompt": 5}),
@@ -239,4 +241,15 @@ def test_well_formed_tools_still_reach_the_model(server: CorralProcess) -> None:
     assert reply.status_code == 200, reply.text
     reply = server.http.post("/v1/messages", json={"model": "m", "messages": USER,
                                                    "max_tokens": 2})
+    assert reply.status_code == 200, reply.text
+    # The Anthropic and Responses tool shapes are not the chat one.
+    anthropic = {"name": "get_time", "description": "the time now",
+                 "input_schema": {"type": "object", "properties": {}}}
+    reply = server.http.post("/v1/messages", json={"model": "m", "messages": USER,
+                                                   "tools": [anthropic], "max_tokens": 2})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["type"] == "message"
+    flat = {"type": "function", "name": "get_time", "parameters": {"type": "object"}}
+    reply = server.http.post("/v1/responses", json={"model": "m", "input": "Hi",
+                                                    "tools": [flat], "max_output_tokens": 2})
     assert reply.status_code == 200, reply.text

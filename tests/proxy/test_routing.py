@@ -42,6 +42,10 @@ def test_model_name() -> None:
     ("/v1/chat/completions", {"tools": [{"type": "function", "function": {}}]}, None,
      "invalid_tools"),
     ("/v1/messages", {}, None, "invalid_messages"),
+    ("/v1/messages", {"messages": [], "tools": [{"input_schema": {}}]}, None, "invalid_tools"),
+    ("/v1/messages", {"messages": [], "tools": "x"}, None, "invalid_tools"),
+    ("/v1/responses", {"tools": [{"type": "function"}]}, None, "invalid_tools"),
+    ("/v1/responses", {"tools": [{}]}, None, "invalid_tools"),
     ("/detokenize", {"tokens": [True]}, None, "invalid_tokens"),
     ("/detokenize", {"tokens": [100]}, 100, "invalid_tokens"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
@@ -61,6 +65,11 @@ def test_check_fields_refuses(path: str, body: dict[str, Any], n_vocab: int | No
     # The Responses API's flat tool shape is not the chat one.
     ("/v1/responses", {"tools": [{"type": "function", "name": "f"}]}, None),
     ("/v1/messages", {"messages": []}, None),
+    # Anthropic tools have no "type": {name, description, input_schema}.
+    ("/v1/messages", {"messages": [], "tools": [
+        {"name": "get_time", "description": "now", "input_schema": {"type": "object"}}]}, None),
+    ("/v1/responses", {"tools": [{"type": "web_search"}]}, None),
+    ("/v1/completions", {"prompt": "x", "tools": "ignored here"}, None),
     ("/detokenize", {"tokens": [0, 99]}, 100),
     ("/detokenize", {"tokens": [10**6]}, None),  # unknown vocabulary: llama-server judges
     ("/v1/completions", {"prompt": "x"}, None),

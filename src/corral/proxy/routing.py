@@ -55,6 +55,7 @@ def parse_body(body: bytes) -> dict[str, Any]:
 
 CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
 MESSAGES_PATHS = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
+RESPONSES_PATHS = frozenset({"/v1/responses"})
 
 
 def check_fields(
@@ -68,7 +69,7 @@ def check_fields(
     """
     tools = data.get("tools")
     if tools is not None:
-        _check_tools(tools, chat=path in CHAT_PATHS)
+        _check_tools(path, tools)
     if not multimodal and path in CHAT_PATHS:
         _check_text_only(data.get("messages"))
     if path in MESSAGES_PATHS and not isinstance(data.get("messages"), list):
@@ -104,22 +105,39 @@ def _check_text_only(messages: object) -> None:
                 code="unsupported_content")
 
 
-def _check_tools(tools: object, chat: bool) -> None:
+def _check_tools(path: str, tools: object) -> None:
+    """Each API names its tools its own way; refuse only what breaks that API's own shape.
+
+    Chat: ``{"type": "function", "function": {"name": ...}}``; Responses: ``{"type":
+    "function", "name": ...}``; Anthropic Messages: ``{"name": ..., "input_schema": ...}``,
+    no ``type`` needed.
+    """
+    if path in CHAT_PATHS:
+        shape, name_in = "with a \"type\"", "function"
+    elif path in RESPONSES_PATHS:
+        shape, name_in = "with a \"type\"", ""
+    elif path in MESSAGES_PATHS:
+        shape, name_in = "with a \"name\"", ""
+    else:
+        return  # the other endpoints take no tools
     if not isinstance(tools, list):
         raise BadRequestError(f"\"tools\" must be an array, got {_json_type(tools)}",
                               code="invalid_tools")
     for i, tool in enumerate(tools):
+        if path in MESSAGES_PATHS:
+            if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
+                raise BadRequestError(f"tools[{i}] must be an object {shape}",
+                                      code="invalid_tools")
+            continue
         if not isinstance(tool, dict) or not isinstance(tool.get("type"), str):
-            raise BadRequestError(f"tools[{i}] must be an object with a \"type\"",
+            raise BadRequestError(f"tools[{i}] must be an object {shape}", code="invalid_tools")
+        if tool["type"] != "function":
+            continue
+        holder = tool.get(name_in) if name_in else tool
+        if not (isinstance(holder, dict) and isinstance(holder.get("name"), str)):
+            where = f"a \"{name_in}\" object with a \"name\"" if name_in else "a \"name\""
+            raise BadRequestError(f"tools[{i}] of type \"function\" needs {where}",
                                   code="invalid_tools")
-        # The chat completions shape: {"type": "function", "function": {"name": ...}}.
-        function = tool.get("function")
-        if chat and tool["type"] == "function" and not (
-            isinstance(function, dict) and isinstance(function.get("name"), str)
-        ):
-            raise BadRequestError(
-                f"tools[{i}] of type \"function\" needs a \"function\" object with a \"name\"",
-                code="invalid_tools")
 
 
 def model_name(data: dict[str, Any], default: str | None) -> str:
