@@ -42,10 +42,23 @@ def problems(auth: Any, tmp_path: Path) -> list[str]:
         ([{"key": SECRET}],
          "auth: input should be a valid dictionary or instance of AuthSettings, "
          "got [{'key': '***'}]"),
+        # A key used as a name: neither the path nor the value may echo it.
+        ({"keys": {SECRET: {"scopes": ["admin"]}}},
+         "auth.keys: input should be a valid list, got {'***': {'scopes': ['admin']}}"),
+        ({"keys": [{SECRET: "x", "key_env": "K"}]}, "auth.keys.0.***: unknown key"),
+        ({SECRET: {"scopes": ["admin"]}}, "auth.***: unknown key"),
+        ({"keys": [{"key_env": "K", "scopes": {SECRET: 1}}]},
+         "auth.keys.0.scopes: input should be a valid list, got {'***': '***'}"),
     ],
 )
 def test_keys_are_redacted_in_schema_errors(auth: Any, expected: str, tmp_path: Path) -> None:
     assert problems(auth, tmp_path) == [expected]
+
+
+def test_names_outside_auth_are_still_shown(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"models": {"m": {"path": "m.gguf", "slotz": 2}}}, base_dir=tmp_path)
+    assert info.value.problems == ["models.m.slotz: unknown key"]
 
 
 def test_values_that_are_not_keys_are_still_shown(tmp_path: Path) -> None:

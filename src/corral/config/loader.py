@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from corral.config.schema import ConfigFile, ModelSpec, ResolvedKey
+from corral.config.schema import ApiKey, AuthSettings, ConfigFile, ModelSpec, ResolvedKey
 from corral.errors import ConfigError
 
 DEFAULT_CONFIG = "corral.yaml"
@@ -248,7 +248,7 @@ def _describe(exc: ValidationError) -> Iterator[str]:
             message = str(ctx.get("error", error["msg"]))
         else:
             message = error["msg"][0].lower() + error["msg"][1:]
-        path = ".".join(loc)
+        path = ".".join(_hide_unknown_names(loc))
         if kind == "value_error" and not loc:
             # A cross-field check: its message already names the key path.
             yield message
@@ -259,6 +259,9 @@ def _describe(exc: ValidationError) -> Iterator[str]:
 
 
 REDACTED = "***"
+# The only names a mapping under ``auth`` may have; any other one may be a key pasted in the
+# wrong place (``auth: {sk-...: ...}``), so it is never echoed, neither in a path nor a value.
+_AUTH_NAMES = frozenset(AuthSettings.model_fields) | frozenset(ApiKey.model_fields)
 
 
 def _redacted(loc: list[str], value: Any) -> Any:
@@ -268,6 +271,8 @@ def _redacted(loc: list[str], value: Any) -> Any:
     carry a key. Under ``auth`` and each ``auth.keys`` entry a bare scalar is most likely a key
     written in the wrong place, so it is hidden too; the key path still says where to look.
     """
+    if loc[:1] != ["auth"]:
+        return value  # nothing outside ``auth`` quotes it: the top level must be a mapping
     in_keys = loc[:2] == ["auth", "keys"]
     if in_keys and len(loc) >= 4 and loc[3] == "key":
         return REDACTED
@@ -276,10 +281,22 @@ def _redacted(loc: list[str], value: Any) -> Any:
 
 def _hide_keys(value: Any, *, bare: bool) -> Any:
     if isinstance(value, dict):
-        return {k: REDACTED if k == "key" else _hide_keys(v, bare=False) for k, v in value.items()}
+        return {
+            (k if k in _AUTH_NAMES else REDACTED):
+                REDACTED if k == "key" else _hide_keys(v, bare=k not in _AUTH_NAMES)
+            for k, v in value.items()
+        }
     if isinstance(value, list):
         return [_hide_keys(v, bare=bare) for v in value]
     return REDACTED if bare else value
+
+
+def _hide_unknown_names(loc: list[str]) -> list[str]:
+    """The key path, with any name under ``auth`` that is not one of its own hidden."""
+    if loc[:1] != ["auth"]:
+        return loc
+    return [part if i == 0 or part.isdigit() or part in _AUTH_NAMES else REDACTED
+            for i, part in enumerate(loc)]
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
