@@ -8,7 +8,9 @@ which part failed and carries what a user needs to act on it:
 - ``ModelLoadError``: a child llama-server could not be started or made ready; ``.retry_after``
   says when trying again makes sense, ``.log_tail`` what the child printed last.
 - ``ModelUnavailableError``: the model exists but is stopping or being unloaded.
-- ``UpstreamError``: a ready child failed mid-request (connection refused or reset).
+- ``UpstreamError``: a ready child failed mid-request (connection refused or reset);
+  ``UpstreamTimeoutError``: it did not finish a non-streamed answer within
+  ``upstream.generation_timeout`` (504).
 - ``QueueFullError`` / ``QueueTimeoutError``: admission refused a request (429 / 503).
 - ``ClientGoneError``: the client left while its request was queued.
 - ``AuthenticationError`` / ``PermissionDeniedError``: no valid API key (401) / a key without
@@ -86,6 +88,13 @@ class UpstreamError(CorralError):
         self.delivered = delivered
         self.refused = refused
         super().__init__(f"model {model!r} failed while serving the request: {reason}")
+
+
+class UpstreamTimeoutError(UpstreamError):
+    """A child did not finish a non-streamed answer within ``upstream.generation_timeout``."""
+
+    def __init__(self, model: str, seconds: float) -> None:
+        super().__init__(model, f"no answer within upstream.generation_timeout ({seconds:g}s)")
 
 
 class QueueFullError(CorralError):

@@ -96,6 +96,31 @@ def test_hung_child_is_killed_by_the_health_checks(corral: Start, smollm2: Path)
     assert server.children(None) == []
 
 
+def test_a_non_streamed_answer_is_bounded_by_the_generation_timeout(
+    corral: Start, smollm2: Path
+) -> None:
+    # The fake's /health keeps answering while it decodes slowly: the probes see nothing wrong,
+    # so only the generation timeout ends the wait. The read timeout (silence between chunks
+    # of a stream) must not cut a non-streamed answer short: it is silent until complete.
+    server = corral({"models": {"m": fake(smollm2, "slow:0.5")}, "health": FAST_HEALTH,
+                     "upstream": {"read_timeout": "1s", "generation_timeout": "3s"}})
+    body = {"model": "m", "messages": [{"role": "user", "content": "Hi"}]}
+    reply = server.http.post("/v1/chat/completions", json={**body, "max_tokens": 4})
+    assert reply.status_code == 200, reply.text  # 2 s of silence: past read_timeout, fine
+
+    started = time.monotonic()
+    reply = server.http.post("/v1/chat/completions", json={**body, "max_tokens": 20})
+    assert 3.0 <= time.monotonic() - started < 8.0
+    assert reply.status_code == 504, reply.text
+    error = reply.json()["error"]
+    assert error["code"] == "upstream_timeout"
+    assert "generation_timeout (3s)" in error["message"]
+    # The child is fine, only slow: it keeps running and the slot is free again.
+    assert server.model("m")["state"] == "ready"
+    assert server.model("m")["in_flight"] == 0
+    assert len(server.children(None)) == 1
+
+
 def test_queued_requests_wait_for_the_restart_after_a_crash(
     corral: Start, smollm2: Path
 ) -> None:

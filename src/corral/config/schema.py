@@ -207,12 +207,13 @@ class RestartSettings(StrictModel):
 
 class UpstreamSettings(StrictModel):
     """Timeouts towards children. ``read_timeout`` is the longest silence between two chunks
-    of a streamed answer. A non-streamed answer is silent until it is complete, so it gets no
-    read timeout (a long generation is never cut short): hung children are caught by the
-    health probes instead."""
+    of a streamed answer. A non-streamed answer is silent until it is complete, so instead it
+    gets ``generation_timeout`` for the whole answer (0: none): a child whose health endpoint
+    still answers while its decoding is stuck cannot hold a request forever."""
 
     connect_timeout: PositiveDuration = 5.0
     read_timeout: PositiveDuration = 600.0
+    generation_timeout: Duration = 3600.0
 
 
 class LimitSettings(StrictModel):

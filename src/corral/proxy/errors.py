@@ -21,6 +21,7 @@ from corral.errors import (
     RequestTooLargeError,
     ShuttingDownError,
     UpstreamError,
+    UpstreamTimeoutError,
 )
 
 # nginx's "client closed request": logged and counted, never read by anyone.
@@ -97,6 +98,9 @@ def response_for(exc: CorralError, headers: dict[str, str] | None = None) -> Res
         return error_response(408, str(exc), code="request_timeout", headers=headers)
     if isinstance(exc, ClientGoneError):
         return error_response(CLIENT_CLOSED_REQUEST, str(exc), code="client_closed_request",
+                              headers=headers)
+    if isinstance(exc, UpstreamTimeoutError):
+        return error_response(504, str(exc), type_="server_error", code="upstream_timeout",
                               headers=headers)
     if isinstance(exc, UpstreamError):
         return error_response(502, str(exc), type_="server_error", code="upstream_failed",

@@ -15,7 +15,7 @@ import anyio
 import httpx
 from starlette.types import Message, Receive, Scope, Send
 
-from corral.errors import UpstreamError
+from corral.errors import UpstreamError, UpstreamTimeoutError
 
 # Never forwarded: connection-level headers, and the client's credentials (the child has its own
 # private key, which the pooled client adds).
@@ -38,31 +38,35 @@ async def send_upstream(
     query: bytes,
     headers: list[tuple[bytes, bytes]],
     body: bytes,
-    bounded_read: bool = True,
+    answer_within: float | None = None,
 ) -> httpx.Response:
     """Send the request to the child; the response is open for streaming (close it!).
 
-    ``bounded_read=False`` lifts the client's read timeout for this request.
+    ``answer_within`` (seconds, 0 for no limit) replaces the client's read timeout, the longest
+    silence between two chunks, for an answer that is silent until complete.
     """
     url = httpx.URL(path=path, query=query)
-    timeout = client.timeout if bounded_read else _unbounded_read(client.timeout)
+    timeout = client.timeout
+    if answer_within is not None:
+        timeout = httpx.Timeout(connect=timeout.connect, read=answer_within or None,
+                                write=timeout.write, pool=timeout.pool)
     request = client.build_request(
         method, url, content=body, timeout=timeout,
         headers=[(k, v) for k, v in headers if k.lower() not in _DROP_REQUEST],
     )
     try:
         return await client.send(request, stream=True)
+    except httpx.ReadTimeout:
+        if answer_within is None:
+            raise UpstreamError(model, "ReadTimeout: no answer within upstream.read_timeout") \
+                from None
+        raise UpstreamTimeoutError(model, answer_within) from None
     except httpx.HTTPError as exc:
         # Refused, or closed before any answer: a pooled connection the child had just closed,
         # or a child that died. Either way it produced nothing for this request.
         unanswered = isinstance(exc, httpx.ConnectError | httpx.RemoteProtocolError)
         raise UpstreamError(model, f"{type(exc).__name__}: {exc}", delivered=not unanswered,
                             refused=isinstance(exc, httpx.ConnectError)) from None
-
-
-def _unbounded_read(timeout: httpx.Timeout) -> httpx.Timeout:
-    return httpx.Timeout(connect=timeout.connect, read=None, write=timeout.write,
-                         pool=timeout.pool)
 
 
 class UpstreamResponse:

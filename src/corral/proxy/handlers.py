@@ -204,9 +204,10 @@ class Proxy:
                     lease.client, model.name, request.method, request.url.path,
                     request.scope["query_string"], request.headers.raw, body,
                     # The read timeout bounds the silence between chunks of a stream. A
-                    # non-streamed answer is silent until done, so none applies: a hung child
-                    # is caught by the health probes instead of cutting a long generation.
-                    bounded_read=streams,
+                    # non-streamed answer is silent until done: it gets the (long) generation
+                    # timeout instead, so a long generation is not cut short by mistake.
+                    answer_within=None if streams
+                    else lease.process.upstream.generation_timeout,
                 )
             except UpstreamError as exc:
                 lease.release()
