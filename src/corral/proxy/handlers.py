@@ -265,17 +265,16 @@ class Proxy:
     async def list_models(self, request: Request) -> Response:
         """GET /v1/models: every model and alias in OpenAI form, with corral's details."""
         models = list(self.supervisor.models.values())
-        data = [_model_entry(m.describe(), m.name) for m in models]
+        data = [_model_entry(m, m.name) for m in models]
         for m in models:
-            data += [_model_entry(m.describe(), alias, alias_of=m.name)
-                     for alias in m.spec.aliases]
+            data += [_model_entry(m, alias, alias_of=m.name) for alias in m.spec.aliases]
         return JSONResponse({"object": "list", "data": data})
 
     async def get_model(self, request: Request) -> Response:
         name = request.path_params["name"]
         model = self.supervisor.get(name)
         alias_of = None if name == model.name else model.name
-        return JSONResponse(_model_entry(model.describe(), name, alias_of=alias_of))
+        return JSONResponse(_model_entry(model, name, alias_of=alias_of))
 
     async def health(self, request: Request) -> Response:
         if request.app.state.corral.draining:
@@ -284,16 +283,19 @@ class Proxy:
         return JSONResponse({"status": "ok"})
 
 
-def _model_entry(info: dict[str, Any], name: str, alias_of: str | None = None) -> dict[str, Any]:
+def _model_entry(
+    model: ManagedModel, name: str, alias_of: str | None = None
+) -> dict[str, Any]:
+    # Only what is at hand: clients poll this, so no process or memory look-ups.
     return {
         "id": name,
         "object": "model",
         "created": 0,
         "owned_by": "corral",
         "corral": {
-            "state": info["state"],
-            "slots": info["slots"],
-            "ctx_per_slot": info["ctx_per_slot"],
+            "state": str(model.state),
+            "slots": model.slots,
+            "ctx_per_slot": model.ctx_per_slot,
             "alias_of": alias_of,
         },
     }
