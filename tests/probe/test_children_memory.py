@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 import types
 from collections.abc import Iterator
 
@@ -20,10 +19,13 @@ from corral.probe.devices import children_memory
 from tests.probe.test_devices import Memory, Proc
 
 GiB = 1 << 30
-SLEEP = "import time; time.sleep(60)"
+# Each says "ready" once started, so their memory is measured after start-up, when it no
+# longer moves.
+SLEEP = "import time; print('ready', flush=True); time.sleep(60)"
 # A wrapper that starts the real server as its own child, as a shell script around it would.
 WRAPPER = ("import subprocess, sys; "
-           "subprocess.run([sys.executable, '-c', 'import time; time.sleep(60)'])")
+           "subprocess.run([sys.executable, '-c', "
+           "'import time; print(\\'ready\\', flush=True); time.sleep(60)'])")
 
 
 @pytest.fixture
@@ -35,11 +37,14 @@ def spawn() -> Iterator[list[subprocess.Popen[bytes]]]:
             child.kill()
         proc.kill()
         proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 def child(spawn: list[subprocess.Popen[bytes]], code: str, *args: str) -> int:
-    proc = subprocess.Popen([sys.executable, "-c", code, *args])
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE)
     spawn.append(proc)
+    assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
     return proc.pid
 
 
@@ -60,10 +65,7 @@ def test_each_childs_gpu_memory_by_the_model_it_serves(
     a = child(spawn, SLEEP, "-m", "a.gguf", "--alias", "a", "-ngl", "99")
     wrapped = child(spawn, WRAPPER, "--alias", "b", "--alias", "user-extra")
     no_alias = child(spawn, SLEEP, "--port", "1234")
-    deadline = time.monotonic() + 30
-    while not psutil.Process(wrapped).children() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    (server,) = psutil.Process(wrapped).children()
+    (server,) = psutil.Process(wrapped).children()  # it said "ready": it has started
     monkeypatch.setitem(sys.modules, "pynvml", nvml({
         0: [Proc(a, 3 * GiB), Proc(server.pid, 2 * GiB), Proc(no_alias, 1 * GiB),
             Proc(999_999_999, 5 * GiB)],  # another user's process

@@ -9,7 +9,12 @@ from dataclasses import dataclass
 import pytest
 
 from corral.placement.devices import Device, format_bytes, gpu, gpu_env, host, visible_devices
-from corral.probe.devices import discover_devices, discover_gpus, process_gpu_memory
+from corral.probe.devices import (
+    discover_devices,
+    discover_gpus,
+    process_gpu_memory,
+    read_usage,
+)
 
 GiB = 1 << 30
 
@@ -76,6 +81,15 @@ def test_nvml_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
     assert [d.id for d in discover_devices()] == ["cuda:0", "cuda:1", "cpu"]
     assert process_gpu_memory(42) == {"cuda:0": 3 * GiB, "cuda:1": 3 * GiB}
     assert nvml.state["init"] == nvml.state["shutdown"]  # type: ignore[attr-defined]
+
+
+def test_one_reading_opens_nvml_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    nvml = fake_nvml()
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    devices, children = read_usage()
+    assert [d.id for d in devices] == ["cuda:0", "cuda:1", "cpu"]
+    assert children == {}  # this test process has no llama-server children
+    assert nvml.state == {"init": 1, "shutdown": 1}  # type: ignore[attr-defined]
 
 
 def test_nvml_without_driver(monkeypatch: pytest.MonkeyPatch) -> None:

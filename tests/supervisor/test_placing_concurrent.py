@@ -8,7 +8,7 @@ eligibility rule as ``Supervisor._eviction_candidates``.
 
 What is faked, and why that is fair: the GGUF profile (``read_profile`` returns a drawn
 profile: the file format is tested in tests/probe) and, for discovered devices, the device
-reading (``discover_devices`` and ``children_memory``, the NVML/psutil edge), which reports
+reading (``read_usage``, the NVML/psutil edge), which reports
 what ``Host``'s children have allocated. Children allocate their whole reservation when they
 become ready, and free it when they stop.
 
@@ -222,7 +222,7 @@ def test_concurrent_places_never_over_commit_nor_evict_wrongly(s: Scenario) -> N
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(placing, "read_profile", lambda path: s.profiles[Path(path).stem])
         mp.setattr(placing, "discover_devices", lambda: host.discover(s.devices))
-        mp.setattr(placing, "children_memory", host.children)
+        mp.setattr(placing, "read_usage", lambda: (host.discover(s.devices), host.children()))
         mp.setattr(placing, "_CAPACITY_POLL", 0.002)
         outcomes = asyncio.run(run(s, cfg, host))
     assert set(outcomes) <= {"loaded", "refused", "shared"}

@@ -1,13 +1,15 @@
 """``place`` reads discovered devices again before each decision, so other programs' memory counts.
 
-The device reading is faked: ``discover_devices`` (NVML and psutil) and ``children_memory``
-(what NVML and the kernel say each child uses) are replaced in ``corral.supervisor.placing``
-by a ``Machine`` whose free memory each test sets. That is the I/O at the edge; the profile
+The device reading is faked: ``read_usage`` (free memory from NVML and psutil, and what NVML
+and the kernel say each child uses) is replaced in ``corral.supervisor.placing`` by a
+``Machine`` whose free memory each test sets. That is the I/O at the edge; the profile
 (the real SmolLM2 file), the plan, the ledger and the eviction loop are the real code.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -58,7 +60,7 @@ class Machine:
 def machine(monkeypatch: pytest.MonkeyPatch) -> Machine:
     fake = Machine([host(8 * GiB, free=8 * GiB)])
     monkeypatch.setattr(placing, "discover_devices", fake.discover)
-    monkeypatch.setattr(placing, "children_memory", fake.children)
+    monkeypatch.setattr(placing, "read_usage", lambda: (fake.discover(), fake.children()))
     return fake
 
 
@@ -220,3 +222,30 @@ async def test_a_child_that_exits_during_the_reading_makes_it_read_again(
     reads = machine.reads
     await place(cfg.models["a"], cfg, ledger, nobody, no_eviction, wait=0.0)
     assert machine.reads == reads + 2 and ledger.external("cpu") == other
+
+
+async def test_a_waiting_load_reads_the_devices_at_most_once_a_second(
+    smollm2: Path, machine: Machine
+) -> None:
+    cfg = config(smollm2, "a", "b")
+    b = need(cfg, "b", [host(8 * GiB)])["cpu"]
+    ledger = make_ledger(cfg)
+    ledger.reserve("a", {"cpu": 8 * GiB - b // 2})  # a busy model's child holds all but that
+    machine.set_free("cpu", b // 2)
+
+    def busy_a() -> list[Candidate]:
+        return [Candidate("a", 0.0, busy=True, pinned=False)] if ledger.holdings("a") else []
+
+    async def a_finishes_and_stops() -> None:
+        await asyncio.sleep(1.3)
+        ledger.release("a")
+        machine.set_free("cpu", 8 * GiB)
+
+    stopping = asyncio.create_task(a_finishes_and_stops())
+    reads, started = machine.reads, time.monotonic()
+    plan = await place(cfg.models["b"], cfg, ledger, busy_a, no_eviction, wait=10.0)
+    await stopping
+    # The ledger is looked at every 0.25 s, the devices read at 0 s and 1 s only.
+    assert machine.reads == reads + 2
+    assert time.monotonic() - started >= 1.3
+    assert plan.reservation == {"cpu": b} and ledger.holdings("b") == {"cpu": b}

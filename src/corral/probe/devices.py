@@ -47,32 +47,50 @@ def _text(value: object) -> str:
 
 def discover_gpus() -> list[Device]:
     """Every NVIDIA GPU NVML sees, as ``cuda:N`` (N = NVML index); [] without a driver."""
-    found: list[Device] = []
     with _nvml() as nvml:
-        if nvml is None:
-            return []
+        return _gpus(nvml)
+
+
+def _gpus(nvml: Any | None) -> list[Device]:
+    if nvml is None:
+        return []
+    try:
+        count = int(nvml.nvmlDeviceGetCount())
+    except Exception as exc:
+        log.warning("NVML could not count GPUs: %s", exc)
+        return []
+    found: list[Device] = []
+    for index in range(count):
         try:
-            count = int(nvml.nvmlDeviceGetCount())
-        except Exception as exc:
-            log.warning("NVML could not count GPUs: %s", exc)
-            return []
-        for index in range(count):
-            try:
-                handle = nvml.nvmlDeviceGetHandleByIndex(index)
-                memory = nvml.nvmlDeviceGetMemoryInfo(handle)
-                name = _text(nvml.nvmlDeviceGetName(handle))
-                uuid = _text(nvml.nvmlDeviceGetUUID(handle))
-            except Exception as exc:  # a GPU that fell off the bus, MIG quirks: skip it
-                log.warning("NVML could not read GPU %d: %s", index, exc)
-                continue
-            found.append(gpu(index, int(memory.total), int(memory.free), name, uuid))
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+            name = _text(nvml.nvmlDeviceGetName(handle))
+            uuid = _text(nvml.nvmlDeviceGetUUID(handle))
+        except Exception as exc:  # a GPU that fell off the bus, MIG quirks: skip it
+            log.warning("NVML could not read GPU %d: %s", index, exc)
+            continue
+        found.append(gpu(index, int(memory.total), int(memory.free), name, uuid))
     return found
+
+
+def _host() -> Device:
+    memory = psutil.virtual_memory()
+    return host(int(memory.total), int(memory.available))
 
 
 def discover_devices() -> list[Device]:
     """The GPUs NVML sees followed by the host's RAM (total, and available as free)."""
-    memory = psutil.virtual_memory()
-    return [*discover_gpus(), host(int(memory.total), int(memory.available))]
+    return [*discover_gpus(), _host()]
+
+
+def read_usage(parent_pid: int | None = None) -> tuple[list[Device], dict[str, dict[str, int]]]:
+    """``discover_devices()`` and ``children_memory(parent_pid)`` from one NVML session.
+
+    Placement reads both before each decision; opening NVML once per reading, not twice,
+    keeps that cheap.
+    """
+    with _nvml() as nvml:
+        return [*_gpus(nvml), _host()], _children_memory(nvml, parent_pid)
 
 
 def process_gpu_memory(pid: int) -> dict[str, int]:
@@ -81,33 +99,33 @@ def process_gpu_memory(pid: int) -> dict[str, int]:
     NVML cannot attribute memory inside some containers (it reports no value); such GPUs are
     left out rather than reported as 0.
     """
-    return _gpu_memory_by_pid().get(pid, {})
+    with _nvml() as nvml:
+        return _gpu_memory_by_pid(nvml).get(pid, {})
 
 
-def _gpu_memory_by_pid() -> dict[int, dict[str, int]]:
+def _gpu_memory_by_pid(nvml: Any | None) -> dict[int, dict[str, int]]:
     """Bytes NVML attributes to each process on each GPU; {} without NVML.
 
     Processes NVML lists without a value (inside some containers) are left out.
     """
     used: dict[int, dict[str, int]] = {}
-    with _nvml() as nvml:
-        if nvml is None:
-            return used
+    if nvml is None:
+        return used
+    try:
+        count = int(nvml.nvmlDeviceGetCount())
+    except Exception:
+        return used
+    for index in range(count):
         try:
-            count = int(nvml.nvmlDeviceGetCount())
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            procs = nvml.nvmlDeviceGetComputeRunningProcesses(handle)
         except Exception:
-            return used
-        for index in range(count):
-            try:
-                handle = nvml.nvmlDeviceGetHandleByIndex(index)
-                procs = nvml.nvmlDeviceGetComputeRunningProcesses(handle)
-            except Exception:
-                continue
-            for proc in procs:
-                amount = getattr(proc, "usedGpuMemory", None)
-                if isinstance(amount, int):
-                    mine = used.setdefault(int(proc.pid), {})
-                    mine[f"cuda:{index}"] = mine.get(f"cuda:{index}", 0) + amount
+            continue
+        for proc in procs:
+            amount = getattr(proc, "usedGpuMemory", None)
+            if isinstance(amount, int):
+                mine = used.setdefault(int(proc.pid), {})
+                mine[f"cuda:{index}"] = mine.get(f"cuda:{index}", 0) + amount
     return used
 
 
@@ -132,6 +150,11 @@ def children_memory(parent_pid: int | None = None) -> dict[str, dict[str, int]]:
     - ``cuda:N``: what NVML attributes to the child's processes. GPUs it has no value for
       (inside some containers) are left out: unknown, not 0.
     """
+    with _nvml() as nvml:
+        return _children_memory(nvml, parent_pid)
+
+
+def _children_memory(nvml: Any | None, parent_pid: int | None) -> dict[str, dict[str, int]]:
     try:
         children = psutil.Process(parent_pid or os.getpid()).children()
     except psutil.Error:
@@ -159,7 +182,7 @@ def children_memory(parent_pid: int | None = None) -> dict[str, dict[str, int]]:
             mine["cpu"] = mine.get("cpu", 0) + anon
     if not owners:
         return {}
-    for pid, amounts in _gpu_memory_by_pid().items():
+    for pid, amounts in _gpu_memory_by_pid(nvml).items():
         if pid in owners:
             mine = used[owners[pid]]
             for device, n in amounts.items():

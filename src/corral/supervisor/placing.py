@@ -30,12 +30,15 @@ from corral.placement.decide import (
 from corral.placement.devices import Device
 from corral.placement.ledger import CapacityError, Ledger, corral_usage
 from corral.placement.requests import declared_devices, placement_request
-from corral.probe.devices import children_memory, discover_devices
+from corral.probe.devices import discover_devices, read_usage
 from corral.probe.gguf import read_profile
 
 log = structlog.get_logger("corral.supervisor")
 
 _CAPACITY_POLL = 0.25
+# While a load waits for capacity, the devices are read at most this often: a reading opens
+# NVML and walks corral's children, and other programs rarely free memory faster than this.
+_REREAD_INTERVAL = 1.0
 _READ_ATTEMPTS = 3
 
 
@@ -44,11 +47,6 @@ def make_ledger(config: Config) -> Ledger:
     devices: list[Device] = declared_devices(config) or discover_devices()
     reserve = config.file.reserve
     return Ledger(devices, reserve_gpu=int(reserve.gpu), reserve_ram=int(reserve.ram))
-
-
-def _read_devices() -> tuple[list[Device], dict[str, dict[str, int]]]:
-    """The devices with what they have free now, and what corral's children use on each."""
-    return discover_devices(), children_memory()
 
 
 async def refresh_external(ledger: Ledger) -> None:
@@ -68,7 +66,7 @@ async def refresh_external(ledger: Ledger) -> None:
     for _ in range(_READ_ATTEMPTS):
         held = ledger.reservations()
         try:
-            devices, measured = await asyncio.to_thread(_read_devices)
+            devices, measured = await asyncio.to_thread(read_usage)
         except Exception as exc:  # a failed reading keeps the last values rather than fail
             log.warning("device_reading_failed", error=str(exc))
             return
@@ -119,9 +117,12 @@ async def place(
     request = placement_request(spec, config)
     discovered = declared_devices(config) is None
     deadline = time.monotonic() + wait
+    read_at: float | None = None  # when the devices were last read; None: read before deciding
     while True:
-        if discovered:
-            # Before each decision (after evictions and waits too): other programs come and go.
+        if discovered and (read_at is None or time.monotonic() - read_at >= _REREAD_INTERVAL):
+            # Before each decision (after evictions, and while waiting once a second): other
+            # programs come and go.
+            read_at = time.monotonic()
             await refresh_external(ledger)
         try:
             plan = plan_placement(profile, request, ledger.devices, ledger)
@@ -142,6 +143,7 @@ async def place(
                         break
                     log.info("model_evicting", model=victim, reason="memory", for_model=spec.name)
                     await evict(victim)
+                read_at = None  # the evicted children's memory is back: see how much
                 continue
             if time.monotonic() >= deadline:
                 raise ModelLoadError(
