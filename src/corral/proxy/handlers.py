@@ -338,9 +338,17 @@ _background: set[asyncio.Future[None]] = set()
 
 
 async def _disconnected(receive: Receive) -> None:
-    """Return once the client has gone (the body is already read, so nothing else arrives)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
+    """Return once the client has gone (the body is already read, so nothing else arrives).
+
+    Only a disconnect returns: if the client cannot be watched, this waits forever, and the
+    answer is awaited as it would be without a watch.
+    """
+    try:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+    except Exception as exc:
+        log.warning("client_watch_failed", error=f"{type(exc).__name__}: {exc}")
+        await asyncio.Event().wait()
 
 
 def _request_id(request: Request) -> str:

@@ -160,6 +160,9 @@ class ModelProcess:
         code = await proc.wait()
         # Whatever the child started in its group (a wrapper script's helpers) goes with it, even
         # when the child itself left at once: a stop or a crash must leave nothing running.
+        # The id cannot name someone else's group: Linux keeps a pid number taken while a group
+        # of that id has members, and hands out numbers cyclically, so reusing it the moment
+        # the group empties would take a wrap of the whole pid space in between.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
         return code
