@@ -127,7 +127,7 @@ def test_a_child_that_does_not_answer_drops_out_of_the_scrape(
         took = time.monotonic() - started
     finally:
         os.kill(pid, signal.SIGCONT)
-    assert took < 3.0  # the 1 s child timeout, not a hang
+    assert took < 5.0  # the 1 s child timeout (plus a loaded CI machine), not a hang
     assert value(found, "llamacpp_tokens_predicted_total", model="live") is not None
     assert value(found, "corral_slot_busy", model="live", slot="0") == 0.0
     assert value(found, "llamacpp_tokens_predicted_total", model="frozen") is None
