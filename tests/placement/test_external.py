@@ -31,9 +31,20 @@ def test_external_use_refuses_a_load_that_would_fit_otherwise() -> None:
     (short,) = err.shortfalls
     assert short.device == "cuda:0" and short.external == 18 * GiB
     assert short.capacity == short.free == 5 * GiB  # 24 - 1 reserve - 18 other programs
-    # No model of corral's to evict would help: it is refused at once, and the 503 says why.
-    assert err.impossible
+    # No model of corral's to evict would help, but the other program may end: not permanent,
+    # so a load waits for it (bounded), and the 503 says why.
+    assert err.impossible and not err.permanent
     assert "5.00 GiB free of 5.00 GiB (other programs use 18.00 GiB)" in str(err)
+    assert str(err).endswith("(other programs use the rest: it fits once they free it)")
+
+
+def test_a_model_larger_than_the_device_is_refused_for_good() -> None:
+    lg = Ledger(ONE_24, reserve_gpu=18 * GiB)
+    lg.set_external("cuda:0", 3 * GiB)
+    with pytest.raises(NoFit) as caught:
+        plan_placement(llama31_8b(), ON_THE_GPU, ONE_24, lg)  # about 7 GiB for a 6 GiB budget
+    assert caught.value.impossible and caught.value.permanent
+    assert str(caught.value).endswith("(more than these devices can hold even when idle)")
 
 
 def test_refusal_names_holders_and_other_programs_together() -> None:

@@ -249,3 +249,28 @@ async def test_a_waiting_load_reads_the_devices_at_most_once_a_second(
     assert machine.reads == reads + 2
     assert time.monotonic() - started >= 1.3
     assert plan.reservation == {"cpu": b} and ledger.holdings("b") == {"cpu": b}
+
+
+async def test_a_load_waits_for_other_programs_to_free_memory(
+    smollm2: Path, machine: Machine
+) -> None:
+    cfg = config(smollm2, "a")
+    ledger = make_ledger(cfg)
+    machine.set_free("cpu", 16 * MiB)  # another program holds nearly everything, for a while
+
+    async def other_program_exits() -> None:
+        await asyncio.sleep(0.5)
+        machine.set_free("cpu", 8 * GiB)
+
+    exiting = asyncio.create_task(other_program_exits())
+    plan = await place(cfg.models["a"], cfg, ledger, nobody, no_eviction, wait=10.0)
+    await exiting
+    assert ledger.holdings("a") == plan.reservation and ledger.external("cpu") == 0
+
+    # Without it going away, the wait ends in a 503 that says who holds the memory.
+    machine.set_free("cpu", 16 * MiB)
+    ledger.release("a")
+    with pytest.raises(ModelLoadError) as caught:
+        await place(cfg.models["a"], cfg, ledger, nobody, no_eviction, wait=1.2)
+    assert "other programs use" in caught.value.reason
+    assert caught.value.retry_after == 5.0

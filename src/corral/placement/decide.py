@@ -130,16 +130,24 @@ class PlacementPlan:
 
 class NoFit(CapacityError):
     """No layout fits. ``needed`` is the most promising layout's reservation (pass it to
-    ``choose_evictions``); ``impossible`` is True when it would not fit even on idle devices."""
+    ``choose_evictions``); ``impossible`` is True when evicting every model would not make it
+    fit, ``permanent`` when it would not fit even once other programs free their memory too."""
 
     def __init__(
         self, name: str, shortfalls: Sequence[Shortfall], needed: Mapping[str, int],
-        impossible: bool,
+        impossible: bool, permanent: bool | None = None,
     ) -> None:
-        note = " (more than these devices can hold even when idle)" if impossible else ""
+        permanent = impossible if permanent is None else permanent and impossible
+        if permanent:
+            note = " (more than these devices can hold even when idle)"
+        elif impossible:
+            note = " (other programs use the rest: it fits once they free it)"
+        else:
+            note = ""
         super().__init__(name, shortfalls, note)
         self.needed = dict(needed)
         self.impossible = impossible
+        self.permanent = permanent
 
 
 @dataclass(frozen=True)
@@ -154,6 +162,7 @@ class _Fit:
     split: tuple[int, ...]
     shortfalls: tuple[Shortfall, ...]
     ok_when_idle: bool
+    ok_when_empty: bool  # with no other programs' use either
 
 
 class _Planner:
@@ -209,7 +218,7 @@ class _Planner:
         need = est.reservation()
         shortfalls = tuple(self.ledger.shortfalls(need))
         idle = not self.ledger.shortfalls(need, ignoring=self.ledger.owners)
-        return _Fit(est, counts, shortfalls, idle)
+        return _Fit(est, counts, shortfalls, idle, idle or self.ledger.fits_on_empty(need))
 
     def _estimate(
         self, ngl: int, slots: int, ctx: int, split: Sequence[tuple[str, float]] | None
@@ -347,5 +356,5 @@ def plan_placement(
     if failure is None:
         raise ValueError("no candidate device for this request")
     raise NoFit(request.name, failure.shortfalls, failure.estimate.reservation(),
-                impossible=not failure.ok_when_idle)
+                impossible=not failure.ok_when_idle, permanent=not failure.ok_when_empty)
 

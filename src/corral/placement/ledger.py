@@ -186,6 +186,11 @@ class Ledger:
                 )
         return result
 
+    def fits_on_empty(self, amounts: Mapping[str, int]) -> bool:
+        """Whether ``amounts`` would fit with no reservations and no other programs' use."""
+        return all(n <= max(0, self._devices[d].total - self._reserve[d])
+                   for d, n in amounts.items())
+
     def fits(self, amounts: Mapping[str, int], ignoring: Iterable[str] = ()) -> bool:
         """Whether ``amounts`` would fit now."""
         return not self.shortfalls(amounts, ignoring)

@@ -130,7 +130,7 @@ async def place(
             ledger.reserve(spec.name, plan.reservation)
             return plan
         except NoFit as exc:
-            if exc.impossible:
+            if exc.permanent:
                 raise ModelLoadError(spec.name, str(exc), retry_after=60.0) from None
             pool = [EvictionCandidate(c.name, c.last_used, busy=c.busy, pinned=c.pinned)
                     for c in candidates()]
@@ -146,9 +146,11 @@ async def place(
                 read_at = None  # the evicted children's memory is back: see how much
                 continue
             if time.monotonic() >= deadline:
-                raise ModelLoadError(
-                    spec.name, f"not enough memory (busy or pinned models hold it): {exc}",
-                    retry_after=5.0) from None
+                # Not permanent: what other programs use (impossible), or busy or pinned
+                # models, stand in the way, and either may go.
+                who = "" if exc.impossible else " (busy or pinned models hold it)"
+                raise ModelLoadError(spec.name, f"not enough memory{who}: {exc}",
+                                     retry_after=5.0) from None
             await asyncio.sleep(_CAPACITY_POLL)
         except CapacityError as exc:
             # Only if the ledger changed between plan and reserve: plan again, bounded.
