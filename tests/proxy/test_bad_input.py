@@ -32,6 +32,9 @@ CASES: list[tuple[str, str, bytes, dict[str, str], int, str]] = [
     ("POST", CHAT, b"[{\"model\": \"m\"}]", JSON, 400, "invalid_body"),
     ("POST", CHAT, b"\"m\"", JSON, 400, "invalid_body"),
     ("POST", CHAT, b"42", JSON, 400, "invalid_body"),
+    ("POST", CHAT, b"[" * 30_000, JSON, 400, "invalid_json"),  # Python's parser: RecursionError
+    ("POST", CHAT, b'{"model": "m", "x": ' + b"[" * 20_000 + b"]" * 20_000 + b"}", JSON, 400,
+     "invalid_json"),
     ("POST", CHAT, b"true", JSON, 400, "invalid_body"),
     ("POST", CHAT, b"null", JSON, 400, "invalid_body"),
     ("POST", CHAT, b"{}", JSON, 400, "model_required"),

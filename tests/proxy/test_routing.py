@@ -17,6 +17,7 @@ from corral.proxy.routing import check_fields, model_name, parse_body
         (b"[1, 2]", "must be a JSON object, got an array"),
         (b'"text"', "must be a JSON object, got a string"),
         (b"null", "must be a JSON object, got null"),
+        (b"[" * 100_000, "nested too deeply"),
     ],
 )
 def test_bodies_that_are_not_objects(body: bytes, message: str) -> None:

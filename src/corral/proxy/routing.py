@@ -45,6 +45,9 @@ def parse_body(body: bytes) -> dict[str, Any]:
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequestError(f"the request body is not valid JSON: {exc}",
                               code="invalid_json") from None
+    except RecursionError:
+        raise BadRequestError("the request body is nested too deeply to read",
+                              code="invalid_json") from None
     if not isinstance(data, dict):
         raise BadRequestError(
             f"the request body must be a JSON object, got {_json_type(data)}",
