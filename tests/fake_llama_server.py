@@ -8,6 +8,8 @@ metrics, chat completions, the private API key) and misbehaves as ``FAKE_MODE`` 
 
 - ``ok``: a normal stream of ``max_tokens`` tokens (default mode)
 - ``crash_after:N``: exit with code 3 after sending N tokens of a stream
+- ``cut_after:N``: after N tokens of a stream, send half of the next event, then exit with
+  code 3 (a child that dies in the middle of writing)
 - ``hang_after:N``: after N tokens stop answering anything, /health included
 - ``slow:S``: wait S seconds before each token (a non-streamed answer: S x tokens, then all)
 - ``gap:S``: wait S seconds before the first token only
@@ -107,7 +109,7 @@ async def complete(request: dict[str, object], writer: asyncio.StreamWriter) -> 
     global hung
     tokens = int(str(request.get("max_tokens", 8)))
     if not request.get("stream"):
-        if MODE == "crash_after":
+        if MODE in ("crash_after", "cut_after"):
             os._exit(3)
         if MODE == "slow":
             await asyncio.sleep(float(ARG) * tokens)
@@ -120,6 +122,10 @@ async def complete(request: dict[str, object], writer: asyncio.StreamWriter) -> 
                  b"Transfer-Encoding: chunked\r\n\r\n")
     for i in range(tokens):
         if MODE == "crash_after" and i == int(ARG):
+            await writer.drain()
+            os._exit(3)
+        if MODE == "cut_after" and i == int(ARG):
+            writer.write(chunk(b'data: {"choices": [{"index": 0, "del'))
             await writer.drain()
             os._exit(3)
         if MODE == "hang_after" and i == int(ARG):

@@ -84,6 +84,16 @@ def test_crash_mid_stream_ends_the_stream_with_an_error_event(
     assert server.model("steady")["state"] == "ready"
 
 
+def test_a_child_dying_mid_event_still_gives_a_whole_error_event(
+    corral: Start, smollm2: Path
+) -> None:
+    server = corral({"models": {"m": fake(smollm2, "cut_after:3")}})
+    events = stream_events(server, "m", 20)
+    assert sum('"content"' in e for e in events) == 3
+    assert events[-3] == 'data: {"choices": [{"index": 0, "del'  # the half event, as it came
+    assert "failed mid-stream" in error_event(events)["error"]["message"]
+
+
 def test_hung_child_is_killed_by_the_health_checks(corral: Start, smollm2: Path) -> None:
     server = corral({"models": {"m": fake(smollm2, "hang_after:3")}, "health": FAST_HEALTH})
     started = time.monotonic()

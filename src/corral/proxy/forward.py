@@ -97,6 +97,7 @@ class UpstreamResponse:
         self._closed = False
         self.upstream_error: str | None = None
         self.first_chunk_at: float | None = None
+        self._between_events = True  # whether what was sent so far ends with a whole event
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -124,13 +125,17 @@ class UpstreamResponse:
                 if self.first_chunk_at is None:
                     self.first_chunk_at = time.perf_counter()
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                self._between_events = chunk.endswith(b"\n\n")
         except httpx.HTTPError as exc:
             self.upstream_error = f"{type(exc).__name__}: {exc}"
             if not self.is_sse:
                 # Headers are out and the body is cut: only closing the connection tells the
                 # client the response is incomplete.
                 raise
-            await send({"type": "http.response.body", "body": sse_error(
+            # A child that died mid-write left half an event: end it, or the client's parser
+            # would read the error event as more of that one.
+            cut = b"" if self._between_events else b"\n\n"
+            await send({"type": "http.response.body", "body": cut + sse_error(
                 f"the model failed mid-stream: {self.upstream_error}"), "more_body": True})
         self._finished = True
         # Release the slot before the last frame: a client that sees its response end and sends
