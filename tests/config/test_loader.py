@@ -3,14 +3,13 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-import gguf
-import numpy as np
 import pytest
 import yaml
 
 from corral.cli import main
 from corral.config import check_model_files, load_config, parse_config
 from corral.errors import ConfigError
+from tests.probe.test_gguf import F32, gemma3, write
 
 
 def problems(data: object) -> list[str]:
@@ -133,18 +132,6 @@ def test_check_model_files(tmp_path: Path, smollm2: Path) -> None:
     ]
 
 
-def tiny_gguf(path: Path) -> Path:
-    """A valid GGUF of a few hundred bytes: one metadata key and one small tensor."""
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_uint32("llama.block_count", 1)
-    writer.add_tensor("output_norm.weight", np.zeros((8,), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
 @pytest.mark.parametrize(
     ("header", "reason"),
     [
@@ -166,7 +153,7 @@ def test_check_model_files_reads_the_header_after_the_magic(
     garbage = tmp_path / "garbage.gguf"
     garbage.write_bytes(b"GGUF" + header)
     config = {"models": {"real": {"path": str(smollm2)},
-                         "tiny": {"path": str(tiny_gguf(tmp_path / "tiny.gguf"))},
+                         "tiny": {"path": str(gemma3(tmp_path / "tiny.gguf"))},
                          "garbage": {"path": str(garbage)}}}
     expected = f"models.garbage.path: not a readable GGUF file ({reason}), got '{garbage}'"
     assert check_model_files(parse_config(config)) == [expected]
@@ -177,6 +164,25 @@ def test_check_model_files_reads_the_header_after_the_magic(
     del config["models"]["garbage"]
     path.write_text(yaml.safe_dump(config))
     assert main(["check", "-c", str(path)]) == 0  # the real and the synthetic file pass
+
+
+def test_check_model_files_builds_the_profile_a_load_needs(tmp_path: Path) -> None:
+    # Headers that read fine but describe no model corral can place: every load would fail.
+    incomplete = write(tmp_path / "incomplete.gguf", "llama", {"llama.block_count": 1},
+                       [("output_norm.weight", (8,), F32)])
+    hybrid = write(tmp_path / "hybrid.gguf", "lfm2", {
+        "lfm2.block_count": 2, "lfm2.embedding_length": 64, "lfm2.attention.head_count": 4,
+        "lfm2.attention.head_count_kv": 2, "lfm2.context_length": 4096,
+        "lfm2.ssm.state_size": 16, "lfm2.full_attention_interval": 0,
+    }, [("output_norm.weight", (64,), F32)])
+    config = parse_config({"models": {"incomplete": {"path": str(incomplete)},
+                                      "hybrid": {"path": str(hybrid)}}})
+    assert check_model_files(config) == [
+        f"models.incomplete.path: not a readable GGUF file (llama.embedding_length: missing), "
+        f"got '{incomplete}'",
+        f"models.hybrid.path: not a readable GGUF file (lfm2.full_attention_interval: must be "
+        f">= 1, got 0), got '{hybrid}'",
+    ]
 
 
 def test_corral_check_exit_codes(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,25 +202,20 @@ def check_model_files(config: Config) -> list[str]:
 
 
 def _gguf_header_problem(path: str) -> str | None:
-    """Why the GGUF header at ``path`` cannot be read, or None if it can.
+    """Why the GGUF model at ``path`` cannot be placed, or None if it can.
 
-    The right magic is not enough: corral reads the header to place the model, and a header it
-    cannot read fails every load, so ``corral check`` catches it with the same scanner.
+    The right magic is not enough: corral reads the header and builds the model's profile to
+    place it, and a file it cannot profile fails every load, so ``corral check`` does the same.
     """
     # Imported here: the probe package imports placement, which imports this module.
-    from corral.probe.gguf import read_header
+    from corral.probe.gguf import read_profile
 
     try:
-        read_header(path)
+        read_profile(path)
     except OSError as exc:
         return f"cannot read it: {exc.strerror or exc}"
-    except struct.error:
-        # The scanner skips string arrays by their lengths, which may point past the end.
-        return "the GGUF header is truncated"
-    except KeyError as exc:
-        return f"unsupported tensor type {exc.args[0]}"
-    except (ValueError, OverflowError) as exc:
-        return str(exc).removeprefix(f"{path}: ")
+    except ValueError as exc:
+        return str(exc).removeprefix(f"{os.path.abspath(path)}: ")
     return None
 
 

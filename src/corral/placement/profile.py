@@ -223,6 +223,8 @@ def _recurrent_layers(
     interval = fields.get(f"{arch}.full_attention_interval")
     if interval is not None:
         n = _int(interval, f"{arch}.full_attention_interval")
+        if n < 1:
+            raise ValueError(f"{arch}.full_attention_interval: must be >= 1, got {n}")
         return tuple((il + 1) % n != 0 for il in range(n_layer)), False
     if any(h == 0 for h in n_head_kv):
         return tuple(h == 0 for h in n_head_kv), False

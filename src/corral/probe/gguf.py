@@ -138,8 +138,23 @@ def read_header(path: str) -> tuple[dict[str, object], list[tuple[str, int]]]:
     ``gguf.GGUFReader`` builds an object for every element of every array, which takes five
     seconds for a 49k-token vocabulary; corral needs the hyper-parameters and tensor sizes only.
     This scanner walks the same header, skipping string arrays by their lengths, and takes
-    the type sizes from the ``gguf`` package's own tables.
+    the type sizes from the ``gguf`` package's own tables. Raises ``OSError`` when the file
+    cannot be read and ``ValueError`` (naming the file) for anything it cannot make sense of.
     """
+    try:
+        return _scan_header(path)
+    except struct.error:
+        # String arrays are skipped by their lengths, which may point past the end.
+        raise ValueError(f"{path}: the GGUF header is truncated") from None
+    except (KeyError, ValueError, OverflowError, MemoryError) as exc:
+        reason = str(exc.args[0]) if isinstance(exc, KeyError) else str(exc)
+        if isinstance(exc, KeyError):
+            reason = f"unsupported tensor type {reason}"
+        raise ValueError(reason if reason.startswith(f"{path}: ") else f"{path}: {reason}") \
+            from None
+
+
+def _scan_header(path: str) -> tuple[dict[str, object], list[tuple[str, int]]]:
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
     with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:

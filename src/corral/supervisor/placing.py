@@ -114,6 +114,10 @@ async def place(
     except (OSError, ValueError) as exc:
         raise ModelLoadError(spec.name, f"cannot read the model file: {exc}",
                              retry_after=30.0) from None
+    except Exception as exc:  # a file the scanner did not foresee: still this model's 503
+        log.exception("profile_failed", model=spec.name, path=str(spec.path))
+        raise ModelLoadError(spec.name, f"cannot read the model file: {type(exc).__name__}: "
+                             f"{exc}", retry_after=30.0) from None
     request = placement_request(spec, config)
     discovered = declared_devices(config) is None
     deadline = time.monotonic() + wait
