@@ -23,6 +23,8 @@ metrics, chat completions, the private API key) and misbehaves as ``FAKE_MODE`` 
 - ``echo_body``: answer every model request with what arrived: the body's exact bytes (base64)
   and the header lines, so a test can see what corral sent upstream
 
+With ``FAKE_MODEL_MIB`` set, the fake prints a host model buffer of that size at start-up, as
+llama-server does at verbosity 4 (a child that uses more memory than corral's estimate).
 With ``FAKE_RECORD`` set to a file, the fake appends what a test cannot see from outside:
 ``pid N`` at start, ``grandchild N``, and ``SIGTERM`` for each SIGTERM it received.
 
@@ -147,6 +149,9 @@ def chunk(data: bytes) -> bytes:
 
 async def main() -> None:
     record(f"pid {os.getpid()}")
+    if os.environ.get("FAKE_MODEL_MIB"):
+        mib = float(os.environ["FAKE_MODEL_MIB"])
+        print(f"load_tensors:   CPU_Mapped model buffer size = {mib:8.2f} MiB", flush=True)
     if MODE in ("ignore_term", "leave_helper"):
         # SIG_IGN (unlike a handler) survives exec: the grandchild ignores SIGTERM as well.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -20,7 +20,7 @@ import yaml
 
 from corral.config import parse_config
 from corral.planreport import build_report
-from tests.conftest import CorralProcess
+from tests.conftest import FAKE_LLAMA_SERVER, CorralProcess
 
 pytestmark = pytest.mark.integration
 
@@ -169,19 +169,20 @@ def test_corral_plan_fails_when_preloaded_models_do_not_fit(
 def test_actual_memory_and_rss_are_shown_and_an_overrun_is_logged(
     corral: Start, smollm2: Path
 ) -> None:
-    # A draft model (speculative decoding) is memory the estimate does not count: llama-server
-    # loads a second copy of the weights, so the child reports more than corral reserved.
+    # Every way to make the real llama-server use much more than the estimate (a draft model,
+    # tensor overrides) is refused in `args`, so the child that overruns is the fake, printing
+    # the buffer line llama-server prints, with 1 GiB of weights where the estimate has 92 MiB.
     server = corral({"models": {
         "plain": model(smollm2),
-        "drafted": model(smollm2, args=["--model-draft", str(smollm2)]),
+        "overrun": model(smollm2, binary=FAKE_LLAMA_SERVER, env={"FAKE_MODEL_MIB": "1024"}),
     }})
-    for name in ("plain", "drafted"):
+    for name in ("plain", "overrun"):
         assert server.http.post(f"/admin/models/{name}/load").status_code == 200
-    plain, drafted = server.model("plain")["memory"], server.model("drafted")["memory"]
-    assert plain["rss"] > 50 * MiB and drafted["rss"] > 50 * MiB
+    plain, overrun = server.model("plain")["memory"], server.model("overrun")["memory"]
+    assert plain["rss"] > 50 * MiB and overrun["rss"] > 0
     assert plain["actual"]["cpu"] <= plain["estimated"]["cpu"] * 1.1
-    assert drafted["actual"]["cpu"] > drafted["estimated"]["cpu"] * 1.1
+    assert overrun["actual"]["cpu"] == 1024 * MiB > overrun["estimated"]["cpu"] * 1.1
     warnings = [json.loads(line) for line in server.log().splitlines()
                 if '"memory_above_estimate"' in line]
     assert [(w["model"], w["device"], w["actual"]) for w in warnings] == [
-        ("drafted", "cpu", drafted["actual"]["cpu"])]
+        ("overrun", "cpu", 1024 * MiB)]

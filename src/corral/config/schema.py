@@ -69,48 +69,101 @@ ModelName = Annotated[str, StringConstraints(min_length=1, pattern=r"^[^\s]+$")]
 Slots = Annotated[int, Field(ge=1, le=512)]
 
 # Flags corral computes or owns for every child; setting them in `args` would break routing,
-# capacity or the child's private API key, so the schema refuses them with the reason.
-RESERVED_FLAGS = {
-    "-m": "the model file is `path`",
-    "--model": "the model file is `path`",
-    "-np": "use `slots`",
-    "--parallel": "use `slots`",
-    "-c": "use `ctx_per_slot`",
-    "--ctx-size": "use `ctx_per_slot`",
-    "--host": "corral binds children to 127.0.0.1",
-    "--port": "corral picks a free port",
-    "--alias": "corral sets the model name",
-    "-a": "corral sets the model name",
-    "--api-key": "corral gives each child a private key",
-    "--api-key-file": "corral gives each child a private key",
-    "-ngl": "use `gpu_layers`",
-    "--gpu-layers": "use `gpu_layers`",
-    "--n-gpu-layers": "use `gpu_layers`",
-    "-ctk": "use `cache_type_k`",
-    "--cache-type-k": "use `cache_type_k`",
-    "-ctv": "use `cache_type_v`",
-    "--cache-type-v": "use `cache_type_v`",
-    "--fit": "corral decides the placement and passes --fit off",
-    "-ts": "corral computes the tensor split",
-    "--tensor-split": "corral computes the tensor split",
-    "-sm": "corral chooses the split mode",
-    "--split-mode": "corral chooses the split mode",
-    "-dev": "use the model's `devices`",
-    "--device": "use the model's `devices`",
-    "-b": "the memory estimate assumes corral's batch size",
-    "--batch-size": "the memory estimate assumes corral's batch size",
-    "-ub": "the memory estimate assumes corral's micro-batch size",
-    "--ubatch-size": "the memory estimate assumes corral's micro-batch size",
-    "--cache-ram": "the memory estimate counts the prompt cache corral sets",
-    "-cram": "the memory estimate counts the prompt cache corral sets",
-    "--ctx-checkpoints": "the memory estimate counts the checkpoints corral sets",
-    "--swa-full": "the memory estimate assumes the default sliding-window cache",
-    "-nkvo": "the memory estimate assumes the KV cache on the model's devices",
-    "--no-kv-offload": "the memory estimate assumes the KV cache on the model's devices",
-    "--n-cpu-moe": "the memory estimate assumes no expert offload",
-    "-fa": "the memory estimate assumes flash attention as llama-server decides it",
-    "--flash-attn": "the memory estimate assumes flash attention as llama-server decides it",
+# capacity, the memory estimate or the child's private API key, so the schema refuses them
+# with the reason. Every spelling llama.cpp accepts (common/arg.cpp) is listed.
+_RESERVED_BY_REASON: dict[str, tuple[str, ...]] = {
+    "the model file is `path`": (
+        "-m", "--model",
+    ),
+    "use `slots`": (
+        "-np", "--parallel",
+    ),
+    "use `ctx_per_slot`": (
+        "-c", "--ctx-size",
+    ),
+    "corral binds children to 127.0.0.1": (
+        "--host",
+    ),
+    "corral picks a free port": (
+        "--port",
+    ),
+    "corral sets the model name": (
+        "--alias", "-a",
+    ),
+    "corral gives each child a private key": (
+        "--api-key", "--api-key-file",
+    ),
+    "use `gpu_layers`": (
+        "-ngl", "--gpu-layers", "--n-gpu-layers",
+    ),
+    "use `cache_type_k`": (
+        "-ctk", "--cache-type-k",
+    ),
+    "use `cache_type_v`": (
+        "-ctv", "--cache-type-v",
+    ),
+    "corral decides the placement and passes --fit off": (
+        "--fit", "-fit",
+    ),
+    "corral computes the tensor split": (
+        "-ts", "--tensor-split",
+    ),
+    "corral chooses the split mode": (
+        "-sm", "--split-mode",
+    ),
+    "use the model's `devices`": (
+        "-dev", "--device", "-mg", "--main-gpu",
+    ),
+    "the memory estimate assumes corral's batch size": (
+        "-b", "--batch-size",
+    ),
+    "the memory estimate assumes corral's micro-batch size": (
+        "-ub", "--ubatch-size",
+    ),
+    "the memory estimate counts the prompt cache corral sets": (
+        "--cache-ram", "-cram",
+    ),
+    "the memory estimate counts the checkpoints corral sets": (
+        "--ctx-checkpoints", "-ctxcp", "--swa-checkpoints",
+    ),
+    "the memory estimate assumes the default sliding-window cache": (
+        "--swa-full",
+    ),
+    "the memory estimate assumes the KV cache on the model's devices": (
+        "-nkvo", "--no-kv-offload", "-kvo", "--kv-offload",
+    ),
+    "the memory estimate assumes no expert offload": (
+        "--n-cpu-moe", "-ncmoe", "-cmoe", "--cpu-moe",
+    ),
+    "the memory estimate assumes flash attention as llama-server decides it": (
+        "-fa", "--flash-attn",
+    ),
+    "the memory estimate assumes the tensors where corral places them": (
+        "-ot", "--override-tensor",
+    ),
+    "the memory estimate assumes a KV cache per slot": (
+        "-kvu", "--kv-unified", "-no-kvu", "--no-kv-unified", "--kv-unified-per-slot",
+    ),
+    "the memory estimate assumes llama-server's default op offload": (
+        "--no-op-offload", "--op-offload",
+    ),
+    "corral reads the buffer sizes printed at verbosity 4": (
+        "-lv", "--verbosity", "--log-verbosity",
+    ),
+    "the model file is `path` (nothing is downloaded)": (
+        "-hf", "-hfr", "--hf-repo", "-hff", "--hf-file", "-mu", "--model-url", "-dr",
+        "--docker-repo",
+    ),
+    "corral is the router: one model per child": (
+        "--models-dir", "--models-preset", "--models-max", "--models-autoload",
+        "--no-models-autoload",
+    ),
+    "speculative decoding with a draft model is not supported: its memory is not counted": (
+        "-md", "--model-draft", "--spec-draft-model", "-hfd", "-hfrd", "--hf-repo-draft",
+        "--spec-draft-hf",
+    ),
 }
+RESERVED_FLAGS = {flag: why for why, flags in _RESERVED_BY_REASON.items() for flag in flags}
 
 
 class StrictModel(BaseModel):

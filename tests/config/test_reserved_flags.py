@@ -1,0 +1,50 @@
+"""Flags corral owns are refused in ``args`` under every spelling llama-server accepts."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+
+from corral.config import parse_config
+from corral.config.schema import RESERVED_FLAGS
+from corral.errors import ConfigError
+
+
+@pytest.mark.parametrize("flag", sorted(RESERVED_FLAGS))
+def test_each_reserved_flag_is_refused_with_its_reason(flag: str) -> None:
+    for args in ([flag, "1"], [f"{flag}=1"]):
+        with pytest.raises(ConfigError) as caught:
+            parse_config({"models": {"m": {"path": "m.gguf", "args": args}}})
+        (problem,) = caught.value.problems
+        assert problem.startswith(f"models.m.args: {flag!r} is set by corral ("), problem
+        assert RESERVED_FLAGS[flag] in problem
+
+
+def test_flags_corral_does_not_own_pass() -> None:
+    config = parse_config({"models": {"m": {"path": "m.gguf", "args": [
+        "--temp", "0.7", "--threads", "2", "--jinja", "--embeddings"]}}})
+    assert config.models["m"].args == ("--temp", "0.7", "--threads", "2", "--jinja",
+                                       "--embeddings")
+
+
+@pytest.mark.integration
+def test_every_spelling_of_a_reserved_flag_is_reserved(llama_server: str) -> None:
+    # llama-server's own --help lists each option's spellings on one line: "-c,    --ctx-size N".
+    # A new alias in a later llama.cpp would otherwise get around the refusal.
+    usage = subprocess.run([llama_server, "--help"], capture_output=True, text=True,
+                           timeout=60).stdout
+    groups = []
+    for line in usage.splitlines():
+        if not line.startswith("-") or line.startswith("---"):
+            continue
+        names = re.match(r"-[\w-]+(?:,\s*-[\w-]+)*", line)
+        assert names is not None, line
+        groups.append(set(re.findall(r"-[\w-]+", names.group())))
+    assert len(groups) > 100 and {"-c", "--ctx-size"} in groups
+    missing = {
+        flag for group in groups if group & RESERVED_FLAGS.keys()
+        for flag in group - RESERVED_FLAGS.keys()
+    }
+    assert not missing, f"spellings of reserved flags that are not reserved: {sorted(missing)}"
