@@ -48,3 +48,19 @@ def test_every_spelling_of_a_reserved_flag_is_reserved(llama_server: str) -> Non
         for flag in group - RESERVED_FLAGS.keys()
     }
     assert not missing, f"spellings of reserved flags that are not reserved: {sorted(missing)}"
+
+
+@pytest.mark.parametrize(("name", "reason"), [
+    ("CUDA_VISIBLE_DEVICES", "'CUDA_VISIBLE_DEVICES' is set by corral (use the model's `devices`)"),
+    ("LLAMA_API_KEY", "'LLAMA_API_KEY' is set by corral (corral gives each child a private key)"),
+    ("LLAMA_ARG_N_CPU_MOE", "'LLAMA_ARG_N_CPU_MOE': give llama-server flags in `args`, where "
+                            "corral checks them"),
+])
+def test_env_that_would_override_the_plan_or_a_flag_is_refused(name: str, reason: str) -> None:
+    for where in ({"models": {"m": {"path": "m.gguf", "env": {name: "1"}}}},
+                  {"models": {"m": {"path": "m.gguf"}}, "llama_server": {"env": {name: "1"}}}):
+        with pytest.raises(ConfigError) as caught:
+            parse_config(where)
+        (problem,) = caught.value.problems
+        assert reason in problem and problem.split(":")[0].endswith(".env"), problem
+

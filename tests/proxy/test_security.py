@@ -121,6 +121,27 @@ def test_a_child_answers_only_corral(corral: Start, smollm2: Path) -> None:
     assert httpx.get(child + "/slots", headers=bearer(key)).status_code == 200
 
 
+@pytest.mark.integration
+def test_a_child_inherits_no_client_keys_and_no_unchecked_flags(
+    corral: Start, smollm2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CORRAL_TEST_KEY_A", TEAM_A)
+    monkeypatch.setenv("CORRAL_API_KEY", ADMIN)  # for `corral ps` in the same shell
+    monkeypatch.setenv("LLAMA_ARG_N_CPU_MOE", "3")  # would move experts past the estimate
+    monkeypatch.setenv("CORRAL_HARMLESS", "kept")
+    config = secured(smollm2, tmp_path)
+    config["models"]["open"]["env"] = {"OMP_NUM_THREADS": "1"}
+    server = corral(config)
+    assert server.http.post("/admin/models/open/load", headers=bearer(ADMIN)).status_code == 200
+    (child,) = server.children()
+    env = child.environ()
+    assert "CORRAL_TEST_KEY_A" not in env and "CORRAL_API_KEY" not in env
+    assert not any(name.startswith("LLAMA_ARG_") for name in env)
+    assert env["CORRAL_HARMLESS"] == "kept" and env["OMP_NUM_THREADS"] == "1"
+    assert env["CUDA_VISIBLE_DEVICES"] == ""  # the plan: no GPU for this CPU-only host
+    assert TEAM_A not in env.values() and ADMIN not in env.values()
+
+
 def test_refuses_to_listen_beyond_loopback_without_keys(
     tmp_path: Path, smollm2: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

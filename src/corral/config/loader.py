@@ -49,6 +49,12 @@ class Config:
         """Every name a request may use: model names, then aliases."""
         return list(self._names)
 
+    @property
+    def secret_env(self) -> frozenset[str]:
+        """Variables of corral's environment that hold API keys: children never inherit them."""
+        named = {k.key_env for k in self.file.auth.keys if k.key_env is not None}
+        return frozenset({"CORRAL_API_KEY", *named})
+
 
 def config_path(explicit: str | None) -> str:
     """The file to read: ``-c`` if given, else ``$CORRAL_CONFIG``, else ``./corral.yaml``."""

@@ -183,6 +183,25 @@ class Listen(StrictModel):
     port: int = Field(default=8080, ge=0, le=65535)
 
 
+# Variables corral sets for each child from its plan, or that would override a flag where
+# corral cannot check it (llama-server reads LLAMA_ARG_* for any flag not on the command line).
+_RESERVED_ENV = {
+    "CUDA_VISIBLE_DEVICES": "use the model's `devices`",
+    "CUDA_DEVICE_ORDER": "corral numbers GPUs by PCI bus id, as NVML does",
+    "LLAMA_API_KEY": "corral gives each child a private key",
+}
+
+
+def _check_env(env: dict[str, str]) -> dict[str, str]:
+    for name in env:
+        if name in _RESERVED_ENV:
+            raise ValueError(f"{name!r} is set by corral ({_RESERVED_ENV[name]})")
+        if name.startswith("LLAMA_ARG_"):
+            raise ValueError(f"{name!r}: give llama-server flags in `args`, where corral "
+                             "checks them")
+    return env
+
+
 class LlamaServerSettings(StrictModel):
     binary: str = "llama-server"
     startup_timeout: PositiveDuration = 120.0
@@ -191,6 +210,7 @@ class LlamaServerSettings(StrictModel):
     env: dict[str, str] = Field(default_factory=dict)
 
     _args = field_validator("args")(_check_args)
+    _env = field_validator("env")(_check_env)
 
 
 class QueueSettings(StrictModel):
@@ -235,6 +255,7 @@ class ModelConfig(StrictModel):
     preload: bool = False
 
     _args = field_validator("args")(_check_args)
+    _env = field_validator("env")(_check_env)
 
     @field_validator("path")
     @classmethod

@@ -20,7 +20,7 @@ import signal
 import socket
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from functools import partial
 
 import httpx
@@ -60,6 +60,21 @@ def resolve_binary(binary: str) -> str | None:
     return found
 
 
+def child_env(
+    inherited: Mapping[str, str], configured: Mapping[str, str], planned: Mapping[str, str],
+    api_key: str, secret: Collection[str] = (),
+) -> dict[str, str]:
+    """A child's environment: corral's own, less its API keys and any ``LLAMA_ARG_*`` (which
+    would set llama-server flags unchecked), then the configured ``env``, then the plan's GPU
+    selection, which nothing overrides, and the child's private key."""
+    env = {k: v for k, v in inherited.items()
+           if k not in secret and not k.startswith("LLAMA_ARG_")}
+    env.update(configured)
+    env.update(planned)
+    env["LLAMA_API_KEY"] = api_key
+    return env
+
+
 class ModelProcess:
     """A running (or finished) llama-server for one model, with its own pooled HTTP client."""
 
@@ -71,8 +86,10 @@ class ModelProcess:
         settings: LlamaServerSettings,
         log_tail: deque[str],
         upstream: UpstreamSettings | None = None,
+        secret_env: Collection[str] = (),
     ) -> None:
         self.spec = spec
+        self.secret_env = frozenset(secret_env)
         self.upstream = upstream or UpstreamSettings()
         self.server_args = list(server_args)
         self.env = dict(env)
@@ -123,7 +140,7 @@ class ModelProcess:
                 retry_after=30.0,
             )
         self.port = free_port()
-        env = {**os.environ, **self.env, **self.spec.env, "LLAMA_API_KEY": self.api_key}
+        env = child_env(os.environ, self.spec.env, self.env, self.api_key, self.secret_env)
         argv = self.command(binary)
         try:
             self._proc = await asyncio.create_subprocess_exec(

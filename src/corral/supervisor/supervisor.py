@@ -260,7 +260,8 @@ class Supervisor:
                                      partial(self._eviction_candidates, model), self._evict,
                                      wait=model.spec.queue_timeout)
             proc = ModelProcess(model.spec, model.plan.args, model.plan.env, self.settings,
-                                model.log_tail, upstream=self.config.file.upstream)
+                                model.log_tail, upstream=self.config.file.upstream,
+                                secret_env=self.config.secret_env)
             model.process = proc
             await proc.start()
             if proc.pid is not None:
