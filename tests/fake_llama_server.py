@@ -20,6 +20,7 @@ metrics, chat completions, the private API key) and misbehaves as ``FAKE_MODE`` 
   that ignores it too, so only a SIGKILL of the whole group ends them
 - ``leave_helper``: like a wrapper script that started a helper: a grandchild that ignores
   SIGTERM, while the fake itself exits on SIGTERM at once
+- ``garbled``: answer /slots and /metrics with malformed content
 - ``echo_body``: answer every model request with what arrived: the body's exact bytes (base64)
   and the header lines, so a test can see what corral sent upstream
 
@@ -86,9 +87,14 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
                 writer.write(response(200, b'{"status":"ok"}'))
             elif headers.get("authorization") != f"Bearer {KEY}":
                 writer.write(response(401, b'{"error":{"message":"Invalid API Key"}}'))
+            elif path == "/slots" and MODE == "garbled":
+                writer.write(response(200, json.dumps(
+                    [1, "x", {"id": 0, "n_ctx": "big", "next_token": ["?"]}]).encode()))
             elif path == "/slots":
                 writer.write(response(200, json.dumps(
                     [{"id": 0, "n_ctx": 256, "is_processing": False}]).encode()))
+            elif path == "/metrics" and MODE == "garbled":
+                writer.write(response(200, b"# TYPE x counter\nx{a=\"1\" 2 3 4\n", "text/plain"))
             elif path == "/metrics":
                 writer.write(response(200, b"# TYPE llamacpp:requests_processing gauge\n"
                                            b"llamacpp:requests_processing 0\n", "text/plain"))

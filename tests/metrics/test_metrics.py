@@ -13,7 +13,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import CorralProcess
+from tests.conftest import FAKE_LLAMA_SERVER, CorralProcess
 
 pytestmark = pytest.mark.integration
 
@@ -84,13 +84,15 @@ def test_metrics_after_known_traffic(corral: Start, smollm2: Path) -> None:
     assert value(found, "llamacpp_tokens_predicted_total", model="idle") is None
     assert server.model("idle")["state"] == "unloaded"
 
-    # Token totals survive the child: a new child starts counting from zero again.
+    # Token totals survive the child, tokens since the last scrape included (read as it
+    # stops); a new child starts counting from zero again.
+    chat(server, 3, stream=False)
     assert server.http.post("/admin/models/m/unload").status_code == 200
     chat(server, 2, stream=False)
     found = samples(server)
     assert value(found, "corral_model_evictions_total", reason="manual", **m) == 1.0
     assert value(found, "corral_model_loads_total", result="ok", **m) == 2.0
-    assert value(found, "corral_generated_tokens_total", **m) == 27.0
+    assert value(found, "corral_generated_tokens_total", **m) == 30.0
     assert value(found, "llamacpp_tokens_predicted_total", **m) == 2.0
 
 
@@ -153,3 +155,19 @@ def test_slot_series_follow_a_task_in_progress(corral: Start, smollm2: Path) -> 
     assert (value(found, "corral_slot_decoded_tokens", model="m", slot=slot) or 0) >= 10
     assert (value(found, "corral_slot_prompt_tokens", model="m", slot=slot) or 0) > 5
     assert value(found, "corral_model_slots_busy", model="m") == 1.0
+
+
+def test_a_child_with_garbled_slots_and_metrics_drops_out_of_them_only(
+    corral: Start, smollm2: Path
+) -> None:
+    # The fake: the real llama-server cannot be made to answer malformed /slots or /metrics.
+    server = corral({"models": {
+        "garbled": {"path": str(smollm2), "binary": FAKE_LLAMA_SERVER, "slots": 1,
+                    "ctx_per_slot": 256, "env": {"FAKE_MODE": "garbled"}}}})
+    assert server.http.post("/admin/models/garbled/load").status_code == 200
+    response = server.http.get("/metrics")
+    assert response.status_code == 200
+    found = samples(server)
+    m = {"model": "garbled"}
+    assert value(found, "corral_slot_context_tokens", slot="0", **m) == 0.0  # "big": no number
+    assert value(found, "corral_model_state", state="ready", **m) == 1.0

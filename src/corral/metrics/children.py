@@ -39,10 +39,18 @@ class ChildSnapshot:
         return None
 
 
-async def read_child(model: ManagedModel, timeout: float = SCRAPE_TIMEOUT) -> ChildSnapshot:
+async def read_child(
+    model: ManagedModel, timeout: float = SCRAPE_TIMEOUT, *, stopping: bool = False
+) -> ChildSnapshot:
+    """The child's ``/slots`` and ``/metrics``; empty parts for what it did not answer.
+
+    Only a ready child is read, or with ``stopping`` one being stopped (a last reading of its
+    counters before they go).
+    """
     proc = model.process
     snapshot = ChildSnapshot(model.name, proc.pid if proc else None)
-    if model.state != ModelState.READY or proc is None or proc.client is None:
+    readable = (ModelState.READY, ModelState.STOPPING) if stopping else (ModelState.READY,)
+    if model.state not in readable or proc is None or proc.client is None:
         return snapshot
     slots, metrics = await asyncio.gather(
         proc.client.get("/slots", timeout=timeout),
@@ -52,9 +60,11 @@ async def read_child(model: ManagedModel, timeout: float = SCRAPE_TIMEOUT) -> Ch
     if isinstance(slots, httpx.Response) and slots.status_code == 200:
         with contextlib.suppress(ValueError):
             body = slots.json()
-            snapshot.slots = body if isinstance(body, list) else None
+            # Whatever a child sends, a scrape must not fail: keep only slot objects.
+            if isinstance(body, list):
+                snapshot.slots = [s for s in body if isinstance(s, dict)]
     if isinstance(metrics, httpx.Response) and metrics.status_code == 200:
-        with contextlib.suppress(ValueError):
+        with contextlib.suppress(Exception):  # the parser raises more than ValueError
             snapshot.metrics = list(text_string_to_metric_families(metrics.text))
     return snapshot
 

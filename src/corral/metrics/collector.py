@@ -98,7 +98,7 @@ class CorralMetrics(SupervisorEvents, Collector):
         if self._supervisor is not None:
             managed = self._supervisor.models[model]
             with contextlib.suppress(Exception):
-                self._observe_tokens(await read_child(managed))
+                self._observe_tokens(await read_child(managed, stopping=True))
 
     # -- scrape-time metrics -----------------------------------------------------------------
 
@@ -159,11 +159,12 @@ class CorralMetrics(SupervisorEvents, Collector):
             for slot in snapshot.slots or ():
                 labels = [snapshot.model, str(slot.get("id", "?"))]
                 busy.add_metric(labels, 1.0 if slot.get("is_processing") else 0.0)
-                context.add_metric(labels, float(slot.get("n_ctx", 0)))
-                prompt.add_metric(labels, float(slot.get("n_prompt_tokens", 0) or 0))
+                context.add_metric(labels, _number(slot.get("n_ctx")))
+                prompt.add_metric(labels, _number(slot.get("n_prompt_tokens")))
                 next_token = slot.get("next_token") or [{}]
                 first = next_token[0] if isinstance(next_token, list) and next_token else {}
-                decoded.add_metric(labels, float(first.get("n_decoded", 0) or 0))
+                decoded.add_metric(labels, _number(first.get("n_decoded")
+                                                   if isinstance(first, dict) else None))
         yield from (busy, context, prompt, decoded)
 
     def _token_metrics(self, models: list[ManagedModel]) -> Iterator[Metric]:
@@ -222,3 +223,10 @@ class CorralMetrics(SupervisorEvents, Collector):
                     out.add_sample(sample.name.replace(":", "_"),
                                    {**sample.labels, "model": snapshot.model}, sample.value)
         yield from merged.values()
+
+
+def _number(value: object) -> float:
+    """A child's figure as a sample value; 0 for anything that is not a number."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return 0.0
