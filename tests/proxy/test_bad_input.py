@@ -136,6 +136,19 @@ def test_slow_body_gets_408(server: CorralProcess) -> None:
     assert b"request_timeout" in answer
 
 
+def test_a_client_that_leaves_half_way_through_its_body_is_logged_as_gone(
+    server: CorralProcess,
+) -> None:
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/json\r\nX-Request-Id: half-a-body\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"model\":")
+    server.wait_for(lambda: "half-a-body" in server.log(), timeout=5)
+    line = next(json.loads(x) for x in server.log().splitlines() if "half-a-body" in x)
+    assert line["event"] == "request" and line["status"] == 499
+    assert "Traceback" not in server.log() and "Exception in ASGI" not in server.log()
+
+
 def test_declared_oversize_body_is_refused_before_it_is_read(server: CorralProcess) -> None:
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "

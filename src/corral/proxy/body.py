@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
-from corral.errors import RequestTimeoutError, RequestTooLargeError
+from corral.errors import ClientGoneError, RequestTimeoutError, RequestTooLargeError
 from corral.proxy.errors import BadRequestError
 
 
@@ -34,6 +34,9 @@ async def read_body(request: Request, max_body: int, timeout: float) -> bytes:
     except TimeoutError:
         raise RequestTimeoutError(f"the request body was not received within {timeout:g}s") \
             from None
+    except ClientDisconnect:
+        # Gone half-way through its body: nobody to answer, but counted and logged as such.
+        raise ClientGoneError("client disconnected while sending its request body") from None
     return b"".join(chunks)
 
 
