@@ -80,7 +80,16 @@ def test_keys_scopes_and_model_allow_lists(
     assert server.http.get("/metrics", headers=bearer(ADMIN)).status_code == 200
     assert server.http.get("/health").status_code == 200
     assert code(server.http.get("/v1/models")) == (401, "invalid_api_key")
-    assert server.http.get("/v1/models", headers=bearer(TEAM_A)).status_code == 200
+    # A key limited to some models sees only those: in the list and in a 404's suggestions.
+    listed = server.http.get("/v1/models", headers=bearer(TEAM_A))
+    assert [m["id"] for m in listed.json()["data"]] == ["open"]
+    everything = server.http.get("/v1/models", headers=bearer(FROM_FILE)).json()["data"]
+    assert sorted(m["id"] for m in everything) == ["closed", "open"]
+    assert code(server.http.get("/v1/models/closed", headers=bearer(TEAM_A))) == (
+        403, "forbidden")
+    unknown = post("/v1/completions", json=ask("nope"), headers=bearer(TEAM_A))
+    assert unknown.status_code == 404
+    assert unknown.json()["error"]["message"].endswith("available models: open")
     assert code(server.http.get("/slots?model=closed", headers=bearer(TEAM_A))) == (
         403, "forbidden")
 

@@ -21,6 +21,7 @@ from corral.config.schema import ResolvedKey
 from corral.errors import (
     ClientGoneError,
     CorralError,
+    ModelNotFoundError,
     ModelUnavailableError,
     QueueFullError,
     QueueTimeoutError,
@@ -28,7 +29,7 @@ from corral.errors import (
 )
 from corral.metrics import CorralMetrics
 from corral.proxy.admission import AdmissionQueue
-from corral.proxy.auth import Authenticator
+from corral.proxy.auth import OPEN, Authenticator
 from corral.proxy.body import read_body
 from corral.proxy.errors import BadRequestError, response_for
 from corral.proxy.forward import UpstreamResponse, send_upstream
@@ -76,6 +77,18 @@ class Proxy:
         """The request's key, if it has ``scope``; raises 401/403 otherwise."""
         return self.auth.authenticate(request.headers, scope)
 
+    def find(self, name: str, key: ResolvedKey) -> ManagedModel:
+        """The model ``name`` names; a 404 lists only the models ``key`` may use."""
+        try:
+            return self.supervisor.get(name)
+        except ModelNotFoundError as exc:
+            if key.models is None:
+                raise
+            config = self.supervisor.config
+            mine = [n for n in exc.available
+                    if (spec := config.resolve(n)) is not None and spec.name in key.models]
+            raise ModelNotFoundError(name, mine) from None
+
     async def inference(self, request: Request) -> Response:
         """POST on a model endpoint: route by ``model``, admit, load on demand, stream back."""
         started = time.perf_counter()
@@ -85,7 +98,7 @@ class Proxy:
             key = self.require(request, "inference")
             body = await read_body(request, self.limits.max_body, self.limits.body_timeout)
             payload = parse_body(body)
-            model = self.supervisor.get(model_name(payload, self.default_model))
+            model = self.find(model_name(payload, self.default_model), key)
             name = model.name
             self.auth.authorize_model(key, name)
             check_fields(request.url.path, payload, model.plan.n_vocab if model.plan else None,
@@ -118,7 +131,7 @@ class Proxy:
                     f"{path} needs ?model= when corral has no default_model",
                     code="model_required",
                 )
-            model = self.supervisor.get(asked)
+            model = self.find(asked, key)
             name = model.name
             self.auth.authorize_model(key, name)
             body = (await read_body(request, self.limits.max_body, self.limits.body_timeout)
@@ -251,8 +264,8 @@ class Proxy:
         become their HTTP answers."""
         async def checked(request: Request) -> Response:
             try:
-                if not public():
-                    self.require(request, scope)
+                # Handlers that show only what the key may see read it here.
+                request.state.key = OPEN if public() else self.require(request, scope)
                 return await handler(request)
             except CorralError as exc:
                 return response_for(exc)
@@ -263,8 +276,11 @@ class Proxy:
         return Response(await self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     async def list_models(self, request: Request) -> Response:
-        """GET /v1/models: every model and alias in OpenAI form, with corral's details."""
-        models = list(self.supervisor.models.values())
+        """GET /v1/models: every model and alias the key may use, in OpenAI form, with
+        corral's details."""
+        key: ResolvedKey = request.state.key
+        models = [m for m in self.supervisor.models.values()
+                  if key.models is None or m.name in key.models]
         data = [_model_entry(m, m.name) for m in models]
         for m in models:
             data += [_model_entry(m, alias, alias_of=m.name) for alias in m.spec.aliases]
@@ -272,7 +288,9 @@ class Proxy:
 
     async def get_model(self, request: Request) -> Response:
         name = request.path_params["name"]
-        model = self.supervisor.get(name)
+        key: ResolvedKey = request.state.key
+        model = self.find(name, key)
+        self.auth.authorize_model(key, model.name)
         alias_of = None if name == model.name else model.name
         return JSONResponse(_model_entry(model, name, alias_of=alias_of))
 
