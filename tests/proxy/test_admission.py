@@ -50,6 +50,22 @@ async def test_a_released_slot_goes_to_the_first_waiter_not_a_newcomer() -> None
     newcomer.cancel()
 
 
+async def test_requests_waiting_for_a_load_count_against_the_limit() -> None:
+    q = queue(slots=2, limit=2)
+    await q.admit()
+    await q.admit()
+    q.loading = 2  # both admitted requests still wait for the model to start
+    with pytest.raises(QueueFullError):
+        await q.admit()
+    q.loading = 1
+    waiting = asyncio.create_task(q.admit())
+    await asyncio.sleep(0.01)
+    assert q.depth == 2 == q.limit()
+    with pytest.raises(QueueFullError):
+        await q.admit()
+    waiting.cancel()
+
+
 async def test_full_queue_refuses() -> None:
     q = queue(slots=1, limit=1)
     await q.admit()

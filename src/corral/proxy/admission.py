@@ -71,7 +71,9 @@ class AdmissionQueue:
             self.in_flight += 1
             return 0.0
         limit = self.limit()
-        if len(self._waiters) >= limit:
+        # Requests waiting for the model to load are queued too (``depth``): the bound counts
+        # them, so the depth a dashboard shows never exceeds the limit it shows.
+        if self.depth >= limit:
             raise QueueFullError(self.model, limit, retry_after=1.0)
         started = time.monotonic()
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()

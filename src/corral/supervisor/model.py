@@ -60,6 +60,14 @@ class ManagedModel:
             return self.plan.slots
         return self.spec.slots if isinstance(self.spec.slots, int) else 1
 
+    def queue_limit(self, slots: int) -> int:
+        """How many requests may wait while ``slots`` are busy. Before an auto-sized model's
+        first load, as many as its largest slot count allows: a cold burst is not refused
+        because the plan is not made yet."""
+        if self.plan is None and not isinstance(self.spec.slots, int):
+            slots = self.spec.max_slots
+        return self.spec.queue_limit(slots)
+
     @property
     def ctx_per_slot(self) -> int | None:
         if self.slot_ctx is not None:
