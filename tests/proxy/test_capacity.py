@@ -98,6 +98,9 @@ def test_queue_full_gives_429_and_timeout_gives_503(corral: Start, smollm2: Path
     metrics = server.http.get("/metrics").text
     assert 'corral_queue_rejected_total{model="m",reason="full"} 1.0' in metrics
     assert 'corral_queue_rejected_total{model="m",reason="timeout"} 1.0' in metrics
+    # The wait that timed out counts in the histogram too: that is the wait a p99 must show.
+    assert 'corral_queue_wait_seconds_count{model="m"} 2.0' in metrics
+    assert 'corral_queue_wait_seconds_bucket{le="1.0",model="m"} 1.0' in metrics
 
 
 def test_a_client_that_disconnects_while_queued_leaves_the_queue(

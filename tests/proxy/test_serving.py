@@ -269,6 +269,8 @@ def test_client_disconnect_frees_the_slot(corral: Start, smollm2: Path) -> None:
     assert server.model("smollm2")["in_flight"] == 0
     logs = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
     assert any(e.get("event") == "request" and e.get("client_gone") for e in logs)
+    assert ('corral_requests_total{code="499",endpoint="/v1/chat/completions",model="smollm2"} '
+            '1.0') in server.http.get("/metrics").text
 
 
 def test_a_client_that_leaves_a_non_streamed_request_frees_the_slot(

@@ -69,6 +69,9 @@ def test_crash_mid_stream_ends_the_stream_with_an_error_event(
     events = stream_events(server, "flaky", 50)
     assert sum('"content"' in e for e in events) == 5  # what was produced still arrived
     assert "failed mid-stream" in error_event(events)["error"]["message"]
+    # The status line said 200 before the crash; the metrics count how it ended.
+    assert ('corral_requests_total{code="502",endpoint="/v1/chat/completions",model="flaky"} '
+            '1.0') in server.http.get("/metrics").text
     server.wait_for(lambda: server.model("flaky")["state"] == "failed")
     assert "exited unexpectedly with code 3" in server.model("flaky")["last_error"]
 

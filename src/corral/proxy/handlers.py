@@ -31,7 +31,7 @@ from corral.metrics import CorralMetrics
 from corral.proxy.admission import AdmissionQueue
 from corral.proxy.auth import OPEN, Authenticator
 from corral.proxy.body import read_body
-from corral.proxy.errors import BadRequestError, response_for
+from corral.proxy.errors import CLIENT_CLOSED_REQUEST, BadRequestError, response_for
 from corral.proxy.forward import UpstreamResponse, send_upstream
 from corral.proxy.routing import SLOTLESS_PATHS, check_fields, model_name, parse_body
 from corral.supervisor import Lease, ManagedModel, ModelState, Supervisor
@@ -65,10 +65,10 @@ class Proxy:
             slots = partial(_planned_slots, model)
             queue = self.queues.get(name)
             if queue is None:
-                self.queues[name] = AdmissionQueue(name, slots, spec.queue_limit,
+                self.queues[name] = AdmissionQueue(name, slots, model.queue_limit,
                                                    spec.queue_timeout)
             else:
-                queue.reconfigure(slots, spec.queue_limit, spec.queue_timeout)
+                queue.reconfigure(slots, model.queue_limit, spec.queue_timeout)
         for name in [n for n in self.queues if n not in config.models]:
             if self.queues[name].depth == 0 and self.queues[name].in_flight == 0:
                 del self.queues[name]
@@ -157,7 +157,13 @@ class Proxy:
     ) -> Response:
         queue = self.queues[model.name]
         if uses_slot:
-            waited = await queue.admit(partial(_disconnected, request.receive))
+            asked = time.monotonic()
+            try:
+                waited = await queue.admit(partial(_disconnected, request.receive))
+            except (QueueTimeoutError, ClientGoneError):
+                # The longest waits end this way; leaving them out would hide a saturated queue.
+                self.instruments.queue_wait.labels(model.name).observe(time.monotonic() - asked)
+                raise
             self.instruments.queue_wait.labels(model.name).observe(waited)
         try:
             sending = self._send(request, model, body, queue if uses_slot else None, touch,
@@ -181,8 +187,12 @@ class Proxy:
             seconds = time.perf_counter() - started
             ttft = (response.first_chunk_at - started
                     if response.is_sse and response.first_chunk_at else None)
-            self.instruments.request_done(model.name, request.url.path, upstream.status_code,
-                                          seconds, ttft)
+            # The status line went out before the stream failed or the client left; the
+            # metrics count how it ended, as the request would have been counted had it been
+            # known up front.
+            outcome = (CLIENT_CLOSED_REQUEST if response.client_gone
+                       else 502 if response.upstream_error else upstream.status_code)
+            self.instruments.request_done(model.name, request.url.path, outcome, seconds, ttft)
             log.info("request", request_id=request_id, model=model.name,
                      method=request.method, path=request.url.path,
                      status=upstream.status_code, client_gone=response.client_gone,
