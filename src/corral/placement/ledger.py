@@ -234,6 +234,16 @@ class Ledger:
             return
         self.set_external(device.id, device.total - device.free - corral_used)
 
+    def without(self, owners: Iterable[str]) -> Ledger:
+        """A copy of this ledger as it would be once ``owners`` released their memory."""
+        gone = set(owners)
+        copy = Ledger(self._devices.values())
+        with self._lock:
+            copy._reserve = dict(self._reserve)
+            copy._external = dict(self._external)
+            copy._held = {o: dict(a) for o, a in self._held.items() if o not in gone}
+        return copy
+
     def snapshot(self) -> list[DeviceUsage]:
         """Every device's budget and holders now, for display."""
         with self._lock:

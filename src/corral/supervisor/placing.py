@@ -24,11 +24,13 @@ from corral.placement.decide import (
     EvictionCandidate,
     NoFit,
     PlacementPlan,
+    PlacementRequest,
     choose_evictions,
     plan_placement,
 )
 from corral.placement.devices import Device
 from corral.placement.ledger import CapacityError, Ledger, corral_usage
+from corral.placement.profile import ModelProfile
 from corral.placement.requests import declared_devices, placement_request
 from corral.probe.devices import discover_devices, read_usage
 from corral.probe.gguf import read_profile
@@ -91,6 +93,49 @@ class Candidate:
     pinned: bool
 
 
+def _layout_rank(plan: PlacementPlan) -> tuple[int, int]:
+    """How good a plan's layout is: more layers on GPUs first, then fewer GPUs."""
+    return (plan.gpu_layers, -len(plan.gpus))
+
+
+def _evictions_for_a_better_layout(
+    profile: ModelProfile, request: PlacementRequest, plan: PlacementPlan, ledger: Ledger,
+    candidates: list[Candidate],
+) -> list[str] | None:
+    """Idle models to stop so that the load gets a better layout than ``plan``, or None.
+
+    With ``gpu_layers: auto`` a plan that fits what is free may leave layers on the CPU, or
+    split a model over GPUs, where stopping idle models would let it run whole on one GPU,
+    many times faster. Slots and context are not reasons to evict: two auto-sized models would
+    take turns evicting each other for a few more slots.
+    """
+    idle = [c for c in candidates if not c.busy and not c.pinned and ledger.holdings(c.name)]
+    if not idle:
+        return None
+    try:
+        ideal = plan_placement(profile, request, ledger.devices,
+                               ledger.without(c.name for c in idle))
+    except (NoFit, ValueError):
+        return None
+    if _layout_rank(ideal) <= _layout_rank(plan):
+        return None
+    pool = [EvictionCandidate(c.name, c.last_used, busy=c.busy, pinned=c.pinned) for c in idle]
+    return choose_evictions(ideal.reservation, pool, ledger) or None
+
+
+async def _evict_all(
+    loading: str, victims: list[str], candidates: Callable[[], Iterable[Candidate]],
+    evict: Callable[[str], Awaitable[None]],
+) -> None:
+    for i, victim in enumerate(victims):
+        # Stopping one takes time: a request may have come for the next one since they were
+        # chosen. Then it is no longer idle; plan again instead.
+        if i and not _still_idle(victim, candidates()):
+            return
+        log.info("model_evicting", model=victim, reason="memory", for_model=loading)
+        await evict(victim)
+
+
 def _still_idle(name: str, candidates: Iterable[Candidate]) -> bool:
     """Whether ``name`` may still be evicted: it holds memory, is not busy and not pinned."""
     return any(c.name == name and not c.busy and not c.pinned for c in candidates)
@@ -130,6 +175,12 @@ async def place(
             await refresh_external(ledger)
         try:
             plan = plan_placement(profile, request, ledger.devices, ledger)
+            victims = _evictions_for_a_better_layout(profile, request, plan, ledger,
+                                                     list(candidates()))
+            if victims:
+                await _evict_all(spec.name, victims, candidates, evict)
+                read_at = None
+                continue
             # No await between planning and reserving: no other load can take the same bytes.
             ledger.reserve(spec.name, plan.reservation)
             return plan
@@ -140,13 +191,7 @@ async def place(
                     for c in candidates()]
             victims = choose_evictions(exc.needed, pool, ledger)
             if victims:
-                for i, victim in enumerate(victims):
-                    # Stopping one takes time: a request may have come for the next one since
-                    # they were chosen. Then it is no longer idle; plan again instead.
-                    if i and not _still_idle(victim, candidates()):
-                        break
-                    log.info("model_evicting", model=victim, reason="memory", for_model=spec.name)
-                    await evict(victim)
+                await _evict_all(spec.name, victims, candidates, evict)
                 read_at = None  # the evicted children's memory is back: see how much
                 continue
             if time.monotonic() >= deadline:
