@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
+import subprocess
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -76,6 +78,25 @@ def _gpus(nvml: Any | None) -> list[Device]:
 def _host() -> Device:
     memory = psutil.virtual_memory()
     return host(int(memory.total), int(memory.available))
+
+
+_CUDA_DEVICE = re.compile(r"^\s+CUDA\d+:", re.MULTILINE)
+
+
+def binary_gpus(binary: str) -> int | None:
+    """How many NVIDIA GPUs the llama-server ``binary`` can use (``--list-devices``).
+
+    None when it cannot tell (the binary fails or hangs). A build without CUDA lists none, and
+    then any ``-ngl`` corral passes is ignored: the whole model lands in host memory.
+    """
+    try:
+        done = subprocess.run([binary, "--list-devices"], capture_output=True, text=True,
+                              timeout=30, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if done.returncode != 0:
+        return None
+    return len(_CUDA_DEVICE.findall(done.stdout))
 
 
 def discover_devices() -> list[Device]:

@@ -32,8 +32,9 @@ from corral.placement.devices import Device
 from corral.placement.ledger import CapacityError, Ledger, corral_usage
 from corral.placement.profile import ModelProfile
 from corral.placement.requests import declared_devices, placement_request
-from corral.probe.devices import discover_devices, read_usage
+from corral.probe.devices import binary_gpus, discover_devices, read_usage
 from corral.probe.gguf import read_profile
+from corral.supervisor.process import resolve_binary
 
 log = structlog.get_logger("corral.supervisor")
 
@@ -45,8 +46,22 @@ _READ_ATTEMPTS = 3
 
 
 def make_ledger(config: Config) -> Ledger:
-    """The ledger of this host: declared devices, or NVML GPUs and system RAM."""
-    devices: list[Device] = declared_devices(config) or discover_devices()
+    """The ledger of this host: declared devices, or NVML GPUs and system RAM.
+
+    Discovered GPUs count only if llama-server can use them: a build without CUDA would ignore
+    the layers planned for them and put everything in host memory.
+    """
+    devices: list[Device] | None = declared_devices(config)
+    if devices is None:
+        devices = discover_devices()
+        if any(d.kind == "gpu" for d in devices):
+            binary = resolve_binary(config.file.llama_server.binary)
+            if binary is not None and binary_gpus(binary) == 0:
+                log.warning("gpus_not_usable", binary=binary,
+                            gpus=[d.id for d in devices if d.kind == "gpu"],
+                            reason="llama-server lists no CUDA device (built without CUDA?): "
+                                   "models are placed in host memory")
+                devices = [d for d in devices if d.kind != "gpu"]
     reserve = config.file.reserve
     return Ledger(devices, reserve_gpu=int(reserve.gpu), reserve_ram=int(reserve.ram))
 
