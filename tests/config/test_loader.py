@@ -78,6 +78,8 @@ models:
         ({"models": {"m": {}}}, "models.m.path: required key is missing"),
         ({"models": {"m": {"path": " "}}}, "models.m.path: must not be empty, got ' '"),
         ({}, "models: required key is missing"),
+        ({"models": {"m": {"path": "x"}}, "devices": [{"id": "cpu", "memory": "512MiB"}]},
+         "devices.0.memory: 512.0 MiB leaves nothing once reserve.ram (1.0 GiB) is set aside"),
         ({"models": {"m": {"path": "x", "args": ["-np", "8"]}}},
          "models.m.args: '-np' is set by corral (use `slots`), got ['-np', '8']"),
         ({"models": {"m": {"path": "x"}}, "llama_server": {"args": ["--port=1"]}},

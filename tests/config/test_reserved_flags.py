@@ -23,8 +23,9 @@ def test_each_reserved_flag_is_refused_with_its_reason(flag: str) -> None:
 
 
 def test_flags_corral_does_not_own_pass() -> None:
+    # YAML numbers (`[--threads, 2]`) are command-line text like any other argument.
     config = parse_config({"models": {"m": {"path": "m.gguf", "args": [
-        "--temp", "0.7", "--threads", "2", "--jinja", "--embeddings"]}}})
+        "--temp", 0.7, "--threads", 2, "--jinja", "--embeddings"]}}})
     assert config.models["m"].args == ("--temp", "0.7", "--threads", "2", "--jinja",
                                        "--embeddings")
 

@@ -60,6 +60,8 @@ class Machine:
 def machine(monkeypatch: pytest.MonkeyPatch) -> Machine:
     fake = Machine([host(8 * GiB, free=8 * GiB)])
     monkeypatch.setattr(placing, "discover_devices", fake.discover)
+    # The Machine's GPUs are as fake as NVML's here: take it that the binary can use them.
+    monkeypatch.setattr(placing, "binary_gpus", lambda binary: None)
     monkeypatch.setattr(placing, "read_usage", lambda: (fake.discover(), fake.children()))
     return fake
 

@@ -170,6 +170,14 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _args_as_text(value: object) -> object:
+    # YAML reads `[--threads, 4]` as a string and a number; a command line is all text.
+    if isinstance(value, list):
+        return [str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+                for v in value]
+    return value
+
+
 def _check_args(args: list[str]) -> list[str]:
     for arg in args:
         flag = arg.split("=", 1)[0]
@@ -209,6 +217,7 @@ class LlamaServerSettings(StrictModel):
     args: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
 
+    _args_text = field_validator("args", mode="before")(_args_as_text)
     _args = field_validator("args")(_check_args)
     _env = field_validator("env")(_check_env)
 
@@ -254,6 +263,7 @@ class ModelConfig(StrictModel):
     env: dict[str, str] = Field(default_factory=dict)
     preload: bool = False
 
+    _args_text = field_validator("args", mode="before")(_args_as_text)
     _args = field_validator("args")(_check_args)
     _env = field_validator("env")(_check_env)
 
@@ -383,6 +393,14 @@ class ConfigFile(StrictModel):
                 raise ValueError("devices: declare the host too, e.g. {id: cpu, memory: 64GiB}")
             if len(set(ids)) != len(ids):
                 raise ValueError(f"devices: each id may appear once, got {ids}")
+            for i, d in enumerate(self.devices):
+                reserve, which = ((self.reserve.ram, "reserve.ram") if d.id == "cpu"
+                                  else (self.reserve.gpu, "reserve.gpu"))
+                if d.memory <= reserve:
+                    raise ValueError(
+                        f"devices.{i}.memory: {d.memory.human_readable(separator=' ')} "
+                        f"leaves nothing once {which} "
+                        f"({reserve.human_readable(separator=' ')}) is set aside")
             for name, model in self.models.items():
                 for device in model.devices or ():
                     if device not in ids:
