@@ -267,8 +267,9 @@ def test_uneven_gpus_get_layers_in_proportion_to_free_memory() -> None:
 
 
 def test_request_mistakes() -> None:
-    with pytest.raises(ValueError, match="pinned devices not found: cuda:9"):
-        plan_placement(llama31_8b(), PlacementRequest(devices=("cuda:9",)), ONE_24)
+    with pytest.raises(ValueError, match=r"models\.big\.devices: pinned devices not found: "
+                       r"cuda:9 \(this host has cpu, cuda:0\)"):
+        plan_placement(llama31_8b(), PlacementRequest(devices=("cuda:9",), name="big"), ONE_24)
     with pytest.raises(ValueError, match="host"):
         plan_placement(llama31_8b(), PlacementRequest(), [gpu(0, 24 * GiB)])
     with pytest.raises(ValueError, match="multiple of 256"):

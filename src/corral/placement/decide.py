@@ -346,7 +346,8 @@ def plan_placement(
         raise ValueError("devices must include the host ('cpu'): llama-server always uses it")
     unknown = sorted(set(request.devices or ()) - known)
     if unknown:
-        raise ValueError(f"pinned devices not found: {', '.join(unknown)}")
+        raise ValueError(f"models.{request.name}.devices: pinned devices not found: "
+                         f"{', '.join(unknown)} (this host has {', '.join(sorted(known))})")
     planner = _Planner(profile, request, devices, ledger)
     for layout in planner.layouts():
         plan = planner.place(layout)
