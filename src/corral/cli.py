@@ -1,8 +1,8 @@
 """The ``corral`` command: ``serve``, ``check``, ``plan`` and ``ps``.
 
-Exit codes: 0 fine, 1 corral not reachable or the API key refused (``ps``) or preloaded and
-pinned models that do not fit together (``plan``), 2 invalid configuration (or model files that
-cannot be used).
+Exit codes: 0 fine, 1 corral not reachable or the API key refused (``ps``), preloaded and
+pinned models that do not fit together (``plan``), or another corral running with the same state
+file (``serve``), 2 invalid configuration (or model files that cannot be used).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import structlog
 
 from corral import __version__
 from corral.config import Config, check_model_files, config_path, load_config
-from corral.errors import ConfigError
+from corral.errors import AlreadyRunningError, ConfigError
 from corral.logs import configure_logging
 
 EXIT_CONFIG = 2
@@ -108,7 +108,13 @@ def serve(config: Config) -> int:
         log.warning("model_file_problem", problem=problem)
     log.info("corral_starting", config=config.source, host=config.file.listen.host,
              port=config.file.listen.port, models=list(config.models))
-    run_server(config)
+    try:
+        run_server(config)
+    except AlreadyRunningError as exc:
+        log.error("corral_already_running", state_file=exc.state_file, lock=exc.lock_file,
+                  owner_pid=exc.owner)
+        print(f"corral: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -16,6 +16,8 @@ which part failed and carries what a user needs to act on it:
 - ``AuthenticationError`` / ``PermissionDeniedError``: no valid API key (401) / a key without
   the scope or model (403). Their messages never contain a key.
 - ``ShuttingDownError``: corral is draining on SIGTERM (503).
+- ``AlreadyRunningError``: another corral holds the lock of the same state file, so this one
+  must not start (it would kill that one's children as leftovers); ``.owner`` is its pid.
 - ``RequestTooLargeError`` / ``RequestTimeoutError``: body over ``limits.max_body`` (413) or
   not sent within ``limits.body_timeout`` (408).
 
@@ -131,6 +133,20 @@ class PermissionDeniedError(CorralError):
 
 class ShuttingDownError(CorralError):
     """corral is draining before it exits: new requests are refused (503)."""
+
+
+class AlreadyRunningError(CorralError):
+    """Another corral holds the lock beside the state file; ``owner`` is its pid if known."""
+
+    def __init__(self, state_file: str, lock_file: str, owner: int | None) -> None:
+        self.state_file = state_file
+        self.lock_file = lock_file
+        self.owner = owner
+        who = "another corral" if owner is None else f"another corral (pid {owner})"
+        super().__init__(
+            f"{who} is running with the state file {state_file} (it holds {lock_file}); "
+            "stop it first, or give this one its own state_file or listen.port"
+        )
 
 
 class RequestTooLargeError(CorralError):

@@ -26,6 +26,7 @@ import uvicorn
 from corral.config import Config
 from corral.errors import ConfigError
 from corral.proxy.app import Corral, create_app
+from corral.supervisor.children import StateFileLock
 
 log = structlog.get_logger("corral")
 
@@ -140,8 +141,19 @@ def header_timeout_protocol(timeout: float) -> type[asyncio.Protocol] | str:
 
 
 def serve(config: Config) -> None:
-    """Run corral in the foreground until SIGTERM or SIGINT."""
+    """Run corral in the foreground until SIGTERM or SIGINT.
+
+    Raises ``AlreadyRunningError`` at once if another corral uses the same state file.
+    """
     corral = Corral(config)
+    # Taken before uvicorn runs the lifespan, which reaps the state file's children: uvicorn
+    # binds its socket only after that, so "address in use" would come too late to protect a
+    # running corral's children. Held until this process ends.
+    with StateFileLock(corral.supervisor.registry.path):
+        _run(config, corral)
+
+
+def _run(config: Config, corral: Corral) -> None:
     app = create_app(config, corral)
     server = CorralServer(
         uvicorn.Config(

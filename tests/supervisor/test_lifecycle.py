@@ -90,6 +90,32 @@ def test_leftovers_of_an_earlier_run_are_stopped_at_startup(
             orphan.wait()
 
 
+def test_a_second_corral_with_the_same_state_file_leaves_the_first_ones_children_alone(
+    corral: Start, smollm2: Path, tmp_path: Path
+) -> None:
+    state_file = tmp_path / "state.json"
+    config = {"models": {"a": model(smollm2, preload=True)}, "state_file": str(state_file)}
+    first = corral(config)
+    first.wait_for(lambda: first.model("a")["state"] == "ready")
+    pid = first.model("a")["pid"]
+
+    second = corral(config, wait=False)  # another port, the same state file
+    assert second.proc.wait(timeout=30) == 1
+    message = second.log()
+    assert f"another corral (pid {first.proc.pid}) is running with the state file " \
+           f"{state_file}" in message
+    assert f"{state_file}.lock" in message
+    assert psutil.pid_exists(pid)
+    assert first.model("a")["pid"] == pid
+    answer = first.http.post("/v1/completions", json={"model": "a", "prompt": "Hi",
+                                                      "max_tokens": 2})
+    assert answer.status_code == 200
+
+    # The lock goes with the process: once the first corral stopped, the file is free again.
+    assert first.stop() == 0
+    corral(config)
+
+
 def test_state_file_ignores_a_recycled_pid(corral: Start, smollm2: Path, tmp_path: Path) -> None:
     bystander = subprocess.Popen(["sleep", "30"])
     try:

@@ -7,20 +7,28 @@ Two layers, because either alone leaks in some case:
 - ``ChildRegistry``: a small state file of the children's pids and start times. A corral started
   again reads it and stops whatever a previous run left (for example after a kernel that does not
   honour the parent-death signal, or a child that was reparented in a container).
+
+Reaping is only safe when the recorded children are really leftovers, so ``StateFileLock``
+makes one corral at a time own a state file: a second one started with the same file would
+otherwise kill the running one's children.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import json
 import os
 import signal
 import sys
 from pathlib import Path
+from types import TracebackType
 
 import psutil
 import structlog
+
+from corral.errors import AlreadyRunningError
 
 log = structlog.get_logger("corral.supervisor")
 
@@ -44,6 +52,67 @@ def default_state_file(port: int) -> Path:
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "corral"
     )
     return Path(base) / f"corral-{port}.children.json"
+
+
+class StateFileLock:
+    """An exclusive ``flock`` on ``<state file>.lock``, held for the life of a corral.
+
+    Usage::
+
+        with StateFileLock(registry.path):   # AlreadyRunningError if another corral holds it
+            ...                              # reap leftovers, serve
+
+    A separate file, because the state file itself is replaced on every write (a lock on the
+    old inode would protect nothing). The file is never deleted: unlinking a lock file lets a
+    third corral lock a new inode while the second still holds the old one. The kernel drops
+    the lock when the process dies, however it dies; the descriptor is not inherited, so a
+    child that outlives corral never keeps a new corral from reaping it. The holder writes its
+    pid into the file so that a refused corral can name it.
+    """
+
+    def __init__(self, state_file: Path) -> None:
+        self.state_file = state_file
+        self.path = state_file.with_name(state_file.name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # No O_TRUNC: the pid in it belongs to the holder until the lock is ours.
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = _read_pid(fd)
+            os.close(fd)
+            raise AlreadyRunningError(str(self.state_file), str(self.path), owner) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the only descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> StateFileLock:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        return int(os.pread(fd, 32, 0).decode().strip())
+    except (OSError, ValueError):
+        return None
 
 
 class ChildRegistry:
