@@ -162,3 +162,71 @@ def test_an_invalid_config_is_refused_and_the_old_one_keeps_running(
     accepted = server.http.post("/admin/reload")
     assert accepted.status_code == 200
     assert accepted.json() == {"reloaded": True, "added": [], "changed": [], "removed": []}
+
+
+ADMIN_KEY = "reload-admin-secret-0123456789"
+
+
+def rewrite(server: CorralProcess, change: Callable[[dict[str, Any]], None]) -> str:
+    """Change the running corral's config file; return what it said before."""
+    original = server.config_path.read_text()
+    config = yaml.safe_load(original)
+    change(config)
+    server.config_path.write_text(yaml.safe_dump(config))
+    return original
+
+
+def test_a_reload_cannot_leave_a_network_bound_corral_without_keys(
+    corral: Start, smollm2: Path
+) -> None:
+    server = corral({
+        "listen": {"host": "0.0.0.0"},
+        "auth": {"keys": [{"key": ADMIN_KEY, "scopes": ["inference", "admin"]}]},
+        "models": {"m": {"path": str(smollm2), "slots": 1, "ctx_per_slot": 256}},
+    })
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+    def to_loopback_without_keys(config: dict[str, Any]) -> None:
+        config["listen"]["host"] = "127.0.0.1"
+        del config["auth"]
+
+    rewrite(server, to_loopback_without_keys)
+    refused = server.http.post("/admin/reload", headers=admin)
+    assert refused.status_code == 400
+    error = refused.json()["error"]
+    assert error["code"] == "reload_refused"
+    assert ("listen.host: needs a restart (running with '0.0.0.0', the file says '127.0.0.1')"
+            in error["message"])
+    assert ("auth.keys: corral listens on '0.0.0.0', reachable from other machines, and the "
+            "file has no auth.keys" in error["message"])
+    server.proc.send_signal(signal.SIGHUP)
+    server.wait_for(lambda: "config_reload_rejected" in server.log())
+    ask = {"model": "m", "prompt": "Hi", "max_tokens": 2}
+    assert server.http.post("/v1/completions", json=ask).status_code == 401
+    assert server.http.post("/v1/completions", json=ask, headers=admin).status_code == 200
+
+
+def test_a_reload_that_changes_start_up_settings_is_refused(
+    corral: Start, smollm2: Path, tmp_path: Path
+) -> None:
+    server = corral({"models": {"m": {"path": str(smollm2), "slots": 1, "ctx_per_slot": 256}}})
+
+    def move(config: dict[str, Any]) -> None:
+        config["listen"]["port"] += 1
+        config["state_file"] = str(tmp_path / "elsewhere.json")
+        config["reserve"] = {"gpu": "1GiB"}
+        config["models"]["m"]["slots"] = 2  # appliable alone, but not with the rest
+
+    original = rewrite(server, move)
+    refused = server.http.post("/admin/reload")
+    assert refused.status_code == 400
+    message = refused.json()["error"]["message"]
+    port = server.port
+    assert f"listen.port: needs a restart (running with {port}, the file says {port + 1})" \
+        in message
+    assert "state_file: needs a restart" in message
+    assert "reserve.gpu: needs a restart" in message
+    assert server.model("m")["slots"] == 1
+    server.config_path.write_text(original)
+    assert server.http.post("/admin/reload").status_code == 200
+

@@ -4,6 +4,9 @@
 which part failed and carries what a user needs to act on it:
 
 - ``ConfigError``: the YAML file is invalid; ``.problems`` lists ``key.path: message`` lines.
+  ``ReloadRefusedError``: a valid file that a reload cannot apply (a setting only read at
+  start-up changed, or the address corral listens on would be left without keys); the running
+  configuration stays.
 - ``ModelNotFoundError``: a request named a model that is not configured.
 - ``ModelLoadError``: a child llama-server could not be started or made ready; ``.retry_after``
   says when trying again makes sense, ``.log_tail`` what the child printed last.
@@ -36,11 +39,19 @@ class CorralError(Exception):
 class ConfigError(CorralError):
     """The configuration file cannot be used; ``problems`` has one line per mistake."""
 
+    headline = "invalid configuration"
+
     def __init__(self, source: str, problems: Sequence[str]) -> None:
         self.source = source
         self.problems = list(problems)
         lines = "\n".join(f"  {p}" for p in self.problems)
-        super().__init__(f"invalid configuration {source}:\n{lines}")
+        super().__init__(f"{self.headline} {source}:\n{lines}")
+
+
+class ReloadRefusedError(ConfigError):
+    """A reload that would change what only a restart can, or open corral without keys."""
+
+    headline = "cannot reload (the running configuration stays)"
 
 
 class ModelNotFoundError(CorralError):

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from corral.cli import main
-from corral.config import check_model_files, load_config, parse_config
+from corral.config import check_model_files, load_config, parse_config, reload_problems
 from corral.errors import ConfigError
 from tests.probe.test_gguf import F32, gemma3, write
 
@@ -213,3 +213,26 @@ def test_corral_check_exit_codes(
     monkeypatch.chdir(tmp_path)
     assert main(["check"]) == 2
     assert "invalid configuration corral.yaml:\n  cannot read the file" in capsys.readouterr().err
+
+
+def test_a_reload_names_every_setting_that_needs_a_restart() -> None:
+    base = {"models": {"m": {"path": "/m.gguf"}}}
+    running = parse_config(base)
+    changed = parse_config({
+        **base, "listen": {"host": "127.0.0.2", "port": 9000}, "state_file": "/run/c.json",
+        "devices": [{"id": "cpu", "memory": "1GiB"}], "reserve": {"ram": "2GiB"},
+        "log_level": "debug", "shutdown_timeout": "1s", "health": {"failures": 9},
+    })
+    found = reload_problems(running, changed, "127.0.0.1")
+    assert [p.split(":")[0] for p in found] == [
+        "devices", "listen.host", "listen.port", "log_level", "reserve.ram", "state_file"]
+    assert all("needs a restart" in p for p in found)
+    assert reload_problems(running, parse_config(base), "127.0.0.1") == []
+
+
+def test_a_reload_is_judged_by_the_address_corral_listens_on() -> None:
+    keyed = parse_config({"listen": {"host": "0.0.0.0"}, "auth": {"keys": [{"key": "k"}]},
+                          "models": {"m": {"path": "/m.gguf"}}})
+    open_on_loopback = parse_config({"models": {"m": {"path": "/m.gguf"}}})
+    assert "auth.keys: corral listens on '0.0.0.0'" in reload_problems(
+        keyed, open_on_loopback, "0.0.0.0")[-1]

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from corral.config.loader import Config, check_model_files, config_path, load_config, parse_config
+from corral.config.loader import (
+    Config,
+    check_model_files,
+    config_path,
+    load_config,
+    parse_config,
+    reload_problems,
+)
 from corral.config.schema import ConfigFile, ModelSpec
 
 __all__ = [
@@ -13,4 +20,5 @@ __all__ = [
     "config_path",
     "load_config",
     "parse_config",
+    "reload_problems",
 ]

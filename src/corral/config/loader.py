@@ -170,6 +170,43 @@ def _exposure_problems(file: ConfigFile, keys: tuple[ResolvedKey, ...]) -> list[
             "configured; add keys or set allow_unauthenticated: true"]
 
 
+# Settings read once at start-up: the socket, the state file and its lock, the ledger of
+# devices and headroom, and the log level (structlog caches each logger on first use).
+RESTART_ONLY = ("listen", "state_file", "devices", "reserve", "log_level")
+
+
+def reload_problems(running: Config, new: Config, listening_on: str) -> list[str]:
+    """Why ``new`` cannot replace ``running`` by a reload; empty if it can.
+
+    ``listening_on`` is the host corral is bound to. Exposure is judged against it, not the new
+    file's ``listen.host``: a file that says loopback would otherwise pass without keys while
+    corral still listens on every interface.
+    """
+    old_values = dict(_leaves(running.file.model_dump(mode="json", include=set(RESTART_ONLY))))
+    new_values = dict(_leaves(new.file.model_dump(mode="json", include=set(RESTART_ONLY))))
+    problems = [
+        f"{path}: needs a restart (running with {old_values.get(path)!r}, "
+        f"the file says {new_values.get(path)!r})"
+        for path in sorted(old_values.keys() | new_values.keys())
+        if old_values.get(path) != new_values.get(path)
+    ]
+    if not (new.api_keys or new.file.allow_unauthenticated or _is_loopback(listening_on)):
+        problems.append(
+            f"auth.keys: corral listens on {listening_on!r}, reachable from other machines, and "
+            "the file has no auth.keys; add keys or set allow_unauthenticated: true"
+        )
+    return problems
+
+
+def _leaves(value: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    """``(key.path, value)`` for each setting in ``value``; a list is one setting."""
+    if isinstance(value, dict) and value:
+        for key, item in value.items():
+            yield from _leaves(item, f"{path}.{key}" if path else key)
+    else:
+        yield path, value
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True

@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from corral.errors import ConfigError
+from corral.errors import ConfigError, ReloadRefusedError
 from corral.proxy.admission import AdmissionQueue
 from corral.proxy.errors import error_response
 from corral.supervisor import ManagedModel, ModelState
@@ -82,6 +82,8 @@ def routes(corral: Corral) -> list[Route]:
     async def reload(request: Request) -> Response:
         try:
             changes = await corral.reload()
+        except ReloadRefusedError as exc:
+            return error_response(400, str(exc), code="reload_refused")
         except ConfigError as exc:
             return error_response(400, str(exc), code="invalid_config")
         return JSONResponse({"reloaded": True, **changes})

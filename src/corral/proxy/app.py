@@ -20,8 +20,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from corral.config import Config, load_config
-from corral.errors import ShuttingDownError
+from corral.config import Config, load_config, reload_problems
+from corral.errors import ReloadRefusedError, ShuttingDownError
 from corral.metrics import CorralMetrics
 from corral.proxy import admin
 from corral.proxy.errors import error_response, response_for
@@ -46,13 +46,20 @@ class Corral:
         self.metrics.bind(self.supervisor, self.proxy.queues)
         self.draining = False
         self.active = 0  # requests inside the app, streams included
+        # Where the socket is bound, for good: a reload may not change it.
+        self.listen = config.file.listen
 
     async def reload(self) -> dict[str, Any]:
         """Re-read the config file and apply it; an invalid file changes nothing.
 
-        Raises ``ConfigError`` with every problem of the new file.
+        Raises ``ConfigError`` with every problem of the new file, ``ReloadRefusedError`` when
+        it changes a setting only a restart applies or would leave corral's address without
+        keys.
         """
         config = load_config(self.config.source)
+        problems = reload_problems(self.config, config, self.listen.host)
+        if problems:
+            raise ReloadRefusedError(config.source, problems)
         changes: dict[str, Any] = self.supervisor.reconfigure(config)
         self.proxy.configure(config)
         self.metrics.bind(self.supervisor, self.proxy.queues)
