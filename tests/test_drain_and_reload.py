@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -229,4 +231,42 @@ def test_a_reload_that_changes_start_up_settings_is_refused(
     assert server.model("m")["slots"] == 1
     server.config_path.write_text(original)
     assert server.http.post("/admin/reload").status_code == 200
+
+def test_a_reload_applies_the_shutdown_and_header_timeouts(
+    corral: Start, smollm2: Path
+) -> None:
+    server = corral({"shutdown_timeout": "5m", "limits": {"header_timeout": "5m"},
+                     "models": {"m": {"path": str(smollm2), "slots": 1, "ctx_per_slot": 4096}}})
+
+    def shorten(config: dict[str, Any]) -> None:
+        config["shutdown_timeout"] = "2s"
+        config["limits"]["header_timeout"] = "1s"
+
+    rewrite(server, shorten)
+    assert server.http.post("/admin/reload").json() == {
+        "reloaded": True, "added": [], "changed": [], "removed": []}
+
+    # Headers that never end: the connection is closed after the new header timeout.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        began = time.monotonic()
+        assert sock.recv(1024) == b""
+        assert time.monotonic() - began < 5
+
+    # A stream far longer than the new shutdown timeout is cut by the drain.
+    assert server.http.post("/admin/models/m/load").status_code == 200
+    received: list[str] = []
+    with ThreadPoolExecutor(1) as pool, httpx.Client(base_url=server.url, timeout=60) as http:
+        def stream() -> None:
+            with http.stream("POST", "/v1/chat/completions", json=chat("m", 4000, True)) as r:
+                for chunk in r.iter_text():
+                    received.append(chunk)
+
+        endless = pool.submit(stream)
+        server.wait_for(lambda: len(received) > 2, timeout=30)
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(timeout=20) == 0
+        with contextlib.suppress(httpx.HTTPError):
+            endless.result(timeout=10)
+    assert "data: [DONE]" not in "".join(received)
 

@@ -16,7 +16,7 @@ import contextlib
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
@@ -34,10 +34,9 @@ log = structlog.get_logger("corral")
 class CorralServer(uvicorn.Server):
     """uvicorn's server with corral's drain, reload, and a clean exit code."""
 
-    def __init__(self, config: uvicorn.Config, corral: Corral, drain_timeout: float) -> None:
+    def __init__(self, config: uvicorn.Config, corral: Corral) -> None:
         super().__init__(config)
         self.corral = corral
-        self.drain_timeout = drain_timeout
         self._drain_requested = False
         self._drain_deadline: float | None = None
         self._reload_requested = False
@@ -75,8 +74,10 @@ class CorralServer(uvicorn.Server):
             task.add_done_callback(self._background.discard)
         if self._drain_requested and self._drain_deadline is None:
             self.corral.draining = True
-            self._drain_deadline = time.monotonic() + self.drain_timeout
-            log.info("draining", in_flight=self.corral.active, timeout=self.drain_timeout)
+            # Read now, not at start-up: a reload may have changed it.
+            timeout = self.corral.config.file.shutdown_timeout
+            self._drain_deadline = time.monotonic() + timeout
+            log.info("draining", in_flight=self.corral.active, timeout=timeout)
         if self._drain_deadline is not None and (
             self.corral.active == 0 or time.monotonic() >= self._drain_deadline
         ):
@@ -92,11 +93,12 @@ class CorralServer(uvicorn.Server):
             log.error("config_reload_rejected", problems=exc.problems)
 
 
-def header_timeout_protocol(timeout: float) -> type[asyncio.Protocol] | str:
+def header_timeout_protocol(timeout_of: Callable[[], float]) -> type[asyncio.Protocol] | str:
     """uvicorn's httptools protocol, closing connections whose headers take too long.
 
     uvicorn itself waits for headers forever, so a client that opens connections and trickles
     bytes (slowloris) could hold them all. The body has its own limit in the proxy.
+    ``timeout_of`` is asked at each arming, so a reload applies to the next request.
     """
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -124,7 +126,7 @@ def header_timeout_protocol(timeout: float) -> type[asyncio.Protocol] | str:
 
         def _arm(self) -> None:
             self._disarm()
-            self._header_timer = self.loop.call_later(timeout, self._too_slow)
+            self._header_timer = self.loop.call_later(timeout_of(), self._too_slow)
 
         def _disarm(self) -> None:
             if self._header_timer is not None:
@@ -134,7 +136,7 @@ def header_timeout_protocol(timeout: float) -> type[asyncio.Protocol] | str:
         def _too_slow(self) -> None:
             self._header_timer = None
             log.info("connection_closed", reason="headers not received in time",
-                     timeout=timeout, client=str(self.client))
+                     timeout=timeout_of(), client=str(self.client))
             self.transport.close()
 
     return HeaderTimeoutProtocol
@@ -160,7 +162,7 @@ def _run(config: Config, corral: Corral) -> None:
             app,
             host=config.file.listen.host,
             port=config.file.listen.port,
-            http=header_timeout_protocol(config.file.limits.header_timeout),
+            http=header_timeout_protocol(lambda: corral.config.file.limits.header_timeout),
             lifespan="on",
             access_log=False,  # corral logs each request itself, with model and request_id
             log_level="warning",
@@ -172,6 +174,5 @@ def _run(config: Config, corral: Corral) -> None:
             server_header=False,
         ),
         corral,
-        drain_timeout=config.file.shutdown_timeout,
     )
     server.run()
