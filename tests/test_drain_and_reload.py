@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 import yaml
 
@@ -232,6 +233,7 @@ def test_a_reload_that_changes_start_up_settings_is_refused(
     server.config_path.write_text(original)
     assert server.http.post("/admin/reload").status_code == 200
 
+
 def test_a_reload_applies_the_shutdown_and_header_timeouts(
     corral: Start, smollm2: Path
 ) -> None:
@@ -270,3 +272,27 @@ def test_a_reload_applies_the_shutdown_and_header_timeouts(
             endless.result(timeout=10)
     assert "data: [DONE]" not in "".join(received)
 
+
+def test_a_reload_applies_health_and_restart_settings_to_running_children(
+    corral: Start, smollm2: Path
+) -> None:
+    # At first a hung child would be tolerated for ~1000 probes; after the reload, two misses
+    # kill it, and that one crash gives the model up.
+    server = corral({"health": {"interval": 0.5, "failures": 1000},
+                     "models": {"m": {"path": str(smollm2), "slots": 1, "ctx_per_slot": 256}}})
+    assert server.http.post("/admin/models/m/load").status_code == 200
+    (child,) = server.children()
+
+    def stricter(config: dict[str, Any]) -> None:
+        config["health"]["failures"] = 2
+        config["restart"] = {"max_failures": 1}
+
+    rewrite(server, stricter)
+    assert server.http.post("/admin/reload").json() == {
+        "reloaded": True, "added": [], "changed": [], "removed": []}
+    assert server.model("m")["pid"] == child.pid  # unchanged model: not restarted
+    child.send_signal(signal.SIGSTOP)  # hung: alive, but /health never answers
+    server.wait_for(lambda: not child.is_running() or child.status() == psutil.STATUS_ZOMBIE,
+                    timeout=20)
+    server.wait_for(lambda: server.model("m")["given_up"], timeout=10)
+    assert server.model("m")["state"] == "failed"

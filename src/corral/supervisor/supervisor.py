@@ -209,12 +209,14 @@ class Supervisor:
             model = self.models[name] = self._managed(config.models[name])
             if model.spec.preload:
                 self._spawn(self._preload(model))
+        restart = config.file.restart
+        for model in self.models.values():
+            # Every model, changed or not: the give-up rule is corral's, not the child's.
+            model.restarts.max_failures, model.restarts.window = (restart.max_failures,
+                                                                  restart.window)
         for name in changed:
             model = self.models[name]
             model.spec = config.models[name]
-            restart = config.file.restart
-            model.restarts.max_failures, model.restarts.window = (restart.max_failures,
-                                                                  restart.window)
             self._spawn(self._restart_for_reload(model))
         for name in removed:
             self._spawn(self._retire(self.models[name]))
@@ -346,9 +348,13 @@ class Supervisor:
 
     async def _watch(self, model: ManagedModel, proc: ModelProcess) -> None:
         """Probe a ready child's ``/health``; notice when it exits or stops answering."""
-        health = self.config.file.health
         misses = 0
-        while not await proc.exited_within(health.interval):
+        hung = False
+        while not hung:
+            # Read at each probe, so a reload applies to running children from the next one.
+            health = self.config.file.health
+            if await proc.exited_within(health.interval):
+                break
             if model.process is not proc or model.state != ModelState.READY:
                 return  # being stopped on purpose: the stop takes care of it
             if await proc.healthy(timeout=min(health.interval, 5.0)):
@@ -359,12 +365,12 @@ class Supervisor:
             if misses >= health.failures:
                 log.error("child_hung", model=model.name, pid=proc.pid, misses=misses)
                 await proc.kill()
-                break
+                hung = True
         code = await proc.wait()
         if model.process is proc and model.state == ModelState.READY:
             await self._after_exit(model, proc)
             reason = (f"llama-server stopped answering its health checks ({misses} missed) "
-                      "and was killed" if misses >= health.failures
+                      "and was killed" if hung
                       else f"llama-server exited unexpectedly with code {code}")
             log.error("child_exited", model=model.name, pid=proc.pid, exit_code=code,
                       last_lines=proc.error_lines())
