@@ -220,7 +220,7 @@ def test_a_reload_names_every_setting_that_needs_a_restart() -> None:
     running = parse_config(base)
     changed = parse_config({
         **base, "listen": {"host": "127.0.0.2", "port": 9000}, "state_file": "/run/c.json",
-        "devices": [{"id": "cpu", "memory": "1GiB"}], "reserve": {"ram": "2GiB"},
+        "devices": [{"id": "cpu", "memory": "4GiB"}], "reserve": {"ram": "2GiB"},
         "log_level": "debug", "shutdown_timeout": "1s", "health": {"failures": 9},
     })
     found = reload_problems(running, changed, "127.0.0.1")
