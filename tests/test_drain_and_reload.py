@@ -32,7 +32,9 @@ def chat(model: str, tokens: int, stream: bool) -> dict[str, Any]:
 def test_sigterm_lets_five_streams_finish_and_refuses_new_requests(
     corral: Start, smollm2: Path
 ) -> None:
-    server = corral({"models": {"m": {"path": str(smollm2), "slots": 5, "ctx_per_slot": 512}}})
+    server = corral({"models": {"m": {"path": str(smollm2), "slots": 5, "ctx_per_slot": 512},
+                                "other": {"path": str(smollm2), "slots": 1,
+                                          "ctx_per_slot": 256}}})
     assert server.http.post("/admin/models/m/load").status_code == 200
     children = server.children()
     started = threading.Barrier(6)
@@ -57,6 +59,12 @@ def test_sigterm_lets_five_streams_finish_and_refuses_new_requests(
         assert refused.status_code == 503
         assert refused.json()["error"]["code"] == "shutting_down"
         assert "retry-after" in refused.headers
+        # Operators can watch the drain, but no longer load or reload anything.
+        assert server.http.get("/admin/status").status_code == 200
+        assert server.http.get("/metrics").status_code == 200
+        for path in ("/admin/models/other/load", "/admin/reload"):
+            answer = server.http.post(path)
+            assert answer.status_code == 503 and answer.json()["error"]["code"] == "shutting_down"
         bodies = [s.result() for s in streams]
     assert all(b.rstrip().endswith("data: [DONE]") for b in bodies)
     assert all('"finish_reason":"length"' in b for b in bodies)

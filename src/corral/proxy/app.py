@@ -31,7 +31,8 @@ from corral.supervisor import Supervisor
 
 log = structlog.get_logger("corral.proxy")
 
-# Answered while draining, so load balancers and operators can watch the drain.
+# Read while draining, so load balancers and operators can watch the drain; nothing that
+# changes state (a load, a reload) is accepted any more.
 _ALWAYS_OPEN = ("/health", "/metrics", "/admin/")
 
 
@@ -84,7 +85,9 @@ class DrainGuard:
             await self.app(scope, receive, send)
             return
         corral = self.corral
-        if corral.draining and not scope["path"].startswith(_ALWAYS_OPEN):
+        if corral.draining and not (
+            scope["method"] in ("GET", "HEAD") and scope["path"].startswith(_ALWAYS_OPEN)
+        ):
             response = response_for(ShuttingDownError("corral is shutting down"))
             await response(scope, receive, send)
             return
