@@ -296,3 +296,44 @@ def test_a_reload_applies_health_and_restart_settings_to_running_children(
                     timeout=20)
     server.wait_for(lambda: server.model("m")["given_up"], timeout=10)
     assert server.model("m")["state"] == "failed"
+
+
+def test_a_model_removed_and_added_back_before_it_stopped_keeps_serving(
+    corral: Start, smollm2: Path
+) -> None:
+    model = {"path": str(smollm2), "slots": 1, "ctx_per_slot": 1024}
+    server = corral({"models": {"m": {**model}, "other": {**model}}})
+    assert server.http.post("/admin/models/m/load").status_code == 200
+    pid = server.model("m")["pid"]
+    original = yaml.safe_load(server.config_path.read_text())
+    without = {**original, "models": {"other": original["models"]["other"]}}
+    first: list[str] = []
+
+    def stream() -> str:
+        # In flight across both reloads: the removed model waits for it before it stops.
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            with http.stream("POST", "/v1/chat/completions", json=chat("m", 400, True)) as r:
+                text = ""
+                for chunk in r.iter_text():
+                    first.append(chunk)
+                    text += chunk
+                return text
+
+    with ThreadPoolExecutor(1) as pool:
+        streaming = pool.submit(stream)
+        server.wait_for(lambda: len(first) > 0)
+        server.config_path.write_text(yaml.safe_dump(without))
+        removed = server.http.post("/admin/reload")
+        assert removed.json() == {"reloaded": True, "added": [], "changed": [], "removed": ["m"]}
+        server.config_path.write_text(yaml.safe_dump(original))
+        back = server.http.post("/admin/reload")
+        assert back.json() == {"reloaded": True, "added": ["m"], "changed": [], "removed": []}
+        assert streaming.result().rstrip().endswith("data: [DONE]")
+    time.sleep(0.5)  # as long as the removal would take to stop and forget the model
+
+    # It kept its child, serves, and the next reload finds everything in place.
+    assert server.model("m")["pid"] == pid
+    assert server.http.post("/v1/chat/completions", json=chat("m", 2, False)).status_code == 200
+    again = server.http.post("/admin/reload")
+    assert again.status_code == 200, again.text
+    assert again.json() == {"reloaded": True, "added": [], "changed": [], "removed": []}

@@ -48,6 +48,9 @@ class ManagedModel:
         self.loads = 0
         self.transition: asyncio.Task[None] | None = None
         self.restart_task: asyncio.Task[None] | None = None
+        # Removed from the config by a reload and being retired; a reload that brings it back
+        # clears it, and the retire then leaves the model in place.
+        self.removed = False
 
     @property
     def name(self) -> str:

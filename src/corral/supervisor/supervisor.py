@@ -194,20 +194,33 @@ class Supervisor:
 
         Unchanged models are not touched. Changed ones drain and restart with their new
         settings (only if they were loaded or preload). Removed ones stop once nothing waits
-        for them; new ones become available.
+        for them; new ones become available. A removed model that comes back before it was
+        stopped and forgotten is added back as it is (restarted only if its settings changed).
         """
         old = self.config
         shared_changed = (old.file.llama_server != config.file.llama_server
                           or old.file.upstream != config.file.upstream)
-        added = [n for n in config.models if n not in self.models]
-        removed = [n for n in self.models if n not in config.models]
-        changed = [n for n in config.models if n in self.models
+        added = [n for n in config.models if n not in self.models or self.models[n].removed]
+        removed = [n for n in self.models
+                   if n not in config.models and not self.models[n].removed]
+        changed = [n for n in config.models if n in self.models and n not in added
                    and (shared_changed or self.models[n].spec != config.models[n])]
         self.config = config
         self.settings = config.file.llama_server
         for name in added:
-            model = self.models[name] = self._managed(config.models[name])
-            if model.spec.preload:
+            model = self.models.get(name)
+            if model is None:
+                model = self.models[name] = self._managed(config.models[name])
+                if model.spec.preload:
+                    self._spawn(self._preload(model))
+                continue
+            # Still being retired: keep the object (its child, memory and requests are its
+            # own, under this name) and call the retire off.
+            model.removed = False
+            if shared_changed or model.spec != config.models[name]:
+                model.spec = config.models[name]
+                self._spawn(self._restart_for_reload(model))
+            elif model.spec.preload:
                 self._spawn(self._preload(model))
         restart = config.file.restart
         for model in self.models.values():
@@ -219,6 +232,7 @@ class Supervisor:
             model.spec = config.models[name]
             self._spawn(self._restart_for_reload(model))
         for name in removed:
+            self.models[name].removed = True
             self._spawn(self._retire(self.models[name]))
         return {"added": added, "changed": changed, "removed": removed}
 
@@ -230,13 +244,26 @@ class Supervisor:
                 (await self.acquire(model)).release()
 
     async def _retire(self, model: ManagedModel) -> None:
-        """A model removed from the config: serve what waits for it, then stop and forget it."""
+        """A model removed from the config: serve what waits for it, then stop and forget it.
+
+        Each step first checks that the model is still removed: a reload may bring it back.
+        """
         deadline = time.monotonic() + self.config.file.shutdown_timeout
-        while (model.in_flight or self.demand(model.name)) and time.monotonic() < deadline:
+        while (model.removed and (model.in_flight or self.demand(model.name))
+               and time.monotonic() < deadline):
             await asyncio.sleep(0.05)
-        await self._unload(model, "removed")
-        if self.models.get(model.name) is model:
-            del self.models[model.name]
+        # Brought back while it stopped: it stays, unloaded, and loads on demand again.
+        while model.removed:
+            if model.state in (ModelState.STARTING, ModelState.STOPPING):
+                assert model.transition is not None
+                with contextlib.suppress(ModelLoadError):
+                    await asyncio.shield(model.transition)
+            elif model.state in (ModelState.READY, ModelState.FAILED):
+                self._begin_stop(model, "removed")
+            else:
+                if self.models.get(model.name) is model:
+                    del self.models[model.name]
+                return
 
     def _transitions(self) -> list[asyncio.Task[None]]:
         return [m.transition for m in self.models.values()
