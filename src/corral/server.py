@@ -91,6 +91,10 @@ class CorralServer(uvicorn.Server):
             await self.corral.reload()
         except ConfigError as exc:
             log.error("config_reload_rejected", problems=exc.problems)
+        except Exception:
+            # Nobody awaits this task: unlogged, the failure would only surface (if ever) as
+            # "Task exception was never retrieved" when the task is collected.
+            log.exception("config_reload_failed", source=self.corral.config.source)
 
 
 def header_timeout_protocol(timeout_of: Callable[[], float]) -> type[asyncio.Protocol] | str:

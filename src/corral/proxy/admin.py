@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+import structlog
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -16,6 +17,8 @@ from corral.supervisor import ManagedModel, ModelState
 
 if TYPE_CHECKING:
     from corral.proxy.app import Corral
+
+log = structlog.get_logger("corral.proxy")
 
 
 def model_status(model: ManagedModel, queue: AdmissionQueue | None) -> dict[str, Any]:
@@ -86,6 +89,14 @@ def routes(corral: Corral) -> list[Route]:
             return error_response(400, str(exc), code="reload_refused")
         except ConfigError as exc:
             return error_response(400, str(exc), code="invalid_config")
+        except Exception as exc:
+            # A bug, not a bad file: say so in the log with the traceback, and to the caller
+            # in corral's error shape rather than Starlette's bare "Internal Server Error".
+            log.exception("config_reload_failed", source=corral.config.source)
+            return error_response(
+                500, f"reload of {corral.config.source} failed ({type(exc).__name__}: {exc}); "
+                "it may be partly applied, see corral's log",
+                type_="server_error", code="reload_failed")
         return JSONResponse({"reloaded": True, **changes})
 
     return [
