@@ -17,7 +17,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.conftest import CorralProcess
+from tests.conftest import FAKE_LLAMA_SERVER, CorralProcess
 
 pytestmark = pytest.mark.integration
 
@@ -48,6 +48,43 @@ def sigterm_during_an_endless_stream(server: CorralProcess) -> tuple[float, str]
         with contextlib.suppress(httpx.HTTPError):
             endless.result(timeout=10)  # the stream was cut: the client sees it end early
     return took, "".join(received)
+
+
+def slow_fake(smollm2: Path, record: Path) -> dict[str, Any]:
+    """The fake llama-server at 0.1 s a token: the real one's pace depends on the machine's
+    load, and these tests need streams that outlast a drain timeout by a known margin. The
+    fake also records each child it was started as (``pid N`` lines in ``record``)."""
+    return {"path": str(smollm2), "binary": FAKE_LLAMA_SERVER, "slots": 1, "ctx_per_slot": 256,
+            "env": {"FAKE_MODE": "slow:0.1", "FAKE_RECORD": str(record)}}
+
+
+def children_started(record: Path) -> int:
+    return sum(line.startswith("pid ") for line in record.read_text().splitlines())
+
+
+def stream(url: str, model: str, tokens: int, received: list[str]) -> str:
+    """A streamed chat request, in a thread; ``received`` fills as chunks arrive."""
+    with httpx.Client(base_url=url, timeout=60) as http:
+        with http.stream("POST", "/v1/chat/completions", json=chat(model, tokens, True)) as r:
+            for chunk in r.iter_text():
+                received.append(chunk)
+    return "".join(received)
+
+
+def ask(url: str, model: str) -> httpx.Response:
+    with httpx.Client(base_url=url, timeout=60) as http:
+        return http.post("/v1/chat/completions", json=chat(model, 2, False))
+
+
+def drop_from_config(server: CorralProcess, name: str) -> httpx.Response:
+    config = yaml.safe_load(server.config_path.read_text())
+    del config["models"][name]
+    server.config_path.write_text(yaml.safe_dump(config))
+    return server.http.post("/admin/reload")
+
+
+def model_names(server: CorralProcess) -> list[str]:
+    return [m["name"] for m in server.http.get("/admin/models").json()["models"]]
 
 
 def test_sigterm_lets_five_streams_finish_and_refuses_new_requests(
@@ -337,3 +374,63 @@ def test_a_model_removed_and_added_back_before_it_stopped_keeps_serving(
     again = server.http.post("/admin/reload")
     assert again.status_code == 200, again.text
     assert again.json() == {"reloaded": True, "added": [], "changed": [], "removed": []}
+
+
+def test_a_removed_model_serves_what_waits_for_it_then_never_starts_again(
+    corral: Start, smollm2: Path, tmp_path: Path
+) -> None:
+    record = tmp_path / "drop.txt"
+    server = corral({"shutdown_timeout": "1s",
+                     "models": {"drop": slow_fake(smollm2, record),
+                                "other": slow_fake(smollm2, tmp_path / "other.txt")}})
+    assert server.http.post("/admin/models/drop/load").status_code == 200
+    received: list[str] = []
+    with ThreadPoolExecutor(2) as pool:
+        # 3 s of tokens, far past shutdown_timeout; its one slot is taken, so `queued` waits.
+        streaming = pool.submit(stream, server.url, "drop", 30, received)
+        server.wait_for(lambda: len(received) > 0)
+        queued = pool.submit(ask, server.url, "drop")
+        server.wait_for(lambda: server.model_status("drop")["queue_depth"] == 1)
+        removed = drop_from_config(server, "drop")
+        assert removed.json()["removed"] == ["drop"]
+        assert streaming.result().rstrip().endswith("data: [DONE]")
+        assert queued.result().status_code == 200
+    server.wait_for(lambda: "drop" not in model_names(server))
+    # Served by the child it had; none was started for it after the removal, none is left.
+    assert children_started(record) == 1
+    assert server.children(None) == []
+    assert ask(server.url, "drop").status_code == 404
+
+
+def test_a_request_still_queued_when_a_removed_models_drain_ends_gets_503(
+    corral: Start, smollm2: Path, tmp_path: Path
+) -> None:
+    record = tmp_path / "drop.txt"
+    server = corral({"shutdown_timeout": "1s", "upstream": {"generation_timeout": "2s"},
+                     "models": {"drop": slow_fake(smollm2, record),
+                                "other": slow_fake(smollm2, tmp_path / "other.txt")}})
+    assert server.http.post("/admin/models/drop/load").status_code == 200
+    received: list[str] = []
+    with ThreadPoolExecutor(2) as pool:
+        # 10 s of tokens: longer than a removed model waits (generation_timeout) for it.
+        streaming = pool.submit(stream, server.url, "drop", 100, received)
+        server.wait_for(lambda: len(received) > 0)
+        queued = pool.submit(ask, server.url, "drop")
+        server.wait_for(lambda: server.model_status("drop")["queue_depth"] == 1)
+        removed_at = time.monotonic()
+        assert drop_from_config(server, "drop").json()["removed"] == ["drop"]
+        reply = queued.result()
+        waited = time.monotonic() - removed_at
+        try:
+            streaming.result()  # cut once the drain is over: not what this test is about
+        except httpx.HTTPError:
+            pass
+    assert reply.status_code == 503, reply.text
+    assert int(reply.headers["retry-after"]) >= 1
+    error = reply.json()["error"]
+    assert error["code"] == "model_unavailable"
+    assert "removed from the configuration" in error["message"]
+    assert 2.0 <= waited < 2.0 + 4.0  # at the end of the drain, not at its queue timeout (60s)
+    server.wait_for(lambda: "drop" not in model_names(server))
+    assert children_started(record) == 1
+    assert server.children(None) == []

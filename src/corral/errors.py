@@ -10,7 +10,8 @@ which part failed and carries what a user needs to act on it:
 - ``ModelNotFoundError``: a request named a model that is not configured.
 - ``ModelLoadError``: a child llama-server could not be started or made ready; ``.retry_after``
   says when trying again makes sense, ``.log_tail`` what the child printed last.
-- ``ModelUnavailableError``: the model exists but is stopping or being unloaded.
+- ``ModelUnavailableError``: the model exists but is stopping or being unloaded, or a
+  reload removed it while the request waited.
 - ``UpstreamError``: a ready child failed mid-request (connection refused or reset);
   ``UpstreamTimeoutError``: it did not finish a non-streamed answer within
   ``upstream.generation_timeout`` (504).
@@ -87,6 +88,11 @@ class ModelUnavailableError(CorralError):
         self.model = model
         self.retry_after = retry_after
         super().__init__(f"model {model!r} is unavailable: {reason}")
+
+    @classmethod
+    def removed(cls, model: str) -> ModelUnavailableError:
+        """For a request that was waiting for a model a reload removed."""
+        return cls(model, "it was removed from the configuration by a reload", 5.0)
 
 
 class UpstreamError(CorralError):

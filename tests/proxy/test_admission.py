@@ -6,7 +6,12 @@ import asyncio
 
 import pytest
 
-from corral.errors import ClientGoneError, QueueFullError, QueueTimeoutError
+from corral.errors import (
+    ClientGoneError,
+    ModelUnavailableError,
+    QueueFullError,
+    QueueTimeoutError,
+)
 from corral.proxy.admission import AdmissionQueue
 
 
@@ -118,3 +123,18 @@ async def test_a_cancelled_waiter_does_not_leak_its_slot() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert q.in_flight == 0 and q.depth == 0
+
+
+async def test_refused_waiters_get_the_error_and_no_slot() -> None:
+    q = queue(slots=1, limit=5)
+    await q.admit()
+    waiters = [asyncio.create_task(q.admit()) for _ in range(2)]
+    await asyncio.sleep(0.01)
+    assert q.holding == 3
+    q.refuse_waiters(lambda: ModelUnavailableError("m", "removed"))
+    for waiter in waiters:
+        with pytest.raises(ModelUnavailableError, match="removed"):
+            await waiter
+    assert (q.in_flight, q.depth, q.holding) == (1, 0, 1)
+    q.release()
+    assert await q.admit() == 0.0  # no slot was lost to the refused waiters

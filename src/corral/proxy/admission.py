@@ -62,6 +62,11 @@ class AdmissionQueue:
         """Requests waiting: for a free slot, or for the model to finish loading."""
         return len(self._waiters) + self.loading
 
+    @property
+    def holding(self) -> int:
+        """Requests in this queue's care: waiting for a slot, or holding one until released."""
+        return len(self._waiters) + self.in_flight
+
     def limit(self) -> int:
         return self._limit(self._slots())
 
@@ -85,7 +90,7 @@ class AdmissionQueue:
                                return_when=asyncio.FIRST_COMPLETED)
         except BaseException:
             # Cancelled after the slot was handed over: give it back, or it is lost for good.
-            if waiter.done() and not waiter.cancelled():
+            if _handed(waiter):
                 self.release()
             raise
         finally:
@@ -94,11 +99,14 @@ class AdmissionQueue:
             if not waiter.done():
                 waiter.cancel()
                 self._waiters.remove(waiter)
-        admitted = not waiter.cancelled()
+        refused = None if waiter.cancelled() else waiter.exception()
+        admitted = _handed(waiter)
         if watcher is not None and watcher.done() and not watcher.cancelled():
             if admitted:
                 self.release()
             raise ClientGoneError(f"client left the queue of model {self.model!r}")
+        if refused is not None:
+            raise refused
         if not admitted:
             raise QueueTimeoutError(self.model, self.timeout, retry_after=1.0)
         return time.monotonic() - started
@@ -107,6 +115,13 @@ class AdmissionQueue:
         """Give a slot back and hand it to the first waiter still in line."""
         self.in_flight -= 1
         self.wake()
+
+    def refuse_waiters(self, error: Callable[[], BaseException]) -> None:
+        """End every wait for a slot with ``error()``: no slot will come (the model is gone)."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(error())
 
     def wake(self) -> None:
         """Admit waiters while slots are free (also after the slot count grew)."""
@@ -117,3 +132,8 @@ class AdmissionQueue:
             # The slot passes straight to the waiter, so a newcomer cannot take it first.
             self.in_flight += 1
             waiter.set_result(None)
+
+
+def _handed(waiter: asyncio.Future[None]) -> bool:
+    """Whether ``waiter`` was given a slot (rather than cancelled or refused)."""
+    return waiter.done() and not waiter.cancelled() and waiter.exception() is None

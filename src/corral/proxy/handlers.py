@@ -51,6 +51,8 @@ class Proxy:
         self.queues: dict[str, AdmissionQueue] = {}
         self.configure(config)
         supervisor.demand = lambda name: q.depth if (q := self.queues.get(name)) else 0
+        supervisor.holding = lambda name: q.holding if (q := self.queues.get(name)) else 0
+        supervisor.on_retired = self._retired
         # Once a model is up, its planned slots (``slots: auto``) may admit more waiters.
         supervisor.on_ready = lambda name: q.wake() if (q := self.queues.get(name)) else None
 
@@ -72,6 +74,12 @@ class Proxy:
         for name in [n for n in self.queues if n not in config.models]:
             if self.queues[name].depth == 0 and self.queues[name].in_flight == 0:
                 del self.queues[name]
+
+    def _retired(self, name: str) -> None:
+        # A model the reload removed stopped serving: its waiters would otherwise wait for a
+        # slot until their queue timeout, only to be refused then.
+        if (queue := self.queues.get(name)) is not None:
+            queue.refuse_waiters(partial(ModelUnavailableError.removed, name))
 
     def require(self, request: Request, scope: str) -> ResolvedKey:
         """The request's key, if it has ``scope``; raises 401/403 otherwise."""

@@ -51,6 +51,8 @@ class ManagedModel:
         # Removed from the config by a reload and being retired; a reload that brings it back
         # clears it, and the retire then leaves the model in place.
         self.removed = False
+        # Set once the retire stops serving it: no child may be started for it any more.
+        self.retired = False
 
     @property
     def name(self) -> str:

@@ -58,7 +58,12 @@ class Supervisor:
         # How many requests wait for a model (the proxy's queues); a crashed model that is
         # still wanted is restarted at once instead of on the next request.
         self.demand: Callable[[str], int] = lambda name: 0
+        # Requests the proxy holds for a model, from entering its queue until their answer is
+        # done: a removed model serves them all before it stops.
+        self.holding: Callable[[str], int] = lambda name: 0
         self.on_ready: Callable[[str], None] = lambda name: None  # the proxy wakes its queue
+        # A removed model stopped serving: the proxy refuses whoever still waits for it.
+        self.on_retired: Callable[[str], None] = lambda name: None
         self.ledger = make_ledger(config)
         state_file = config.file.state_file
         self.registry = ChildRegistry(
@@ -97,6 +102,10 @@ class Supervisor:
         while True:
             if self._closing:
                 raise ModelUnavailableError(model.name, "corral is shutting down", 5.0)
+            if model.retired:
+                # A request that waited across the reload that removed the model: it must
+                # not start a child nobody would ever stop.
+                raise ModelUnavailableError.removed(model.name)
             if model.state == ModelState.READY:
                 assert model.process is not None and model.process.client is not None
                 model.in_flight += 1
@@ -216,7 +225,7 @@ class Supervisor:
                 continue
             # Still being retired: keep the object (its child, memory and requests are its
             # own, under this name) and call the retire off.
-            model.removed = False
+            model.removed = model.retired = False
             if shared_changed or model.spec != config.models[name]:
                 model.spec = config.models[name]
                 self._spawn(self._restart_for_reload(model))
@@ -246,12 +255,23 @@ class Supervisor:
     async def _retire(self, model: ManagedModel) -> None:
         """A model removed from the config: serve what waits for it, then stop and forget it.
 
+        Nothing new reaches it (its name no longer resolves), so what it serves are the
+        requests already queued or in flight, each bounded by its own timeouts; the wait as a
+        whole is bounded by ``upstream.generation_timeout`` (0: none). Then it is retired: no
+        child starts for it again, and whoever still waits gets 503.
+
         Each step first checks that the model is still removed: a reload may bring it back.
         """
-        deadline = time.monotonic() + self.config.file.shutdown_timeout
-        while (model.removed and (model.in_flight or self.demand(model.name))
-               and time.monotonic() < deadline):
+        bound = self.config.file.upstream.generation_timeout
+        deadline = time.monotonic() + bound if bound else None
+        while (model.removed and (model.in_flight or self.holding(model.name))
+               and (deadline is None or time.monotonic() < deadline)):
             await asyncio.sleep(0.05)
+        if model.removed:
+            model.retired = True
+            if model.restart_task is not None:
+                model.restart_task.cancel()  # its waiters look again and see it retired
+            self.on_retired(model.name)
         # Brought back while it stopped: it stays, unloaded, and loads on demand again.
         while model.removed:
             if model.state in (ModelState.STARTING, ModelState.STOPPING):
@@ -423,7 +443,7 @@ class Supervisor:
             self._schedule_restart(model)
 
     def _schedule_restart(self, model: ManagedModel) -> None:
-        if model.restart_task is None and not self._closing:
+        if model.restart_task is None and not self._closing and not model.retired:
             model.restart_task = self._spawn(self._restart_after_backoff(model))
 
     async def _restart_after_backoff(self, model: ManagedModel) -> None:
@@ -433,7 +453,8 @@ class Supervisor:
             await asyncio.sleep(delay)
         finally:
             model.restart_task = None
-        if model.state == ModelState.FAILED and not model.restarts.given_up and not self._closing:
+        if (model.state == ModelState.FAILED and not model.restarts.given_up
+                and not self._closing and not model.retired):
             self._begin_load(model)
 
     async def _after_exit(self, model: ManagedModel, proc: ModelProcess | None) -> None:

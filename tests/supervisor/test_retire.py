@@ -1,0 +1,38 @@
+"""A model a reload removed, in-process: once retired, nothing starts it again.
+
+No process is started: the model's file does not exist, so a load that should not happen
+shows as a ``ModelLoadError`` (and a counted load) instead of the refusal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from corral.config import Config, parse_config
+from corral.errors import ModelUnavailableError
+from corral.supervisor import ModelState, Supervisor
+
+
+def config(tmp_path: Path, *names: str) -> Config:
+    model: dict[str, Any] = {"path": str(tmp_path / "missing.gguf"), "slots": 1,
+                             "ctx_per_slot": 256}
+    return parse_config({"models": {n: model for n in names},
+                         "devices": [{"id": "cpu", "memory": "8GiB"}],
+                         "state_file": str(tmp_path / "children.json")})
+
+
+async def test_a_request_that_waited_across_the_removal_starts_nothing(tmp_path: Path) -> None:
+    supervisor = Supervisor(config(tmp_path, "gone", "kept"))
+    gone = supervisor.get("gone")  # what a request admitted before the reload holds
+    assert supervisor.reconfigure(config(tmp_path, "kept"))["removed"] == ["gone"]
+    while "gone" in supervisor.models:
+        await asyncio.sleep(0.01)
+    with pytest.raises(ModelUnavailableError, match="removed from the configuration"):
+        await supervisor.acquire(gone)
+    assert gone.state == ModelState.UNLOADED
+    assert gone.loads == 0
+    await supervisor.shutdown()
