@@ -434,3 +434,35 @@ def test_a_request_still_queued_when_a_removed_models_drain_ends_gets_503(
     server.wait_for(lambda: "drop" not in model_names(server))
     assert children_started(record) == 1
     assert server.children(None) == []
+
+
+def test_a_reload_lets_streams_longer_than_shutdown_timeout_finish(
+    corral: Start, smollm2: Path, tmp_path: Path
+) -> None:
+    changed, dropped = tmp_path / "change.txt", tmp_path / "drop.txt"
+    server = corral({"shutdown_timeout": "1s",
+                     "models": {"change": slow_fake(smollm2, changed),
+                                "drop": slow_fake(smollm2, dropped)}})
+    for name in ("change", "drop"):
+        assert server.http.post(f"/admin/models/{name}/load").status_code == 200
+    old_pid = server.model("change")["pid"]
+    received: dict[str, list[str]] = {"change": [], "drop": []}
+    with ThreadPoolExecutor(2) as pool:
+        # 3 s of tokens each, three times shutdown_timeout.
+        streams = {n: pool.submit(stream, server.url, n, 30, r) for n, r in received.items()}
+        server.wait_for(lambda: all(received.values()))
+        config = yaml.safe_load(server.config_path.read_text())
+        config["models"]["change"]["ttl"] = "5m"
+        del config["models"]["drop"]
+        server.config_path.write_text(yaml.safe_dump(config))
+        reload = server.http.post("/admin/reload").json()
+        assert (reload["changed"], reload["removed"]) == (["change"], ["drop"])
+        bodies = {n: s.result() for n, s in streams.items()}
+    assert bodies["change"].rstrip().endswith("data: [DONE]")
+    assert bodies["drop"].rstrip().endswith("data: [DONE]")
+    # Then the changed model restarted with its new settings, and the removed one is gone.
+    server.wait_for(lambda: server.model("change")["pid"] not in (None, old_pid))
+    assert server.model("change")["ttl_seconds"] == 300
+    assert ask(server.url, "change").status_code == 200
+    server.wait_for(lambda: "drop" not in model_names(server))
+    assert (children_started(changed), children_started(dropped)) == (2, 1)

@@ -72,6 +72,7 @@ class Supervisor:
         self._reap_interval = reap_interval
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
+        self._closing_at: float | None = None  # when shutdown() began
 
     def _managed(self, spec: ModelSpec) -> ManagedModel:
         restart = self.config.file.restart
@@ -163,7 +164,7 @@ class Supervisor:
         return model
 
     async def unload(self, name: str, reason: StopReason = "manual") -> ManagedModel:
-        """Stop ``name``'s child once its in-flight requests are done (bounded)."""
+        """Stop ``name``'s child once its in-flight requests are done (bounded: ``_drain``)."""
         return await self._unload(self.get(name), reason)
 
     async def _unload(self, model: ManagedModel, reason: StopReason) -> ManagedModel:
@@ -184,6 +185,7 @@ class Supervisor:
         in progress (each stops its own half-started child); 4. stop every remaining child.
         """
         self._closing = True
+        self._closing_at = time.monotonic()
         background = [t for t in self._tasks if t not in self._transitions()]
         for task in background:
             task.cancel()
@@ -377,9 +379,7 @@ class Supervisor:
 
     async def _stop(self, model: ManagedModel, reason: StopReason) -> None:
         proc = model.process
-        drain_until = time.monotonic() + self.config.file.shutdown_timeout
-        while model.in_flight > 0 and time.monotonic() < drain_until:
-            await asyncio.sleep(0.05)
+        await self._drain(model, reason)
         if proc is not None:
             if proc.returncode is None:
                 with contextlib.suppress(Exception):
@@ -392,6 +392,27 @@ class Supervisor:
         model.ready_at = None
         model.set_state(ModelState.UNLOADED)
         self.events.stopped(model.name, reason)
+
+    async def _drain(self, model: ManagedModel, reason: StopReason) -> None:
+        """Wait for the model's in-flight requests to finish, as long as ``reason`` allows.
+
+        A reload drops no request: its stops (``reload``, ``removed``) wait as long as an answer
+        may take, ``upstream.generation_timeout`` (0: no bound). The others wait up to
+        ``shutdown_timeout``. Once corral shuts down, no wait outlasts ``shutdown_timeout``.
+        """
+        settings = self.config.file
+        bound: float | None = settings.shutdown_timeout
+        if reason in ("reload", "removed"):
+            bound = settings.upstream.generation_timeout or None
+        began = time.monotonic()
+        while model.in_flight > 0:
+            now = time.monotonic()
+            if bound is not None and now - began >= bound:
+                break
+            if (self._closing_at is not None
+                    and now - self._closing_at >= settings.shutdown_timeout):
+                break
+            await asyncio.sleep(0.05)
 
     async def _watch(self, model: ManagedModel, proc: ModelProcess) -> None:
         """Probe a ready child's ``/health``; notice when it exits or stops answering."""
