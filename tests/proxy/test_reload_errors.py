@@ -55,7 +55,7 @@ async def test_admin_reload_answers_a_failure_with_a_500_that_says_what_broke(
 
 async def test_a_sighup_reload_that_fails_is_logged(broken_reload: Corral) -> None:
     app = create_app(broken_reload.config, broken_reload)
-    server = CorralServer(uvicorn.Config(app), broken_reload, drain_timeout=1.0)
+    server = CorralServer(uvicorn.Config(app), broken_reload)
     with capture_logs() as logs:
         await server._reload()  # what SIGHUP runs, as a task nobody awaits
     failed = [e for e in logs if e["event"] == "config_reload_failed"]
