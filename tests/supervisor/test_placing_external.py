@@ -205,6 +205,27 @@ async def test_a_reservation_made_during_the_reading_is_not_yet_in_use(
     assert ledger.external("cpu") == other and machine.reads == reads + 1
 
 
+async def test_a_child_that_reserved_and_allocated_during_the_reading_is_corrals(
+    smollm2: Path, machine: Machine
+) -> None:
+    # Found by the concurrent property test: a load reserves, starts its child and the child
+    # allocates, all while another load's reading runs. The reading sees that memory used; it
+    # is corral's, not other programs', or the budget would shrink under the reservation.
+    cfg = config(smollm2, "a")
+    ledger = make_ledger(cfg)
+    other = 2 * GiB
+    machine.set_free("cpu", 8 * GiB - other)
+
+    def load_x() -> None:
+        ledger.reserve("x", {"cpu": 3 * GiB})
+        machine.measured["x"] = {"cpu": 3 * GiB}
+        machine.set_free("cpu", 8 * GiB - other - 3 * GiB)
+
+    machine.during_read = load_x
+    await place(cfg.models["a"], cfg, ledger, nobody, no_eviction, wait=0.0)
+    assert ledger.external("cpu") == other
+
+
 async def test_a_child_that_exits_during_the_reading_makes_it_read_again(
     smollm2: Path, machine: Machine
 ) -> None:

@@ -74,8 +74,10 @@ async def refresh_external(ledger: Ledger) -> None:
     reservation where nothing measures it (see ``corral_usage``).
 
     The reservations are taken as the reading begins: one made while the reading runs (it
-    takes time off the event loop) belongs to a load whose child has not started yet, so none
-    of it is in use. One dropped meanwhile belongs to a child that exited at some moment of
+    takes time off the event loop) belongs to a load whose child has mostly not started yet, so
+    none of it is in use; where the reading did measure that child, it counts with what was
+    measured, as any other (its memory is corral's, not another program's). One dropped
+    meanwhile belongs to a child that exited at some moment of
     the reading, before or after the device was sampled; that reading is taken again (up to
     ``_READ_ATTEMPTS`` times, then the last values stay), as either guess could be wrong by
     the whole child.
@@ -91,6 +93,9 @@ async def refresh_external(ledger: Ledger) -> None:
             break
     else:
         return
+    for owner, amounts in ledger.reservations().items():
+        if owner not in held and owner in measured:
+            held[owner] = amounts
     used = corral_usage(held, measured)
     known = {d.id for d in ledger.devices}
     for device in devices:
