@@ -142,6 +142,28 @@ def test_the_drain_gives_up_after_shutdown_timeout(corral: Start, smollm2: Path)
     assert '"drain_timeout"' in server.log()
 
 
+def test_requests_still_queued_when_the_drain_gives_up_get_a_503(
+    corral: Start, smollm2: Path
+) -> None:
+    server = corral({"shutdown_timeout": "2s",
+                     "models": {"m": {"path": str(smollm2), "slots": 1, "ctx_per_slot": 4096}}})
+    assert server.http.post("/admin/models/m/load").status_code == 200
+    received: list[str] = []
+    with ThreadPoolExecutor(2) as pool:
+        endless = pool.submit(stream, server.url, "m", 4000, received)
+        server.wait_for(lambda: len(received) > 2, timeout=30)
+        queued = pool.submit(ask, server.url, "m")
+        server.wait_for(lambda: server.model_status("m")["queue_depth"] == 1)
+        server.proc.send_signal(signal.SIGTERM)
+        answer = queued.result(timeout=30)
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["error"]["code"] == "shutting_down"
+        assert "retry-after" in answer.headers
+        assert server.proc.wait(timeout=30) == 0
+        with contextlib.suppress(httpx.HTTPError):
+            endless.result(timeout=10)
+
+
 def test_reload_changes_adds_and_removes_models_without_dropping_requests(
     corral: Start, smollm2: Path
 ) -> None:
