@@ -16,8 +16,7 @@ from corral.config import Config, ModelSpec
 from corral.placement import Ledger, NoFit, PlacementPlan, plan_placement
 from corral.placement.devices import format_bytes
 from corral.placement.requests import placement_request
-from corral.probe.gguf import read_profile
-from corral.supervisor.placing import make_ledger
+from corral.supervisor.placing import make_ledger, read_model
 
 
 @dataclass
@@ -79,7 +78,7 @@ def build_report(config: Config, ledger: Ledger | None = None) -> PlanReport:
         entry = ModelPlan(spec)
         report.models.append(entry)
         try:
-            profile = read_profile(spec.path)
+            profile, projector = read_model(spec)
         except (OSError, ValueError) as exc:
             entry.error = f"cannot read the model file: {exc}"
             continue
@@ -87,7 +86,7 @@ def build_report(config: Config, ledger: Ledger | None = None) -> PlanReport:
             entry.error = f"cannot read the model file: {type(exc).__name__}: {exc}"
             continue
         entry.n_layers = profile.n_layer + 1
-        request = placement_request(spec, config)
+        request = placement_request(spec, config, projector)
         try:
             entry.plan = plan_placement(profile, request, ledger.devices, ledger)
             ledger.reserve(spec.name, entry.plan.reservation)

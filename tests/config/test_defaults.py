@@ -64,10 +64,10 @@ def test_health_and_limits_overrides() -> None:
     (["--mmproj", "/models/mmproj.gguf"], True),
     (["-mm", "/models/mmproj.gguf"], True),
     (["--mmproj=/models/mmproj.gguf"], True),
-    (["--mmproj-url", "http://example/mmproj.gguf"], True),
 ])
 def test_a_model_is_multimodal_when_its_args_give_a_projector(
     args: list[str], multimodal: bool
 ) -> None:
     config = parse_config({"models": {"m": {"path": "m.gguf", "args": args}}})
     assert config.models["m"].multimodal is multimodal
+    assert config.models["m"].projector == ("/models/mmproj.gguf" if multimodal else None)

@@ -192,3 +192,16 @@ def test_host_extras() -> None:
     assert estimate_memory(smollm2(), slots=1, ctx_per_slot=256, ctx_checkpoints=3).on(
         "cpu").overhead == estimate_memory(smollm2(), slots=1, ctx_per_slot=256).on(
         "cpu").overhead
+
+
+def test_a_projector_goes_to_the_first_gpu_or_the_host() -> None:
+    kw = {"slots": 1, "ctx_per_slot": 256}
+    cpu = estimate_memory(smollm2(), **kw, projector_bytes=300 * MiB)
+    assert cpu.on("cpu").weights == estimate_memory(smollm2(), **kw).on("cpu").weights + 300 * MiB
+    split = [("cuda:0", 1.0), ("cuda:1", 1.0)]
+    gpu = estimate_memory(smollm2(), **kw, gpu_layers=31, gpu_split=split,
+                          projector_bytes=300 * MiB)
+    plain = estimate_memory(smollm2(), **kw, gpu_layers=31, gpu_split=split)
+    assert gpu.on("cuda:0").weights == plain.on("cuda:0").weights + 300 * MiB
+    assert gpu.on("cuda:1").weights == plain.on("cuda:1").weights
+    assert gpu.on("cpu").weights == plain.on("cpu").weights

@@ -150,6 +150,9 @@ _RESERVED_BY_REASON: dict[str, tuple[str, ...]] = {
     "corral reads the buffer sizes printed at verbosity 4": (
         "-lv", "--verbosity", "--log-verbosity",
     ),
+    "give the projector as a file with --mmproj (nothing is downloaded)": (
+        "-mmu", "--mmproj-url",
+    ),
     "the model file is `path` (nothing is downloaded)": (
         "-hf", "-hfr", "--hf-repo", "-hff", "--hf-file", "-mu", "--model-url", "-dr",
         "--docker-repo",
@@ -443,13 +446,23 @@ class ModelSpec:
         return 4 * slots if self.queue_max is None else self.queue_max
 
     @property
+    def projector(self) -> str | None:
+        """The multimodal projector file its args give (``--mmproj``), if any."""
+        args = self.args
+        for i, arg in enumerate(args):
+            if arg in _MMPROJ_FLAGS and i + 1 < len(args):
+                return args[i + 1]
+            if arg.startswith("--mmproj="):
+                return arg.split("=", 1)[1]
+        return None
+
+    @property
     def multimodal(self) -> bool:
         """Whether the child gets a multimodal projector, so it can take images and audio."""
-        return any(arg in _MMPROJ_FLAGS or arg.startswith(("--mmproj=", "--mmproj-url="))
-                   for arg in self.args)
+        return self.projector is not None
 
 
-_MMPROJ_FLAGS = frozenset({"--mmproj", "-mm", "--mmproj-url", "-mmu"})
+_MMPROJ_FLAGS = frozenset({"--mmproj", "-mm"})
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,7 @@ class PlacementRequest:
     flash_attn: bool = True  # False passes -fa off (bigger compute buffer, V cache transposed)
     cache_ram: int = 0  # bytes for llama-server's --cache-ram prompt cache (0 disables it)
     ctx_checkpoints: int = 2  # --ctx-checkpoints, kept in host memory by SWA/recurrent models
+    projector_bytes: int = 0  # a multimodal projector's weights (--mmproj)
     gpu_overhead: int = DEFAULT_GPU_OVERHEAD
     host_overhead: int = DEFAULT_HOST_OVERHEAD
     name: str = "model"  # for messages only
@@ -229,7 +230,7 @@ class _Planner:
             cache_type_v=r.cache_type_v, gpu_layers=ngl if split else 0, gpu_split=split,
             n_batch=r.n_batch, n_ubatch=r.n_ubatch, flash_attn=r.flash_attn,
             gpu_overhead=r.gpu_overhead, host_overhead=r.host_overhead, cache_ram=r.cache_ram,
-            ctx_checkpoints=r.ctx_checkpoints,
+            ctx_checkpoints=r.ctx_checkpoints, projector_bytes=r.projector_bytes,
         )
 
     def note_failure(self, fit: _Fit) -> None:

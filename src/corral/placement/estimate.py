@@ -212,6 +212,7 @@ def estimate_memory(
     host_overhead: int = DEFAULT_HOST_OVERHEAD,
     cache_ram: int = 0,
     ctx_checkpoints: int = 0,
+    projector_bytes: int = 0,
 ) -> MemoryEstimate:
     """Bytes per device for ``profile`` served with ``slots`` x ``ctx_per_slot``.
 
@@ -219,6 +220,8 @@ def estimate_memory(
     the child's GPUs in ``CUDA_VISIBLE_DEVICES`` order with their ``--tensor-split`` weights
     (required when ``gpu_layers > 0``). ``cache_ram`` (bytes) is the ``--cache-ram`` prompt
     cache and ``ctx_checkpoints`` the ``--ctx-checkpoints`` count, both charged to the host.
+    ``projector_bytes`` are a multimodal projector's weights (``--mmproj``): llama-server loads
+    them on its first GPU, or in host memory without one.
     """
     if slots < 1 or ctx_per_slot < 1:
         raise ValueError("slots and ctx_per_slot must be >= 1")
@@ -254,6 +257,7 @@ def estimate_memory(
     if profile.tied_output and out_dev != CPU:
         output = profile.token_embd_bytes  # llama.cpp duplicates the tied matrix to the GPU
     acc[out_dev].weights += output + profile.other_bytes
+    acc[gpu_ids[0] if gpu_ids else CPU].weights += projector_bytes
 
     # KV cache and recurrent state, each on its layer's device unless KV offload is off.
     kv = _kv_bytes(profile, slots, n_ctx_seq, swa_cells, cache_type_k, cache_type_v, flash_attn)

@@ -8,8 +8,11 @@ from corral.placement.decide import PlacementRequest
 from corral.placement.devices import Device, gpu, host
 
 
-def placement_request(spec: ModelSpec, config: Config) -> PlacementRequest:
-    """The placement question for one model."""
+def placement_request(
+    spec: ModelSpec, config: Config, projector_bytes: int = 0
+) -> PlacementRequest:
+    """The placement question for one model (``projector_bytes``: its ``--mmproj`` file's
+    tensors, which the caller reads)."""
     return PlacementRequest(
         slots=spec.slots,
         ctx_per_slot=spec.ctx_per_slot,
@@ -19,6 +22,7 @@ def placement_request(spec: ModelSpec, config: Config) -> PlacementRequest:
         cache_type_v=spec.cache_type_v,
         placement=config.file.placement,
         devices=spec.devices,
+        projector_bytes=projector_bytes,
         name=spec.name,
     )
 

@@ -235,6 +235,15 @@ class _Scanner:
         raise ValueError(f"unknown GGUF value type {kind}")
 
 
+def tensor_bytes(path: str | os.PathLike[str]) -> int:
+    """The bytes of every tensor in the GGUF file at ``path`` (a projector's weights).
+
+    Raises ``OSError`` when it cannot be read and ``ValueError`` when it is not GGUF.
+    """
+    _, tensors = read_header(os.fspath(path))
+    return sum(size for _, size in tensors)
+
+
 def clear_cache() -> None:
     """Forget every cached profile (tests rewrite files within one mtime tick)."""
     _read_cached.cache_clear()

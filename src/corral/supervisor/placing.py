@@ -33,7 +33,7 @@ from corral.placement.ledger import CapacityError, Ledger, corral_usage
 from corral.placement.profile import ModelProfile
 from corral.placement.requests import declared_devices, placement_request
 from corral.probe.devices import binary_gpus, discover_devices, read_usage
-from corral.probe.gguf import read_profile
+from corral.probe.gguf import read_profile, tensor_bytes
 from corral.supervisor.process import resolve_binary
 
 log = structlog.get_logger("corral.supervisor")
@@ -43,6 +43,12 @@ _CAPACITY_POLL = 0.25
 # NVML and walks corral's children, and other programs rarely free memory faster than this.
 _REREAD_INTERVAL = 1.0
 _READ_ATTEMPTS = 3
+
+
+def read_model(spec: ModelSpec) -> tuple[ModelProfile, int]:
+    """The model's profile and its ``--mmproj`` projector's bytes (0 without one)."""
+    profile = read_profile(spec.path)
+    return profile, 0 if spec.projector is None else tensor_bytes(spec.projector)
 
 
 def make_ledger(config: Config) -> Ledger:
@@ -175,7 +181,7 @@ async def place(
     it, when it cannot fit.
     """
     try:
-        profile = await asyncio.to_thread(read_profile, spec.path)
+        profile, projector = await asyncio.to_thread(read_model, spec)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(spec.name, f"cannot read the model file: {exc}",
                              retry_after=30.0) from None
@@ -183,7 +189,7 @@ async def place(
         log.exception("profile_failed", model=spec.name, path=str(spec.path))
         raise ModelLoadError(spec.name, f"cannot read the model file: {type(exc).__name__}: "
                              f"{exc}", retry_after=30.0) from None
-    request = placement_request(spec, config)
+    request = placement_request(spec, config, projector)
     discovered = declared_devices(config) is None
     deadline = time.monotonic() + wait
     read_at: float | None = None  # when the devices were last read; None: read before deciding
