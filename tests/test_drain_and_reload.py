@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,18 @@ def stream(url: str, model: str, tokens: int, received: list[str]) -> str:
 def ask(url: str, model: str) -> httpx.Response:
     with httpx.Client(base_url=url, timeout=60) as http:
         return http.post("/v1/chat/completions", json=chat(model, 2, False))
+
+
+def busy_then_queued(
+    server: CorralProcess, pool: ThreadPoolExecutor, tokens: int, received: list[str]
+) -> tuple[Future[str], Future[httpx.Response]]:
+    """Model "drop" loaded, a stream of ``tokens`` in its one slot, a request queued behind."""
+    assert server.http.post("/admin/models/drop/load").status_code == 200
+    streaming = pool.submit(stream, server.url, "drop", tokens, received)
+    server.wait_for(lambda: len(received) > 0)
+    queued = pool.submit(ask, server.url, "drop")
+    server.wait_for(lambda: server.model_status("drop")["queue_depth"] == 1)
+    return streaming, queued
 
 
 def drop_from_config(server: CorralProcess, name: str) -> httpx.Response:
@@ -405,14 +417,10 @@ def test_a_removed_model_serves_what_waits_for_it_then_never_starts_again(
     server = corral({"shutdown_timeout": "1s",
                      "models": {"drop": slow_fake(smollm2, record),
                                 "other": slow_fake(smollm2, tmp_path / "other.txt")}})
-    assert server.http.post("/admin/models/drop/load").status_code == 200
     received: list[str] = []
     with ThreadPoolExecutor(2) as pool:
         # 3 s of tokens, far past shutdown_timeout; its one slot is taken, so `queued` waits.
-        streaming = pool.submit(stream, server.url, "drop", 30, received)
-        server.wait_for(lambda: len(received) > 0)
-        queued = pool.submit(ask, server.url, "drop")
-        server.wait_for(lambda: server.model_status("drop")["queue_depth"] == 1)
+        streaming, queued = busy_then_queued(server, pool, 30, received)
         removed = drop_from_config(server, "drop")
         assert removed.json()["removed"] == ["drop"]
         assert streaming.result().rstrip().endswith("data: [DONE]")
@@ -431,14 +439,10 @@ def test_a_request_still_queued_when_a_removed_models_drain_ends_gets_503(
     server = corral({"shutdown_timeout": "1s", "upstream": {"generation_timeout": "2s"},
                      "models": {"drop": slow_fake(smollm2, record),
                                 "other": slow_fake(smollm2, tmp_path / "other.txt")}})
-    assert server.http.post("/admin/models/drop/load").status_code == 200
     received: list[str] = []
     with ThreadPoolExecutor(2) as pool:
         # 10 s of tokens: longer than a removed model waits (generation_timeout) for it.
-        streaming = pool.submit(stream, server.url, "drop", 100, received)
-        server.wait_for(lambda: len(received) > 0)
-        queued = pool.submit(ask, server.url, "drop")
-        server.wait_for(lambda: server.model_status("drop")["queue_depth"] == 1)
+        streaming, queued = busy_then_queued(server, pool, 100, received)
         removed_at = time.monotonic()
         assert drop_from_config(server, "drop").json()["removed"] == ["drop"]
         reply = queued.result()

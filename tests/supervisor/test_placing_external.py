@@ -190,27 +190,14 @@ async def test_a_failed_reading_keeps_the_last_values(smollm2: Path, machine: Ma
     assert ledger.external("cpu") == 1 * GiB and ledger.owners == ["a"]
 
 
-async def test_a_reservation_made_during_the_reading_is_not_yet_in_use(
-    smollm2: Path, machine: Machine
+@pytest.mark.parametrize("allocated", [False, True])
+async def test_a_load_during_the_reading_never_counts_as_other_programs(
+    smollm2: Path, machine: Machine, allocated: bool
 ) -> None:
-    cfg = config(smollm2, "a")
-    ledger = make_ledger(cfg)
-    other = 2 * GiB
-    machine.set_free("cpu", 8 * GiB - other)
-    # Another load reserves while the devices are read; its child has not started, so the
-    # reading does not show its memory as used and it must not be subtracted either.
-    machine.during_read = lambda: ledger.reserve("x", {"cpu": 1 * GiB})
-    reads = machine.reads
-    await place(cfg.models["a"], cfg, ledger, nobody, no_eviction, wait=0.0)
-    assert ledger.external("cpu") == other and machine.reads == reads + 1
-
-
-async def test_a_child_that_reserved_and_allocated_during_the_reading_is_corrals(
-    smollm2: Path, machine: Machine
-) -> None:
-    # Found by the concurrent property test: a load reserves, starts its child and the child
-    # allocates, all while another load's reading runs. The reading sees that memory used; it
-    # is corral's, not other programs', or the budget would shrink under the reservation.
+    # Another load reserves while the devices are read. Mostly its child has not started: the
+    # reading shows none of it used, and none of it may be subtracted either. But its child may
+    # have allocated already (found by the concurrent property test): that memory is corral's,
+    # not other programs', or the budget would shrink under the reservation.
     cfg = config(smollm2, "a")
     ledger = make_ledger(cfg)
     other = 2 * GiB
@@ -218,12 +205,14 @@ async def test_a_child_that_reserved_and_allocated_during_the_reading_is_corrals
 
     def load_x() -> None:
         ledger.reserve("x", {"cpu": 3 * GiB})
-        machine.measured["x"] = {"cpu": 3 * GiB}
-        machine.set_free("cpu", 8 * GiB - other - 3 * GiB)
+        if allocated:
+            machine.measured["x"] = {"cpu": 3 * GiB}
+            machine.set_free("cpu", 8 * GiB - other - 3 * GiB)
 
     machine.during_read = load_x
+    reads = machine.reads
     await place(cfg.models["a"], cfg, ledger, nobody, no_eviction, wait=0.0)
-    assert ledger.external("cpu") == other
+    assert ledger.external("cpu") == other and machine.reads == reads + 1
 
 
 async def test_a_child_that_exits_during_the_reading_makes_it_read_again(
