@@ -21,10 +21,10 @@ from tests.placement.public_models import llama31_8b, qwen25_32b
 PROFILES = {"qwen": qwen25_32b, "llama": llama31_8b, "llama2": llama31_8b}
 
 
-def config(**models: dict[str, Any]) -> Any:
+def config(gpu: str = "24GiB", **models: dict[str, Any]) -> Any:
     return parse_config({
         "models": {n: {"path": f"/models/{n}.gguf", **m} for n, m in models.items()},
-        "devices": [{"id": "cuda:0", "memory": "24GiB"}, {"id": "cpu", "memory": "64GiB"}],
+        "devices": [{"id": "cuda:0", "memory": gpu}, {"id": "cpu", "memory": "64GiB"}],
         "reserve": {"gpu": 0, "ram": 0}})
 
 
@@ -86,3 +86,28 @@ async def test_more_slots_are_no_reason_to_evict() -> None:
     assert host.evicted == []
     assert second.gpu_layers == 33 and second.gpus == ("cuda:0",)
     assert second.slots < alone.slots
+
+
+async def test_only_as_many_go_as_the_whole_layout_needs_not_what_auto_slots_would_fill() -> None:
+    small = {"slots": 1, "ctx_per_slot": 4096}
+    cfg = config("30GiB", llama=small, llama2=small,
+                 qwen={"slots": "auto", "max_slots": 16, "ctx_per_slot": 4096})
+    ledger = make_ledger(cfg)
+    host = Host(ledger)
+    for name in ("llama", "llama2"):
+        await place(cfg.models[name], cfg, ledger, host.candidates, host.evict, wait=0)
+    qwen = await place(cfg.models["qwen"], cfg, ledger, host.candidates, host.evict, wait=0)
+    # One 8B model's room is enough for the 32B one whole on the GPU; auto slots then take
+    # what is left, and are no reason to stop the second.
+    assert len(host.evicted) == 1
+    assert qwen.gpu_layers == 65 and qwen.gpus == ("cuda:0",)
+
+
+async def test_nobody_goes_for_a_few_more_layers_when_the_model_never_fits_whole() -> None:
+    small = {"slots": 1, "ctx_per_slot": 4096}
+    cfg = config("16GiB", llama=small, qwen=small)
+    ledger = make_ledger(cfg)
+    host = Host(ledger)
+    await place(cfg.models["llama"], cfg, ledger, host.candidates, host.evict, wait=0)
+    qwen = await place(cfg.models["qwen"], cfg, ledger, host.candidates, host.evict, wait=0)
+    assert host.evicted == [] and 0 < qwen.gpu_layers < 65

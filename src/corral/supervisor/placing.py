@@ -12,6 +12,7 @@ devices are a budget the configuration sets, so nothing is read for them.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -119,31 +120,35 @@ class Candidate:
     pinned: bool
 
 
-def _layout_rank(plan: PlacementPlan) -> tuple[int, int]:
-    """How good a plan's layout is: more layers on GPUs first, then fewer GPUs."""
-    return (plan.gpu_layers, -len(plan.gpus))
-
-
 def _evictions_for_a_better_layout(
     profile: ModelProfile, request: PlacementRequest, plan: PlacementPlan, ledger: Ledger,
     candidates: list[Candidate],
 ) -> list[str] | None:
-    """Idle models to stop so that the load gets a better layout than ``plan``, or None.
+    """Idle models to stop so that the load runs wholly on the GPUs (or on fewer of them) than
+    ``plan`` allows, or None.
 
     With ``gpu_layers: auto`` a plan that fits what is free may leave layers on the CPU, or
     split a model over GPUs, where stopping idle models would let it run whole on one GPU,
-    many times faster. Slots and context are not reasons to evict: two auto-sized models would
-    take turns evicting each other for a few more slots.
+    many times faster. Only that is a reason: the alternative is planned with ``plan``'s own
+    slots and context (more of either is never a reason to stop a model), and a model that
+    would still be partly on the CPU evicts nobody for a few more layers.
     """
+    whole = profile.n_layer + 1
+    if plan.gpu_layers == whole and len(plan.gpus) <= 1:
+        return None  # no better layout exists
     idle = [c for c in candidates if not c.busy and not c.pinned and ledger.holdings(c.name)]
     if not idle:
         return None
     try:
-        ideal = plan_placement(profile, request, ledger.devices,
+        same_size = dataclasses.replace(request, slots=plan.slots,
+                                        ctx_per_slot=plan.ctx_per_slot)
+        ideal = plan_placement(profile, same_size, ledger.devices,
                                ledger.without(c.name for c in idle))
     except (NoFit, ValueError):
         return None
-    if _layout_rank(ideal) <= _layout_rank(plan):
+    better = ideal.gpu_layers == whole and (
+        plan.gpu_layers < whole or len(ideal.gpus) < len(plan.gpus))
+    if not better:
         return None
     pool = [EvictionCandidate(c.name, c.last_used, busy=c.busy, pinned=c.pinned) for c in idle]
     return choose_evictions(ideal.reservation, pool, ledger) or None
