@@ -492,3 +492,30 @@ def test_a_reload_lets_streams_longer_than_shutdown_timeout_finish(
     assert ask(server.url, "change").status_code == 200
     server.wait_for(lambda: "drop" not in model_names(server))
     assert (children_started(changed), children_started(dropped)) == (2, 1)
+
+
+def test_a_request_for_a_model_restarting_for_a_reload_waits_at_most_its_queue_timeout(
+    corral: Start, smollm2: Path, tmp_path: Path
+) -> None:
+    # Two slots: the second request is admitted at once, and waits for the model itself.
+    model = {**slow_fake(smollm2, tmp_path / "change.txt"), "slots": 2,
+             "queue": {"timeout": "1s"}}
+    server = corral({"shutdown_timeout": "1s", "models": {"change": model}})
+    assert server.http.post("/admin/models/change/load").status_code == 200
+    received: list[str] = []
+    with ThreadPoolExecutor(1) as pool:
+        # 5 s of tokens: the reload's restart waits for them.
+        streaming = pool.submit(stream, server.url, "change", 50, received)
+        server.wait_for(lambda: len(received) > 0)
+        config = yaml.safe_load(server.config_path.read_text())
+        config["models"]["change"]["ttl"] = "5m"
+        server.config_path.write_text(yaml.safe_dump(config))
+        assert server.http.post("/admin/reload").json()["changed"] == ["change"]
+        began = time.monotonic()
+        reply = ask(server.url, "change")
+        took = time.monotonic() - began
+        assert streaming.result().rstrip().endswith("data: [DONE]")
+    assert reply.status_code == 503, reply.text
+    assert reply.json()["error"]["code"] == "model_unavailable"
+    assert "retry-after" in reply.headers
+    assert 1.0 <= took < 3.0  # its queue timeout, not the 5 s the stream still had to go

@@ -113,7 +113,20 @@ class Supervisor:
                 if touch:
                     model.last_used = time.monotonic()
                 return Lease(model, model.process, model.process.client, touch)
-            if model.state in (ModelState.STARTING, ModelState.STOPPING):
+            if model.state == ModelState.STOPPING:
+                assert model.transition is not None
+                # A stop for a reload waits for long requests to finish (up to
+                # generation_timeout): a request arriving meanwhile waits at most its queue
+                # timeout, then hears when to come back.
+                try:
+                    await asyncio.wait_for(asyncio.shield(model.transition),
+                                           model.spec.queue_timeout)
+                except TimeoutError:
+                    raise ModelUnavailableError(
+                        model.name, "it is restarting once its requests in flight finish",
+                        5.0) from None
+                continue
+            if model.state == ModelState.STARTING:
                 assert model.transition is not None
                 # Shielded: a caller that gives up must not cancel a load others wait for.
                 await asyncio.shield(model.transition)
