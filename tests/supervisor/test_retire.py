@@ -36,3 +36,35 @@ async def test_a_request_that_waited_across_the_removal_starts_nothing(tmp_path:
     assert gone.state == ModelState.UNLOADED
     assert gone.loads == 0
     await supervisor.shutdown()
+
+
+async def test_removed_put_back_and_removed_again_while_it_stops_is_retired_once(
+    tmp_path: Path,
+) -> None:
+    supervisor = Supervisor(config(tmp_path, "m", "kept"))
+    waiting = {"m": False}  # what the proxy would say: requests queued or in flight for it
+    supervisor.holding = lambda name: waiting.get(name, False)
+    model = supervisor.get("m")
+    # The model is stopping (the first removal's stop), and the test says when it is done.
+    stopped = asyncio.Event()
+    model.state = ModelState.STOPPING
+    model.transition = asyncio.ensure_future(stopped.wait())  # type: ignore[assignment]
+
+    supervisor.reconfigure(config(tmp_path, "kept"))
+    await asyncio.sleep(0.05)
+    first = model.retire_task
+    assert model.retired  # nothing waited for it: retired, now waiting for its stop
+    supervisor.reconfigure(config(tmp_path, "m", "kept"))  # back...
+    waiting["m"] = True  # ...requests queue for it...
+    supervisor.reconfigure(config(tmp_path, "kept"))  # ...and it is removed again
+    assert model.retire_task is first  # the same retire carries on, no second one
+    model.state = ModelState.UNLOADED
+    stopped.set()
+    await asyncio.sleep(0.2)
+    # The queued requests are served first: the model is neither forgotten nor retired yet.
+    assert supervisor.models.get("m") is model and not model.retired
+    waiting["m"] = False
+    while "m" in supervisor.models:
+        await asyncio.sleep(0.01)
+    assert model.retired and model.loads == 0
+    await supervisor.shutdown()

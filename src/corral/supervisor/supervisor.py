@@ -256,8 +256,13 @@ class Supervisor:
             model.spec = config.models[name]
             self._spawn(self._restart_for_reload(model))
         for name in removed:
-            self.models[name].removed = True
-            self._spawn(self._retire(self.models[name]))
+            model = self.models[name]
+            model.removed = True
+            model.removals += 1
+            # Removed, put back and removed again while the first retire still runs: that one
+            # carries on (it sees the new removal), rather than two racing to delete it.
+            if model.retire_task is None or model.retire_task.done():
+                model.retire_task = self._spawn(self._retire(model))
         return {"added": added, "changed": changed, "removed": removed}
 
     async def _restart_for_reload(self, model: ManagedModel) -> None:
@@ -272,23 +277,27 @@ class Supervisor:
 
         Nothing new reaches it (its name no longer resolves), so what it serves are the
         requests already queued or in flight, each bounded by its own timeouts; the wait as a
-        whole is bounded by ``upstream.generation_timeout`` (0: none). Then it is retired: no
-        child starts for it again, and whoever still waits gets 503.
+        whole is bounded by ``upstream.generation_timeout`` (0: none) from the removal. Then it
+        is retired: no child starts for it again, and whoever still waits gets 503.
 
-        Each step first checks that the model is still removed: a reload may bring it back.
+        Each step first checks that the model is still removed: a reload may bring it back
+        (and another remove it again, which this same task then serves).
         """
-        bound = self.config.file.upstream.generation_timeout
-        deadline = time.monotonic() + bound if bound else None
-        while (model.removed and (model.in_flight or self.holding(model.name))
-               and (deadline is None or time.monotonic() < deadline)):
-            await asyncio.sleep(0.05)
-        if model.removed:
-            model.retired = True
-            if model.restart_task is not None:
-                model.restart_task.cancel()  # its waiters look again and see it retired
-            self.on_retired(model.name)
-        # Brought back while it stopped: it stays, unloaded, and loads on demand again.
+        removal, deadline = -1, None
         while model.removed:
+            if model.removals != removal:  # a (new) removal: its own bound on the wait
+                removal = model.removals
+                bound = self.config.file.upstream.generation_timeout
+                deadline = time.monotonic() + bound if bound else None
+            if not model.retired:
+                if ((model.in_flight or self.holding(model.name))
+                        and (deadline is None or time.monotonic() < deadline)):
+                    await asyncio.sleep(0.05)
+                    continue
+                model.retired = True
+                if model.restart_task is not None:
+                    model.restart_task.cancel()  # its waiters look again and see it retired
+                self.on_retired(model.name)
             if model.state in (ModelState.STARTING, ModelState.STOPPING):
                 assert model.transition is not None
                 with contextlib.suppress(ModelLoadError):
@@ -299,6 +308,7 @@ class Supervisor:
                 if self.models.get(model.name) is model:
                     del self.models[model.name]
                 return
+        # Brought back while it stopped: it stays, unloaded, and loads on demand again.
 
     def _transitions(self) -> list[asyncio.Task[None]]:
         return [m.transition for m in self.models.values()
