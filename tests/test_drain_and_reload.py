@@ -448,18 +448,24 @@ def test_a_request_still_queued_when_a_removed_models_drain_ends_gets_503(
         reply = queued.result()
         waited = time.monotonic() - removed_at
         try:
-            streaming.result()  # cut once the drain is over: not what this test is about
+            streaming.result()  # cut once the drain is over
         except httpx.HTTPError:
             pass
+        # generation_timeout bounds the whole retire: the stop does not wait 2 s more.
+        cut = time.monotonic() - removed_at
     assert reply.status_code == 503, reply.text
     assert int(reply.headers["retry-after"]) >= 1
     error = reply.json()["error"]
     assert error["code"] == "model_unavailable"
     assert "removed from the configuration" in error["message"]
     assert 2.0 <= waited < 2.0 + 4.0  # at the end of the drain, not at its queue timeout (60s)
+    assert cut < 2.0 + 1.5, cut
     server.wait_for(lambda: "drop" not in model_names(server))
     assert children_started(record) == 1
     assert server.children(None) == []
+    # Forgotten by the proxy too: its queue's series leave /metrics.
+    server.wait_for(lambda: 'corral_queue_depth{model="drop"}' not in
+                    server.http.get("/metrics").text, timeout=5)
 
 
 def test_a_reload_lets_streams_longer_than_shutdown_timeout_finish(

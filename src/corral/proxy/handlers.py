@@ -80,6 +80,8 @@ class Proxy:
         # slot until their queue timeout, only to be refused then.
         if (queue := self.queues.get(name)) is not None:
             queue.refuse_waiters(partial(ModelUnavailableError.removed, name))
+            if queue.depth == 0 and queue.in_flight == 0 and name not in self.config.models:
+                del self.queues[name]  # nothing uses it now; its series leave /metrics
 
     def require(self, request: Request, scope: str) -> ResolvedKey:
         """The request's key, if it has ``scope``; raises 401/403 otherwise."""
@@ -163,7 +165,9 @@ class Proxy:
         touch: bool = True,
         streams: bool = True,
     ) -> Response:
-        queue = self.queues[model.name]
+        queue = self.queues.get(model.name)
+        if queue is None:  # a reload removed the model while this request was being read
+            raise ModelUnavailableError.removed(model.name)
         if uses_slot:
             asked = time.monotonic()
             try:

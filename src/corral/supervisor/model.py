@@ -53,6 +53,7 @@ class ManagedModel:
         self.removed = False
         self.removals = 0  # how many reloads removed it: each one's retire has its own bound
         self.retire_task: asyncio.Task[None] | None = None  # one at a time, however many
+        self.retire_deadline: float | None = None  # monotonic; the removal's bound on waiting
         # Set once the retire stops serving it: no child may be started for it any more.
         self.retired = False
 

@@ -52,6 +52,9 @@ class Supervisor:
         reap_interval: float = 1.0,
     ) -> None:
         self.config = config
+        # Every variable that ever held an API key: one a reload stopped naming still holds a
+        # key in corral's environment, and children started later must not inherit it.
+        self.secret_env: set[str] = set(config.secret_env)
         self.events = events or SupervisorEvents()
         self.settings = config.file.llama_server
         self.models = {name: self._managed(spec) for name, spec in config.models.items()}
@@ -230,6 +233,7 @@ class Supervisor:
         changed = [n for n in config.models if n in self.models and n not in added
                    and (shared_changed or self.models[n].spec != config.models[n])]
         self.config = config
+        self.secret_env |= config.secret_env
         self.settings = config.file.llama_server
         for name in added:
             model = self.models.get(name)
@@ -289,6 +293,7 @@ class Supervisor:
                 removal = model.removals
                 bound = self.config.file.upstream.generation_timeout
                 deadline = time.monotonic() + bound if bound else None
+                model.retire_deadline = deadline
             if not model.retired:
                 if ((model.in_flight or self.holding(model.name))
                         and (deadline is None or time.monotonic() < deadline)):
@@ -307,6 +312,7 @@ class Supervisor:
             else:
                 if self.models.get(model.name) is model:
                     del self.models[model.name]
+                    self.on_retired(model.name)  # gone for good: the proxy can forget it too
                 return
         # Brought back while it stopped: it stays, unloaded, and loads on demand again.
 
@@ -335,7 +341,7 @@ class Supervisor:
                                      wait=model.spec.queue_timeout)
             proc = ModelProcess(model.spec, model.plan.args, model.plan.env, self.settings,
                                 model.log_tail, upstream=self.config.file.upstream,
-                                secret_env=self.config.secret_env)
+                                secret_env=self.secret_env)
             model.process = proc
             await proc.start()
             if proc.pid is not None:
@@ -425,9 +431,13 @@ class Supervisor:
         """
         settings = self.config.file
         bound: float | None = settings.shutdown_timeout
-        if reason in ("reload", "removed"):
-            bound = settings.upstream.generation_timeout or None
         began = time.monotonic()
+        if reason == "reload":
+            bound = settings.upstream.generation_timeout or None
+        elif reason == "removed":
+            # What is left of the retire's bound: its wait for requests already used the rest.
+            left = model.retire_deadline
+            bound = None if left is None else max(0.0, left - began)
         while model.in_flight > 0:
             now = time.monotonic()
             if bound is not None and now - began >= bound:
