@@ -176,6 +176,24 @@ def test_requests_still_queued_when_the_drain_gives_up_get_a_503(
             endless.result(timeout=10)
 
 
+def test_a_request_waiting_for_a_load_when_the_drain_gives_up_gets_a_503(
+    corral: Start, smollm2: Path
+) -> None:
+    # The fake: a real load cannot be made to outlast the drain on demand.
+    loading = {"path": str(smollm2), "binary": FAKE_LLAMA_SERVER, "slots": 1,
+               "ctx_per_slot": 256, "env": {"FAKE_MODE": "never_ready"}}
+    server = corral({"shutdown_timeout": "1s", "llama_server": {"startup_timeout": "60s"},
+                     "models": {"slow": loading}})
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(ask, server.url, "slow")
+        server.wait_for(lambda: server.model("slow")["state"] == "starting")
+        server.proc.send_signal(signal.SIGTERM)
+        answer = waiting.result(timeout=30)
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["error"]["code"] == "shutting_down"
+    assert server.proc.wait(timeout=30) == 0
+
+
 def test_reload_changes_adds_and_removes_models_without_dropping_requests(
     corral: Start, smollm2: Path
 ) -> None:

@@ -87,6 +87,8 @@ class CorralServer(uvicorn.Server):
                 # (503 shutting_down, retry elsewhere), not left to a closed connection.
                 for queue in self.corral.proxy.queues.values():
                     queue.refuse_waiters(lambda: ShuttingDownError("corral is shutting down"))
+                # ...and so are those that got a slot and wait for their model to load.
+                self.corral.supervisor.refuse_waiting()
             self.should_exit = True
         return await super().on_tick(counter)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from corral.config import Config, parse_config
 from corral.errors import ModelUnavailableError
@@ -67,4 +68,37 @@ async def test_removed_put_back_and_removed_again_while_it_stops_is_retired_once
     while "m" in supervisor.models:
         await asyncio.sleep(0.01)
     assert model.retired and model.loads == 0
+    await supervisor.shutdown()
+
+
+def _with(tmp_path: Path, models: dict[str, dict[str, Any]]) -> Config:
+    base: dict[str, Any] = {"path": str(tmp_path / "missing.gguf"), "ctx_per_slot": 256}
+    return parse_config({"models": {n: {**base, **m} for n, m in models.items()},
+                         "devices": [{"id": "cpu", "memory": "8GiB"}],
+                         "state_file": str(tmp_path / "children.json")})
+
+
+async def test_a_model_changed_then_removed_at_once_is_not_loaded_again(tmp_path: Path) -> None:
+    supervisor = Supervisor(_with(tmp_path, {"m": {"slots": 1, "preload": True}, "kept": {}}))
+    model = supervisor.get("m")
+    # A reload changes it (its restart is now due), the next removes it before that ran.
+    assert supervisor.reconfigure(_with(tmp_path, {"m": {"slots": 2, "preload": True},
+                                                   "kept": {}}))["changed"] == ["m"]
+    assert supervisor.reconfigure(_with(tmp_path, {"kept": {}}))["removed"] == ["m"]
+    while "m" in supervisor.models:
+        await asyncio.sleep(0.01)
+    assert model.loads == 0  # no child was started (or evicted for) for the removed model
+    await supervisor.shutdown()
+
+
+async def test_a_preload_for_a_model_removed_before_it_ran_is_dropped_quietly(
+    tmp_path: Path,
+) -> None:
+    supervisor = Supervisor(_with(tmp_path, {"kept": {}}))
+    with capture_logs() as logs:
+        supervisor.reconfigure(_with(tmp_path, {"kept": {}, "new": {"preload": True}}))
+        supervisor.reconfigure(_with(tmp_path, {"kept": {}}))
+        await asyncio.sleep(0.2)
+    assert [e for e in logs if e.get("log_level") == "error"] == []
+    assert "new" not in supervisor.models
     await supervisor.shutdown()

@@ -28,7 +28,12 @@ import httpx
 import structlog
 
 from corral.config import Config, ModelSpec
-from corral.errors import ModelLoadError, ModelNotFoundError, ModelUnavailableError
+from corral.errors import (
+    ModelLoadError,
+    ModelNotFoundError,
+    ModelUnavailableError,
+    ShuttingDownError,
+)
 from corral.probe.devices import process_gpu_memory
 from corral.probe.usage import parse_buffer_sizes
 from corral.supervisor.children import ChildRegistry, default_state_file
@@ -76,6 +81,7 @@ class Supervisor:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
         self._closing_at: float | None = None  # when shutdown() began
+        self._refusing = asyncio.Event()  # set by refuse_waiting() at the drain deadline
 
     def _managed(self, spec: ModelSpec) -> ManagedModel:
         restart = self.config.file.restart
@@ -121,23 +127,43 @@ class Supervisor:
                 # A stop for a reload waits for long requests to finish (up to
                 # generation_timeout): a request arriving meanwhile waits at most its queue
                 # timeout, then hears when to come back.
-                try:
-                    await asyncio.wait_for(asyncio.shield(model.transition),
-                                           model.spec.queue_timeout)
-                except TimeoutError:
+                if not await self._await_transition(model.transition, model.spec.queue_timeout):
                     raise ModelUnavailableError(
                         model.name, "it is restarting once its requests in flight finish",
-                        5.0) from None
+                        5.0)
                 continue
             if model.state == ModelState.STARTING:
                 assert model.transition is not None
-                # Shielded: a caller that gives up must not cancel a load others wait for.
-                await asyncio.shield(model.transition)
+                await self._await_transition(model.transition, None)
                 continue
             if model.state == ModelState.FAILED:
                 await self._retry_failed(model)
                 continue
             self._begin_load(model)
+
+    async def _await_transition(
+        self, transition: asyncio.Task[None], timeout: float | None
+    ) -> bool:
+        """Wait for a load or stop others may wait for too (never cancelled from here), up to
+        ``timeout``; False if it ran out. Its own error, if any, is raised here. Raises
+        ``ShuttingDownError`` once ``refuse_waiting`` is called."""
+        refused = asyncio.ensure_future(self._refusing.wait())
+        try:
+            await asyncio.wait({transition, refused}, timeout=timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            refused.cancel()
+        if self._refusing.is_set():
+            raise ShuttingDownError("corral is shutting down")
+        if not transition.done():
+            return False
+        transition.result()
+        return True
+
+    def refuse_waiting(self) -> None:
+        """End every wait for a model to load or stop with ``ShuttingDownError`` (503): corral
+        exits before they would end."""
+        self._refusing.set()
 
     async def _retry_failed(self, model: ManagedModel) -> None:
         """A request for a failed model: wait for its restart, start one, or refuse (503)."""
@@ -272,7 +298,9 @@ class Supervisor:
     async def _restart_for_reload(self, model: ManagedModel) -> None:
         wanted = model.state in (ModelState.STARTING, ModelState.READY) or model.spec.preload
         await self._unload(model, "reload")
-        if wanted and not self._closing:
+        # Removed by a later reload meanwhile: its retire stops it; loading it again would
+        # start (and maybe evict for) a child nobody wants.
+        if wanted and not self._closing and not model.removed:
             with contextlib.suppress(ModelLoadError, ModelUnavailableError):
                 (await self.acquire(model)).release()
 
@@ -442,6 +470,9 @@ class Supervisor:
             now = time.monotonic()
             if bound is not None and now - began >= bound:
                 break
+            if (model.retired and model.retire_deadline is not None
+                    and now >= model.retire_deadline):
+                break  # removed meanwhile: the removal's bound holds for this stop too
             if (self._closing_at is not None
                     and now - self._closing_at >= settings.shutdown_timeout):
                 break
@@ -520,7 +551,9 @@ class Supervisor:
         self.ledger.release(model.name)
 
     async def _preload(self, model: ManagedModel) -> None:
-        with contextlib.suppress(ModelLoadError, ModelUnavailableError):
+        if model.removed:
+            return  # added, then removed by the next reload before this ran
+        with contextlib.suppress(ModelLoadError, ModelUnavailableError, ModelNotFoundError):
             await self.load(model.name)
 
     async def _reap_idle(self) -> None:
