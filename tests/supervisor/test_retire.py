@@ -14,8 +14,9 @@ import pytest
 from structlog.testing import capture_logs
 
 from corral.config import Config, parse_config
-from corral.errors import ModelUnavailableError
+from corral.errors import ModelLoadError, ModelUnavailableError
 from corral.supervisor import ModelState, Supervisor
+from corral.supervisor import supervisor as supervisor_module
 
 
 def config(tmp_path: Path, *names: str) -> Config:
@@ -101,4 +102,26 @@ async def test_a_preload_for_a_model_removed_before_it_ran_is_dropped_quietly(
         await asyncio.sleep(0.2)
     assert [e for e in logs if e.get("log_level") == "error"] == []
     assert "new" not in supervisor.models
+    await supervisor.shutdown()
+
+
+async def test_preloads_are_placed_one_after_another_in_config_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With auto sizes the first to reserve takes what it can: the order must be the config's
+    # (as `corral plan` decides), not whichever profile read happens to finish first.
+    placed: list[str] = []
+    reading = {"a": 0.15, "b": 0.05, "c": 0.0}  # a's file is the slowest to read
+
+    async def place(spec: Any, *args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(reading[spec.name])
+        placed.append(spec.name)
+        raise ModelLoadError(spec.name, "placed (test)")
+
+    monkeypatch.setattr(supervisor_module, "place", place)
+    supervisor = Supervisor(_with(tmp_path, {n: {"preload": True} for n in ("a", "b", "c")}))
+    await supervisor.start()
+    while len(placed) < 3:
+        await asyncio.sleep(0.01)
+    assert placed == ["a", "b", "c"]
     await supervisor.shutdown()

@@ -97,9 +97,15 @@ class Supervisor:
     async def start(self) -> None:
         self.registry.reap_leftovers()
         self._spawn(self._reap_idle())
-        for model in self.models.values():
-            if model.spec.preload:
-                self._spawn(self._preload(model))
+        self._spawn(self._preload_in_order(
+            [m for m in self.models.values() if m.spec.preload]))
+
+    async def _preload_in_order(self, models: list[ManagedModel]) -> None:
+        # One after another, in the config's order, as `corral plan` places them: with
+        # `slots`/`ctx_per_slot: auto` the first to reserve takes what it can, so loading them
+        # all at once would make the outcome depend on which file happened to be read first.
+        for model in models:
+            await self._preload(model)
 
     async def acquire(self, name: str | ManagedModel, touch: bool = True) -> Lease:
         """A lease on a ready model (a name, alias, or the model), loading it first if needed.
