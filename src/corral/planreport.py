@@ -15,7 +15,7 @@ from typing import Any
 from corral.config import Config, ModelSpec
 from corral.placement import Ledger, NoFit, PlacementPlan, plan_placement
 from corral.placement.devices import format_bytes
-from corral.placement.requests import placement_request
+from corral.placement.requests import declared_devices, placement_request
 from corral.supervisor.placing import make_ledger, read_model
 
 
@@ -70,8 +70,17 @@ def _required(spec: ModelSpec) -> bool:
 
 
 def build_report(config: Config, ledger: Ledger | None = None) -> PlanReport:
-    """Place every model of ``config`` on ``ledger`` (the host's, by default)."""
-    ledger = ledger or make_ledger(config)
+    """Place every model of ``config`` on ``ledger`` (the host's, by default).
+
+    On discovered devices, what is in use now counts as other programs' use, as the running
+    server counts it: so ``plan`` and ``serve`` decide alike on a shared GPU (run it where
+    corral itself is not running, or its children count too).
+    """
+    if ledger is None:
+        ledger = make_ledger(config)
+        if declared_devices(config) is None:
+            for device in ledger.devices:
+                ledger.observe(device, 0)
     report = PlanReport(ledger=ledger)
     specs = sorted(config.models.values(), key=lambda s: not _required(s))
     for spec in specs:
@@ -136,7 +145,9 @@ def render(report: PlanReport) -> str:
         holders = ", ".join(f"{n} {format_bytes(b)}" for n, b in u.holders.items()) or "-"
         lines.append(f"{u.device.id}: reserved {format_bytes(u.held)} of "
                      f"{format_bytes(u.capacity)} (total {format_bytes(u.device.total)}, "
-                     f"reserve {format_bytes(u.reserve)}); {holders}")
+                     f"reserve {format_bytes(u.reserve)}"
+                     + (f", other programs {format_bytes(u.external)}" if u.external else "")
+                     + f"); {holders}")
     together = [m.spec.name for m in report.models if m.resident]
     lines.append(f"resident together: {', '.join(together) or 'none'}")
     if not report.ok:

@@ -22,6 +22,7 @@ from corral.placement.decide import plan_placement
 from corral.placement.devices import Device, format_bytes, gpu, host
 from corral.placement.ledger import Ledger
 from corral.placement.requests import placement_request
+from corral.planreport import build_report, render
 from corral.probe.gguf import read_profile
 from corral.supervisor import placing
 from corral.supervisor.placing import Candidate, make_ledger, place
@@ -286,3 +287,17 @@ async def test_a_load_waits_for_other_programs_to_free_memory(
         await place(cfg.models["a"], cfg, ledger, nobody, no_eviction, wait=1.2)
     assert "other programs use" in caught.value.reason
     assert caught.value.retry_after == 5.0
+
+
+def test_corral_plan_counts_what_other_programs_use_now_as_serve_does(
+    smollm2: Path, machine: Machine
+) -> None:
+    cfg = config(smollm2, "a")
+    n = need(cfg, "a", [host(8 * GiB)])["cpu"]
+    machine.set_free("cpu", n // 2)  # another program holds all but half of what a needs
+    report = build_report(cfg)
+    (entry,) = report.models
+    assert not entry.resident and "other programs use" in (entry.error or "")
+    assert f"other programs {format_bytes(8 * GiB - n // 2)}" in render(report)
+    machine.set_free("cpu", 8 * GiB)
+    assert build_report(cfg).models[0].resident
