@@ -51,9 +51,8 @@ class ManagedModel:
         # Removed from the config by a reload and being retired; a reload that brings it back
         # clears it, and the retire then leaves the model in place.
         self.removed = False
-        self.removals = 0  # how many reloads removed it: each one's retire has its own bound
         self.retire_task: asyncio.Task[None] | None = None  # one at a time, however many
-        self.retire_deadline: float | None = None  # monotonic; the removal's bound on waiting
+        self.retire_deadline: float | None = None  # monotonic, set by each removal; None: none
         # Set once the retire stops serving it: no child may be started for it any more.
         self.retired = False
 

@@ -291,10 +291,12 @@ class Supervisor:
             model = self.models[name]
             model.spec = config.models[name]
             self._spawn(self._restart_for_reload(model))
+        bound = config.file.upstream.generation_timeout
         for name in removed:
             model = self.models[name]
             model.removed = True
-            model.removals += 1
+            # Each removal bounds its own wait; the retire and the stop that follows share it.
+            model.retire_deadline = time.monotonic() + bound if bound else None
             # Removed, put back and removed again while the first retire still runs: that one
             # carries on (it sees the new removal), rather than two racing to delete it.
             if model.retire_task is None or model.retire_task.done():
@@ -321,14 +323,9 @@ class Supervisor:
         Each step first checks that the model is still removed: a reload may bring it back
         (and another remove it again, which this same task then serves).
         """
-        removal, deadline = -1, None
         while model.removed:
-            if model.removals != removal:  # a (new) removal: its own bound on the wait
-                removal = model.removals
-                bound = self.config.file.upstream.generation_timeout
-                deadline = time.monotonic() + bound if bound else None
-                model.retire_deadline = deadline
             if not model.retired:
+                deadline = model.retire_deadline  # set afresh by each removal
                 if ((model.in_flight or self.holding(model.name))
                         and (deadline is None or time.monotonic() < deadline)):
                     await asyncio.sleep(0.05)
@@ -461,24 +458,21 @@ class Supervisor:
 
         A reload drops no request: its stops (``reload``, ``removed``) wait as long as an answer
         may take, ``upstream.generation_timeout`` (0: no bound). The others wait up to
-        ``shutdown_timeout``. Once corral shuts down, no wait outlasts ``shutdown_timeout``.
+        ``shutdown_timeout``. A retired model's stop ends at its removal's deadline, which the
+        retire's own wait shares. Once corral shuts down, no wait outlasts ``shutdown_timeout``.
         """
         settings = self.config.file
         bound: float | None = settings.shutdown_timeout
-        began = time.monotonic()
-        if reason == "reload":
+        if reason in ("reload", "removed"):
             bound = settings.upstream.generation_timeout or None
-        elif reason == "removed":
-            # What is left of the retire's bound: its wait for requests already used the rest.
-            left = model.retire_deadline
-            bound = None if left is None else max(0.0, left - began)
+        began = time.monotonic()
         while model.in_flight > 0:
             now = time.monotonic()
             if bound is not None and now - began >= bound:
                 break
             if (model.retired and model.retire_deadline is not None
                     and now >= model.retire_deadline):
-                break  # removed meanwhile: the removal's bound holds for this stop too
+                break  # removed: the removal's bound holds for this stop too
             if (self._closing_at is not None
                     and now - self._closing_at >= settings.shutdown_timeout):
                 break
