@@ -91,9 +91,6 @@ def build_report(config: Config, ledger: Ledger | None = None) -> PlanReport:
         except (OSError, ValueError) as exc:
             entry.error = f"cannot read the model file: {exc}"
             continue
-        except Exception as exc:  # a file the scanner did not foresee: this row, not a crash
-            entry.error = f"cannot read the model file: {type(exc).__name__}: {exc}"
-            continue
         entry.n_layers = profile.n_layer + 1
         request = placement_request(spec, config, projector)
         try:

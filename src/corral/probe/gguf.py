@@ -146,12 +146,11 @@ def read_header(path: str) -> tuple[dict[str, object], list[tuple[str, int]]]:
     except struct.error:
         # String arrays are skipped by their lengths, which may point past the end.
         raise ValueError(f"{path}: the GGUF header is truncated") from None
-    except (KeyError, ValueError, OverflowError, MemoryError) as exc:
-        reason = str(exc.args[0]) if isinstance(exc, KeyError) else str(exc)
-        if isinstance(exc, KeyError):
-            reason = f"unsupported tensor type {reason}"
-        raise ValueError(reason if reason.startswith(f"{path}: ") else f"{path}: {reason}") \
-            from None
+    except KeyError as exc:
+        raise ValueError(f"{path}: unsupported tensor type {exc.args[0]}") from None
+    except (ValueError, OverflowError, MemoryError) as exc:
+        reason = str(exc).removeprefix(f"{path}: ")
+        raise ValueError(f"{path}: {reason}") from None
 
 
 def _scan_header(path: str) -> tuple[dict[str, object], list[tuple[str, int]]]:

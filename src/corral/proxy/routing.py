@@ -115,32 +115,26 @@ def _check_tools(path: str, tools: object) -> None:
     "function", "name": ...}``; Anthropic Messages: ``{"name": ..., "input_schema": ...}``,
     no ``type`` needed.
     """
-    if path in CHAT_PATHS:
-        shape, name_in = "with a \"type\"", "function"
-    elif path in RESPONSES_PATHS:
-        shape, name_in = "with a \"type\"", ""
-    elif path in MESSAGES_PATHS:
-        shape, name_in = "with a \"name\"", ""
+    if path in MESSAGES_PATHS:
+        needed = "name"
+    elif path in CHAT_PATHS or path in RESPONSES_PATHS:
+        needed = "type"
     else:
         return  # the other endpoints take no tools
     if not isinstance(tools, list):
         raise BadRequestError(f"\"tools\" must be an array, got {_json_type(tools)}",
                               code="invalid_tools")
+    chat = path in CHAT_PATHS
     for i, tool in enumerate(tools):
-        if path in MESSAGES_PATHS:
-            if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
-                raise BadRequestError(f"tools[{i}] must be an object {shape}",
-                                      code="invalid_tools")
-            continue
-        if not isinstance(tool, dict) or not isinstance(tool.get("type"), str):
-            raise BadRequestError(f"tools[{i}] must be an object {shape}", code="invalid_tools")
-        if tool["type"] != "function":
-            continue
-        holder = tool.get(name_in) if name_in else tool
-        if not (isinstance(holder, dict) and isinstance(holder.get("name"), str)):
-            where = f"a \"{name_in}\" object with a \"name\"" if name_in else "a \"name\""
-            raise BadRequestError(f"tools[{i}] of type \"function\" needs {where}",
+        if not isinstance(tool, dict) or not isinstance(tool.get(needed), str):
+            raise BadRequestError(f"tools[{i}] must be an object with a \"{needed}\"",
                                   code="invalid_tools")
+        if needed == "type" and tool["type"] == "function":
+            holder = tool.get("function") if chat else tool
+            if not (isinstance(holder, dict) and isinstance(holder.get("name"), str)):
+                where = "a \"function\" object with a \"name\"" if chat else "a \"name\""
+                raise BadRequestError(f"tools[{i}] of type \"function\" needs {where}",
+                                      code="invalid_tools")
 
 
 def model_name(data: dict[str, Any], default: str | None) -> str:

@@ -47,9 +47,18 @@ _READ_ATTEMPTS = 3
 
 
 def read_model(spec: ModelSpec) -> tuple[ModelProfile, int]:
-    """The model's profile and its ``--mmproj`` projector's bytes (0 without one)."""
-    profile = read_profile(spec.path)
-    return profile, 0 if spec.projector is None else tensor_bytes(spec.projector)
+    """The model's profile and its ``--mmproj`` projector's bytes (0 without one).
+
+    Raises ``OSError`` or ``ValueError`` only: a file the reader did not foresee is this
+    model's problem (a 503, a row in ``corral plan``), never a crash.
+    """
+    try:
+        profile = read_profile(spec.path)
+        return profile, 0 if spec.projector is None else tensor_bytes(spec.projector)
+    except (OSError, ValueError):
+        raise
+    except Exception as exc:
+        raise ValueError(f"{spec.path}: {type(exc).__name__}: {exc}") from exc
 
 
 def make_ledger(config: Config) -> Ledger:
@@ -150,8 +159,12 @@ def _evictions_for_a_better_layout(
         plan.gpu_layers < whole or len(ideal.gpus) < len(plan.gpus))
     if not better:
         return None
-    pool = [EvictionCandidate(c.name, c.last_used, busy=c.busy, pinned=c.pinned) for c in idle]
-    return choose_evictions(ideal.reservation, pool, ledger) or None
+    return choose_evictions(ideal.reservation, _pool(idle), ledger) or None
+
+
+def _pool(candidates: Iterable[Candidate]) -> list[EvictionCandidate]:
+    return [EvictionCandidate(c.name, c.last_used, busy=c.busy, pinned=c.pinned)
+            for c in candidates]
 
 
 async def _evict_all(
@@ -190,10 +203,6 @@ async def place(
     except (OSError, ValueError) as exc:
         raise ModelLoadError(spec.name, f"cannot read the model file: {exc}",
                              retry_after=30.0) from None
-    except Exception as exc:  # a file the scanner did not foresee: still this model's 503
-        log.exception("profile_failed", model=spec.name, path=str(spec.path))
-        raise ModelLoadError(spec.name, f"cannot read the model file: {type(exc).__name__}: "
-                             f"{exc}", retry_after=30.0) from None
     request = placement_request(spec, config, projector)
     discovered = declared_devices(config) is None
     deadline = time.monotonic() + wait
@@ -218,9 +227,7 @@ async def place(
         except NoFit as exc:
             if exc.permanent:
                 raise ModelLoadError(spec.name, str(exc), retry_after=60.0) from None
-            pool = [EvictionCandidate(c.name, c.last_used, busy=c.busy, pinned=c.pinned)
-                    for c in candidates()]
-            victims = choose_evictions(exc.needed, pool, ledger)
+            victims = choose_evictions(exc.needed, _pool(candidates()), ledger)
             if victims:
                 await _evict_all(spec.name, victims, candidates, evict)
                 read_at = None  # the evicted children's memory is back: see how much
