@@ -24,7 +24,7 @@ import structlog
 import uvicorn
 
 from corral.config import Config
-from corral.errors import ConfigError, ShuttingDownError
+from corral.errors import ConfigError
 from corral.proxy.app import Corral, create_app
 from corral.supervisor.children import StateFileLock
 
@@ -83,12 +83,7 @@ class CorralServer(uvicorn.Server):
         ):
             if self.corral.active:
                 log.warning("drain_timeout", in_flight=self.corral.active)
-                # Requests still queued will get no slot before the exit: they are told so
-                # (503 shutting_down, retry elsewhere), not left to a closed connection.
-                for queue in self.corral.proxy.queues.values():
-                    queue.refuse_waiters(lambda: ShuttingDownError("corral is shutting down"))
-                # ...and so are those that got a slot and wait for their model to load.
-                self.corral.supervisor.refuse_waiting()
+                self.corral.refuse_waiting()
             self.should_exit = True
         return await super().on_tick(counter)
 

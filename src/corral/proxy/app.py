@@ -50,6 +50,14 @@ class Corral:
         # Where the socket is bound, for good: a reload may not change it.
         self.listen = config.file.listen
 
+    def refuse_waiting(self) -> None:
+        """The drain is over: requests still waiting (for a slot, or for their model to load)
+        will be served by no one before the exit, so they get 503 shutting_down now (retry
+        elsewhere), not a closed connection."""
+        for queue in self.proxy.queues.values():
+            queue.refuse_waiters(lambda: ShuttingDownError("corral is shutting down"))
+        self.supervisor.refuse_waiting()
+
     async def reload(self) -> dict[str, Any]:
         """Re-read the config file and apply it; an invalid file changes nothing.
 
