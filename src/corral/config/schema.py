@@ -72,63 +72,27 @@ Slots = Annotated[int, Field(ge=1, le=512)]
 # capacity, the memory estimate or the child's private API key, so the schema refuses them
 # with the reason. Every spelling llama.cpp accepts (common/arg.cpp) is listed.
 _RESERVED_BY_REASON: dict[str, tuple[str, ...]] = {
-    "the model file is `path`": (
-        "-m", "--model",
-    ),
-    "use `slots`": (
-        "-np", "--parallel",
-    ),
-    "use `ctx_per_slot`": (
-        "-c", "--ctx-size",
-    ),
-    "corral binds children to 127.0.0.1": (
-        "--host",
-    ),
-    "corral picks a free port": (
-        "--port",
-    ),
-    "corral sets the model name": (
-        "--alias", "-a",
-    ),
-    "corral gives each child a private key": (
-        "--api-key", "--api-key-file",
-    ),
-    "use `gpu_layers`": (
-        "-ngl", "--gpu-layers", "--n-gpu-layers",
-    ),
-    "use `cache_type_k`": (
-        "-ctk", "--cache-type-k",
-    ),
-    "use `cache_type_v`": (
-        "-ctv", "--cache-type-v",
-    ),
-    "corral decides the placement and passes --fit off": (
-        "--fit", "-fit",
-    ),
-    "corral computes the tensor split": (
-        "-ts", "--tensor-split",
-    ),
-    "corral chooses the split mode": (
-        "-sm", "--split-mode",
-    ),
-    "use the model's `devices`": (
-        "-dev", "--device", "-mg", "--main-gpu",
-    ),
-    "the memory estimate assumes corral's batch size": (
-        "-b", "--batch-size",
-    ),
-    "the memory estimate assumes corral's micro-batch size": (
-        "-ub", "--ubatch-size",
-    ),
-    "the memory estimate counts the prompt cache corral sets": (
-        "--cache-ram", "-cram",
-    ),
+    "the model file is `path`": ("-m", "--model"),
+    "use `slots`": ("-np", "--parallel"),
+    "use `ctx_per_slot`": ("-c", "--ctx-size"),
+    "corral binds children to 127.0.0.1": ("--host",),
+    "corral picks a free port": ("--port",),
+    "corral sets the model name": ("--alias", "-a"),
+    "corral gives each child a private key": ("--api-key", "--api-key-file"),
+    "use `gpu_layers`": ("-ngl", "--gpu-layers", "--n-gpu-layers"),
+    "use `cache_type_k`": ("-ctk", "--cache-type-k"),
+    "use `cache_type_v`": ("-ctv", "--cache-type-v"),
+    "corral decides the placement and passes --fit off": ("--fit", "-fit"),
+    "corral computes the tensor split": ("-ts", "--tensor-split"),
+    "corral chooses the split mode": ("-sm", "--split-mode"),
+    "use the model's `devices`": ("-dev", "--device", "-mg", "--main-gpu"),
+    "the memory estimate assumes corral's batch size": ("-b", "--batch-size"),
+    "the memory estimate assumes corral's micro-batch size": ("-ub", "--ubatch-size"),
+    "the memory estimate counts the prompt cache corral sets": ("--cache-ram", "-cram"),
     "the memory estimate counts the checkpoints corral sets": (
         "--ctx-checkpoints", "-ctxcp", "--swa-checkpoints",
     ),
-    "the memory estimate assumes the default sliding-window cache": (
-        "--swa-full",
-    ),
+    "the memory estimate assumes the default sliding-window cache": ("--swa-full",),
     "the memory estimate assumes the KV cache on the model's devices": (
         "-nkvo", "--no-kv-offload", "-kvo", "--kv-offload",
     ),
@@ -150,9 +114,7 @@ _RESERVED_BY_REASON: dict[str, tuple[str, ...]] = {
     "corral reads the buffer sizes printed at verbosity 4": (
         "-lv", "--verbosity", "--log-verbosity",
     ),
-    "give the projector as a file with --mmproj (nothing is downloaded)": (
-        "-mmu", "--mmproj-url",
-    ),
+    "give the projector as a file with --mmproj (nothing is downloaded)": ("-mmu", "--mmproj-url"),
     "the model file is `path` (nothing is downloaded)": (
         "-hf", "-hfr", "--hf-repo", "-hff", "--hf-file", "-mu", "--model-url", "-dr",
         "--docker-repo",
