@@ -21,6 +21,8 @@ metrics, chat completions, the private API key) and misbehaves as ``FAKE_MODE`` 
 - ``leave_helper``: like a wrapper script that started a helper: a grandchild that ignores
   SIGTERM, while the fake itself exits on SIGTERM at once
 - ``garbled``: answer /slots and /metrics with malformed content
+- ``impostor``: never listen; a process outside the child's process group listens on its
+  socket instead (``impostor N`` in ``FAKE_RECORD``: the test must kill it)
 - ``echo_body``: answer every model request with what arrived: the body's exact bytes (base64)
   and the header lines, so a test can see what corral sent upstream
 
@@ -168,12 +170,35 @@ async def main() -> None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, record, "SIGTERM")
     if MODE == "leave_helper":
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    server = await asyncio.start_server(handle, arg("--host", "127.0.0.1"),
-                                        int(arg("--port", "8080")))
+    await serve()
+
+
+async def serve() -> None:
+    host = arg("--host", "127.0.0.1")
+    if host.endswith(".sock"):  # as llama-server: a host ending in .sock is a Unix socket
+        server = await asyncio.start_unix_server(handle, host)
+    else:
+        server = await asyncio.start_server(handle, host, int(arg("--port", "8080")))
     print(f"fake llama-server listening, mode {MODE}", flush=True)
     async with server:
         await server.serve_forever()
 
 
+def impostor() -> None:
+    """Another process (its own session, so not in the child's group) takes the child's
+    socket and answers as if it were the child; the child itself never listens."""
+    if os.fork() == 0:
+        os.setsid()
+        record(f"impostor {os.getpid()}")
+        asyncio.run(serve())
+        return
+    record(f"pid {os.getpid()}")
+    print("fake llama-server: an impostor listens in my place", flush=True)
+    time.sleep(3600)
+
+
 if __name__ == "__main__":
-    asyncio.run(main())
+    if MODE == "impostor":
+        impostor()
+    else:
+        asyncio.run(main())

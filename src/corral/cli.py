@@ -14,9 +14,10 @@ import sys
 import structlog
 
 from corral import __version__
-from corral.config import Config, check_model_files, config_path, load_config
+from corral.config import Config, config_path, load_config
 from corral.errors import AlreadyRunningError, ConfigError
 from corral.logs import configure_logging
+from corral.probe.host import check_model_files
 
 EXIT_CONFIG = 2
 

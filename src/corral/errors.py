@@ -22,6 +22,7 @@ which part failed and carries what a user needs to act on it:
 - ``ShuttingDownError``: corral is draining on SIGTERM (503).
 - ``AlreadyRunningError``: another corral holds the lock of the same state file, so this one
   must not start (it would kill that one's children as leftovers); ``.owner`` is its pid.
+- ``InvalidTransition``: a bug; code tried a model state change the state machine forbids.
 - ``RequestTooLargeError`` / ``RequestTimeoutError``: body over ``limits.max_body`` (413) or
   not sent within ``limits.body_timeout`` (408).
 
@@ -69,12 +70,16 @@ class ModelLoadError(CorralError):
     """A model could not be loaded; the message carries llama-server's own last lines."""
 
     def __init__(
-        self, model: str, reason: str, log_tail: Sequence[str] = (), retry_after: float = 1.0
+        self, model: str, reason: str, log_tail: Sequence[str] = (), retry_after: float = 1.0,
+        *, pressure: bool = False,
     ) -> None:
         self.model = model
         self.reason = reason
         self.log_tail = list(log_tail)
         self.retry_after = retry_after
+        # The host ran short (file descriptors, processes, memory) rather than the model
+        # failing: not counted towards giving up on it.
+        self.pressure = pressure
         message = f"model {model!r} could not be loaded: {reason}"
         if self.log_tail:
             message += "\nlast lines from llama-server:\n" + "\n".join(self.log_tail)
@@ -164,6 +169,10 @@ class AlreadyRunningError(CorralError):
             f"{who} is running with the state file {state_file} (it holds {lock_file}); "
             "stop it first, or give this one its own state_file or listen.port"
         )
+
+
+class InvalidTransition(CorralError):
+    """A bug: code tried a move the model state machine does not allow."""
 
 
 class RequestTooLargeError(CorralError):

@@ -13,10 +13,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from corral.config import Config, ModelSpec
+from corral.llamacpp.command import ChildCommand, child_command
 from corral.placement import Ledger, NoFit, PlacementPlan, plan_placement
 from corral.placement.devices import format_bytes
 from corral.placement.requests import declared_devices, placement_request
-from corral.supervisor.placing import make_ledger, read_model
+from corral.probe.host import (
+    child_socket,
+    make_ledger,
+    read_model,
+    resolve_binary,
+    socket_dir,
+    state_file_path,
+)
 
 
 @dataclass
@@ -26,6 +34,7 @@ class ModelPlan:
     n_layers: int = 0
     resident: bool = False  # fits beside the models placed before it
     error: str | None = None
+    command: ChildCommand | None = None  # exactly what `corral serve` would run
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.spec.name, "required": _required(self.spec),
@@ -35,13 +44,17 @@ class ModelPlan:
             out.update({
                 "devices": list(p.gpus) or ["cpu"], "gpu_layers": p.gpu_layers,
                 "layers": self.n_layers, "slots": p.slots, "ctx_per_slot": p.ctx_per_slot,
-                "tensor_split": list(p.tensor_split), "args": list(p.args),
+                "tensor_split": list(p.tensor_split),
                 "memory": {d.device: {"weights": d.weights, "kv_cache": d.kv_cache,
                                       "recurrent_state": d.recurrent_state, "output": d.output,
                                       "compute": d.compute, "overhead": d.overhead,
                                       "total": d.total}
                            for d in p.estimate.devices if d.total},
             })
+        if self.command is not None:
+            out["command"] = list(self.command.argv)
+            out["env"] = dict(self.command.env)
+            out["socket"] = self.command.socket
         return out
 
 
@@ -82,6 +95,7 @@ def build_report(config: Config, ledger: Ledger | None = None) -> PlanReport:
             for device in ledger.devices:
                 ledger.observe(device, 0)
     report = PlanReport(ledger=ledger)
+    sockets = socket_dir(state_file_path(config))
     specs = sorted(config.models.values(), key=lambda s: not _required(s))
     for spec in specs:
         entry = ModelPlan(spec)
@@ -97,6 +111,9 @@ def build_report(config: Config, ledger: Ledger | None = None) -> PlanReport:
             entry.plan = plan_placement(profile, request, ledger.devices, ledger)
             ledger.reserve(spec.name, entry.plan.reservation)
             entry.resident = True
+            wanted = spec.binary or config.file.llama_server.binary
+            entry.command = child_command(spec, entry.plan, resolve_binary(wanted) or wanted,
+                                          str(child_socket(sockets, spec.name)))
         except NoFit as exc:
             entry.error = str(exc)
             try:  # what it would take on its own, for the table
@@ -134,6 +151,8 @@ def render(report: PlanReport) -> str:
                         f"{format_bytes(d.kv_cache + d.recurrent_state)}, compute "
                         f"{format_bytes(d.compute + d.output)}, overhead "
                         f"{format_bytes(d.overhead)}, total {format_bytes(d.total)}")
+        if m.command is not None:
+            lines.append(f"  command: {m.command.shell()}")
         if m.error:
             lines.append(f"  does not fit beside the models above: {m.error}"
                          if m.plan is not None else f"  error: {m.error}")

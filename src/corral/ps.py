@@ -59,6 +59,9 @@ def _answer(response: httpx.Response) -> str:
     return f"{answer}: {message}"
 
 
+_BROKEN = ("failed", "crashed", "given_up")
+
+
 def render(status: dict[str, Any]) -> str:
     """The status as an aligned text table, one row per model, then the totals."""
     rows = [COLUMNS]
@@ -67,8 +70,8 @@ def render(status: dict[str, Any]) -> str:
         memory = sum(usage.get("actual", {}).values()) or usage.get("rss") or 0
         rows.append((
             m["name"],
-            m["state"] if not m.get("last_error") or m["state"] != "failed"
-            else f"failed: {m['last_error'][:40]}",
+            m["state"] if not m.get("last_error") or m["state"] not in _BROKEN
+            else f"{m['state']}: {m['last_error'][:40]}",
             f"{m['slots_busy']}/{m['slots']}",
             f"{m['queue_depth']}/{m['queue_limit']}",
             str(m["ctx_per_slot"]),

@@ -25,7 +25,7 @@ import uvicorn
 
 from corral.config import Config
 from corral.errors import ConfigError
-from corral.proxy.app import Corral, create_app
+from corral.root import Corral, create_app
 from corral.supervisor.children import StateFileLock
 
 log = structlog.get_logger("corral")
@@ -73,16 +73,16 @@ class CorralServer(uvicorn.Server):
             self._background.add(task)
             task.add_done_callback(self._background.discard)
         if self._drain_requested and self._drain_deadline is None:
-            self.corral.draining = True
+            self.corral.drain.draining = True
             # Read now, not at start-up: a reload may have changed it.
             timeout = self.corral.config.file.shutdown_timeout
             self._drain_deadline = time.monotonic() + timeout
-            log.info("draining", in_flight=self.corral.active, timeout=timeout)
+            log.info("draining", in_flight=self.corral.drain.active, timeout=timeout)
         if self._drain_deadline is not None and (
-            self.corral.active == 0 or time.monotonic() >= self._drain_deadline
+            self.corral.drain.active == 0 or time.monotonic() >= self._drain_deadline
         ):
-            if self.corral.active:
-                log.warning("drain_timeout", in_flight=self.corral.active)
+            if self.corral.drain.active:
+                log.warning("drain_timeout", in_flight=self.corral.drain.active)
                 self.corral.refuse_waiting()
             self.should_exit = True
         return await super().on_tick(counter)

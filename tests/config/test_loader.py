@@ -7,8 +7,9 @@ import pytest
 import yaml
 
 from corral.cli import main
-from corral.config import check_model_files, load_config, parse_config, reload_problems
+from corral.config import load_config, parse_config, reload_problems
 from corral.errors import ConfigError
+from corral.probe.host import check_model_files
 from tests.probe.test_gguf import F32, gemma3, write
 
 
@@ -83,7 +84,7 @@ models:
         ({"models": {"m": {"path": "x", "args": ["-np", "8"]}}},
          "models.m.args: '-np' is set by corral (use `slots`), got ['-np', '8']"),
         ({"models": {"m": {"path": "x"}}, "llama_server": {"args": ["--port=1"]}},
-         "llama_server.args: '--port' is set by corral (corral picks a free port), "
+         "llama_server.args: '--port' is set by corral (corral gives each child a private socket), "
          "got ['--port=1']"),
         ({"models": {"m": {"path": "x"}}, "llama_server": {"startup_timeout": 0}},
          "llama_server.startup_timeout: must be greater than 0, got 0"),

@@ -8,8 +8,8 @@ import subprocess
 import pytest
 
 from corral.config import parse_config
-from corral.config.schema import RESERVED_FLAGS
 from corral.errors import ConfigError
+from corral.llamacpp.flags import RESERVED_FLAGS
 
 
 @pytest.mark.parametrize("flag", sorted(RESERVED_FLAGS))

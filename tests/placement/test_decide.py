@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import pytest
 
+from corral.llamacpp.command import placement_flags, planned_env
 from corral.placement.decide import (
     NoFit,
     PlacementPlan,
@@ -55,7 +56,8 @@ def fits(profile: ModelProfile, plan: PlacementPlan, devices: list[Device], **ch
 
 
 def arg(plan: PlacementPlan, flag: str) -> str:
-    return plan.args[plan.args.index(flag) + 1]
+    flags = placement_flags(plan)
+    return flags[flags.index(flag) + 1]
 
 
 def test_llama8b_on_one_24gib_gpu() -> None:
@@ -66,10 +68,11 @@ def test_llama8b_on_one_24gib_gpu() -> None:
     assert 9150 * MiB < plan.reservation["cuda:0"] < 9200 * MiB
     # host: 281.8 embeddings + 2 MiB logits (4 x 128256 x 4) + compute + 64 MiB process
     assert 350 * MiB < plan.reservation["cpu"] < 380 * MiB
-    assert plan.args[:6] == ("-np", "4", "-c", "32768", "-ngl", "33")
+    assert placement_flags(plan)[:6] == ["-np", "4", "-c", "32768", "-ngl", "33"]
     assert arg(plan, "--fit") == "off" and arg(plan, "--cache-type-k") == "f16"
-    assert arg(plan, "--cache-ram") == "0" and "--tensor-split" not in plan.args
-    assert plan.env["CUDA_VISIBLE_DEVICES"] == "GPU-aaaa"  # by UUID: immune to CUDA's ordering
+    assert arg(plan, "--cache-ram") == "0" and "--tensor-split" not in placement_flags(plan)
+    # by UUID: immune to CUDA's ordering
+    assert planned_env(plan)["CUDA_VISIBLE_DEVICES"] == "GPU-aaaa"
 
 
 def test_llama70b_splits_over_two_24gib_gpus_with_auto_slots() -> None:
@@ -83,7 +86,7 @@ def test_llama70b_splits_over_two_24gib_gpus_with_auto_slots() -> None:
     # equal free memory -> 81 layers cut 41 / 40 (the output layer is the second GPU's last)
     assert plan.tensor_split == (41, 40)
     assert arg(plan, "--tensor-split") == "41,40" and arg(plan, "--split-mode") == "layer"
-    assert plan.env["CUDA_VISIBLE_DEVICES"] == "0,1"
+    assert planned_env(plan)["CUDA_VISIBLE_DEVICES"] == "0,1"
     for device in ("cuda:0", "cuda:1"):
         assert plan.reservation[device] <= 24 * GiB
 
@@ -214,7 +217,7 @@ def test_cpu_only_host() -> None:
     # 1024 MiB a slot -> 59 slots
     assert plan.slots == 59 and plan.gpu_layers == 0 and plan.gpus == ()
     assert arg(plan, "-ngl") == "0"
-    assert plan.env["CUDA_VISIBLE_DEVICES"] == ""  # hide GPUs: no CUDA context, no offload
+    assert planned_env(plan)["CUDA_VISIBLE_DEVICES"] == ""  # hide GPUs: no CUDA context, no offload
     big = plan_placement(llama31_70b(), PlacementRequest(slots=1, ctx_per_slot=4096), CPU_64)
     assert 41 * GiB < big.reservation["cpu"] < 42 * GiB
 
@@ -245,7 +248,7 @@ def test_flash_attention_off_is_passed_and_estimated() -> None:
     on = plan_placement(llama31_8b(), PlacementRequest(slots=1, ctx_per_slot=8192), ONE_24)
     off = plan_placement(llama31_8b(), PlacementRequest(slots=1, ctx_per_slot=8192,
                                                         flash_attn=False), ONE_24)
-    assert "--flash-attn" not in on.args and arg(off, "--flash-attn") == "off"
+    assert "--flash-attn" not in placement_flags(on) and arg(off, "--flash-attn") == "off"
     # attention scores 8192 x 512 x 32 heads x 4 bytes = 512 MiB now sit in the compute buffer,
     # where flash attention needed ~132 MiB in all
     assert on.estimate.on("cuda:0").compute < 140 * MiB

@@ -15,7 +15,7 @@ import yaml
 from structlog.testing import capture_logs
 
 from corral.config import load_config
-from corral.proxy.app import Corral, create_app
+from corral.root import Corral, create_app
 from corral.server import CorralServer
 
 

@@ -72,7 +72,7 @@ def test_crash_mid_stream_ends_the_stream_with_an_error_event(
     # The status line said 200 before the crash; the metrics count how it ended.
     assert ('corral_requests_total{code="502",endpoint="/v1/chat/completions",model="flaky"} '
             '1.0') in server.http.get("/metrics").text
-    server.wait_for(lambda: server.model("flaky")["state"] == "failed")
+    server.wait_for(lambda: server.model("flaky")["state"] == "crashed")
     assert "exited unexpectedly with code 3" in server.model("flaky")["last_error"]
 
     # The next request restarts the crashed model (after the back-off) and counts it.
@@ -103,7 +103,7 @@ def test_hung_child_is_killed_by_the_health_checks(corral: Start, smollm2: Path)
     events = stream_events(server, "m", 20)
     assert time.monotonic() - started < 10
     assert error_event(events)["error"]["code"] == "upstream_failed"
-    server.wait_for(lambda: server.model("m")["state"] == "failed", timeout=5)
+    server.wait_for(lambda: server.model("m")["state"] == "crashed", timeout=5)
     info = server.model("m")
     assert "stopped answering its health checks" in info["last_error"]
     assert server.children(None) == []
@@ -160,7 +160,7 @@ def test_pinned_model_restarts_by_itself(corral: Start, smollm2: Path) -> None:
     server.wait_for(lambda: server.model("m")["state"] == "ready")
     (child,) = server.children()
     child.kill()
-    server.wait_for(lambda: server.model("m")["state"] == "failed", timeout=5)
+    server.wait_for(lambda: server.model("m")["state"] == "crashed", timeout=5)
     server.wait_for(lambda: server.model("m")["state"] == "ready", timeout=15)
     assert server.model("m")["pid"] != child.pid
     assert 'corral_model_restarts_total{model="m"} 1.0' in server.http.get("/metrics").text
@@ -226,7 +226,7 @@ def test_a_model_that_keeps_crashing_is_given_up_on(corral: Start, smollm2: Path
     message = refused.json()["error"]["message"]
     assert "gave up after 3 failures" in message
     assert "last lines from llama-server:" in message and "fake llama-server" in message
-    assert server.model("m")["state"] == "failed"
+    assert server.model("m")["state"] == "given_up"
     other = server.http.post("/v1/completions", json={"model": "other", "prompt": "Hi",
                                                       "max_tokens": 2})
     assert other.status_code == 200  # every other model keeps serving
@@ -244,7 +244,7 @@ def test_real_llama_server_killed_mid_stream(corral: Start, smollm2: Path) -> No
     a_pid = server.model("a")["pid"]
     events = stream_events(server, "a", 2000, on_first=lambda: os.kill(a_pid, signal.SIGKILL))
     assert error_event(events)["error"]["code"] == "upstream_failed"
-    server.wait_for(lambda: server.model("a")["state"] == "failed")
+    server.wait_for(lambda: server.model("a")["state"] == "crashed")
     assert server.model("b")["pid"] == b_pid
     reply = server.http.post("/v1/completions", json={"model": "b", "prompt": "Hi",
                                                       "max_tokens": 2})
@@ -266,7 +266,7 @@ def test_real_llama_server_stopped_mid_stream_is_found_hung(
         except ProcessLookupError:
             pass
     assert error_event(events)["error"]["code"] == "upstream_failed"
-    server.wait_for(lambda: server.model("a")["state"] == "failed", timeout=5)
+    server.wait_for(lambda: server.model("a")["state"] == "crashed", timeout=5)
     assert "stopped answering its health checks" in server.model("a")["last_error"]
     # It recovers on the next request.
     server.wait_for(lambda: server.http.post("/v1/completions", json={

@@ -134,7 +134,7 @@ def test_a_crashed_child_is_reported_and_loaded_again(corral: Start, smollm2: Pa
     assert server.http.post("/admin/models/a/load").status_code == 200
     (child,) = server.children()
     child.kill()
-    server.wait_for(lambda: server.model("a")["state"] == "failed", timeout=5)
+    server.wait_for(lambda: server.model("a")["state"] == "crashed", timeout=5)
     info = server.model("a")
     assert "exited unexpectedly" in info["last_error"]
     assert info["last_stop_reason"] == "crash"

@@ -7,14 +7,19 @@ said it would do.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shlex
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
@@ -122,9 +127,11 @@ def test_a_model_that_can_never_fit_is_refused_at_once(corral: Start, smollm2: P
 
 
 def test_corral_plan_and_the_server_decide_alike(
-    corral: Start, smollm2: Path, tmp_path: Path
+    corral: Start, smollm2: Path, tmp_path: Path, llama_server: str
 ) -> None:
     config = {"devices": [{"id": "cpu", "memory": "3GiB"}], "reserve": {"ram": "512MiB"},
+              "llama_server": {"binary": llama_server},
+              "state_file": str(tmp_path / "children.json"),  # so the sockets match too
               "models": {"auto": {"path": str(smollm2), "slots": "auto", "max_slots": 6,
                                   "ctx_per_slot": "auto", "cache_type_k": "q8_0",
                                   "cache_type_v": "q8_0", "preload": True}}}
@@ -150,6 +157,47 @@ def test_corral_plan_and_the_server_decide_alike(
     argv = server.children()[0].cmdline()
     for flag in ("--fit", "off", "--cache-type-k", "q8_0", "-np", "6", "-c", str(6 * 8192)):
         assert flag in argv
+    assert argv == planned["command"]  # the very command `corral plan` printed
+
+
+def test_the_command_corral_plan_prints_runs_the_model_as_planned(
+    smollm2: Path, tmp_path: Path, llama_server: str
+) -> None:
+    config = {"devices": [{"id": "cpu", "memory": "3GiB"}], "reserve": {"ram": "512MiB"},
+              "llama_server": {"binary": llama_server},
+              "state_file": str(tmp_path / "children.json"),
+              "models": {"m": {"path": str(smollm2), "slots": 2, "ctx_per_slot": 512}}}
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = subprocess.run([sys.executable, "-m", "corral", "plan", "-c", str(path), "--json"],
+                            capture_output=True, text=True, timeout=60, check=True)
+    planned = json.loads(result.stdout)["models"][0]
+    text = subprocess.run([sys.executable, "-m", "corral", "plan", "-c", str(path)],
+                          capture_output=True, text=True, timeout=60, check=True).stdout
+    assert shlex.join(planned["command"]) in text  # the text form shows the same command
+    socket = Path(planned["socket"])
+    socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # Run outside corral exactly as printed: its variables on top of this environment.
+    child = subprocess.Popen(planned["command"], env={**os.environ, **planned["env"]},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(socket)),
+                          base_url="http://llama-server", timeout=30) as http:
+            deadline = time.monotonic() + 120
+            while True:
+                assert child.poll() is None, "the planned command exited"
+                assert time.monotonic() < deadline, "not ready in time"
+                with contextlib.suppress(httpx.TransportError):
+                    if http.get("/health").status_code == 200:
+                        break
+                time.sleep(0.1)
+            slots = http.get("/slots").json()
+            assert [s["n_ctx"] for s in slots] == [512, 512]  # the planned slots and context
+            reply = http.post("/completion", json={"prompt": "Hi", "n_predict": 1})
+            assert reply.status_code == 200 and "content" in reply.json()
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_corral_plan_fails_when_preloaded_models_do_not_fit(

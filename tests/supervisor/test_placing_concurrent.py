@@ -38,6 +38,7 @@ from corral.placement.devices import Device, host
 from corral.placement.ledger import Ledger
 from corral.placement.profile import ModelProfile
 from corral.placement.requests import placement_request
+from corral.probe import host as host_io
 from corral.supervisor import placing
 from corral.supervisor.placing import Candidate, place
 from tests.placement.public_models import llama31_8b
@@ -220,9 +221,9 @@ def test_concurrent_places_never_over_commit_nor_evict_wrongly(s: Scenario) -> N
     if s.discovered:
         ledger.physical = physical
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(placing, "read_profile", lambda path: s.profiles[Path(path).stem])
-        mp.setattr(placing, "discover_devices", lambda: host.discover(s.devices))
-        mp.setattr(placing, "read_usage", lambda: (host.discover(s.devices), host.children()))
+        mp.setattr(host_io, "read_profile", lambda path: s.profiles[Path(path).stem])
+        mp.setattr(host_io, "discover_devices", lambda: host.discover(s.devices))
+        mp.setattr(host_io, "read_usage", lambda: (host.discover(s.devices), host.children()))
         mp.setattr(placing, "_CAPACITY_POLL", 0.002)
         outcomes = asyncio.run(run(s, cfg, host))
     assert set(outcomes) <= {"loaded", "refused", "shared"}
@@ -240,7 +241,7 @@ async def test_a_victim_that_became_busy_meanwhile_is_not_evicted(
         "models": {n: {"path": f"/models/{n}.gguf", "slots": 1, "ctx_per_slot": 512,
                        "gpu_layers": 0} for n in ("a", "b", "x")},
         "devices": [{"id": "cpu", "memory": "64GiB"}], "reserve": {"ram": 0}})
-    monkeypatch.setattr(placing, "read_profile", lambda path: llama31_8b())
+    monkeypatch.setattr(host_io, "read_profile", lambda path: llama31_8b())
     need = plan_placement(llama31_8b(), placement_request(cfg.models["x"], cfg),
                           [host(64 * GiB)]).reservation["cpu"]
     ledger = Ledger([host(need + GiB)])

@@ -23,9 +23,10 @@ from corral.placement.devices import Device, format_bytes, gpu, host
 from corral.placement.ledger import Ledger
 from corral.placement.requests import placement_request
 from corral.planreport import build_report, render
+from corral.probe import host as host_io
 from corral.probe.gguf import read_profile
-from corral.supervisor import placing
-from corral.supervisor.placing import Candidate, make_ledger, place
+from corral.probe.host import make_ledger
+from corral.supervisor.placing import Candidate, place
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -60,10 +61,10 @@ class Machine:
 @pytest.fixture
 def machine(monkeypatch: pytest.MonkeyPatch) -> Machine:
     fake = Machine([host(8 * GiB, free=8 * GiB)])
-    monkeypatch.setattr(placing, "discover_devices", fake.discover)
+    monkeypatch.setattr(host_io, "discover_devices", fake.discover)
     # The Machine's GPUs are as fake as NVML's here: take it that the binary can use them.
-    monkeypatch.setattr(placing, "binary_gpus", lambda binary: None)
-    monkeypatch.setattr(placing, "read_usage", lambda: (fake.discover(), fake.children()))
+    monkeypatch.setattr(host_io, "binary_gpus", lambda binary: None)
+    monkeypatch.setattr(host_io, "read_usage", lambda: (fake.discover(), fake.children()))
     return fake
 
 

@@ -14,8 +14,9 @@ import pytest
 
 from corral.config import parse_config
 from corral.placement.ledger import Ledger
-from corral.supervisor import placing
-from corral.supervisor.placing import Candidate, make_ledger, place
+from corral.probe import host
+from corral.probe.host import make_ledger
+from corral.supervisor.placing import Candidate, place
 from tests.placement.public_models import llama31_8b, qwen25_32b
 
 PROFILES = {"qwen": qwen25_32b, "llama": llama31_8b, "llama2": llama31_8b}
@@ -30,7 +31,7 @@ def config(gpu: str = "24GiB", **models: dict[str, Any]) -> Any:
 
 @pytest.fixture(autouse=True)
 def profiles(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(placing, "read_profile", lambda path: PROFILES[Path(path).stem]())
+    monkeypatch.setattr(host, "read_profile", lambda path: PROFILES[Path(path).stem]())
 
 
 class Host:

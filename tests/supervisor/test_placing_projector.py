@@ -9,7 +9,8 @@ import pytest
 from corral.config import parse_config
 from corral.errors import ModelLoadError
 from corral.planreport import build_report
-from corral.supervisor.placing import Candidate, make_ledger, place
+from corral.probe.host import make_ledger
+from corral.supervisor.placing import Candidate, place
 from tests.probe.test_gguf import F32, write
 
 MiB = 1 << 20

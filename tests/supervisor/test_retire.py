@@ -7,6 +7,7 @@ shows as a ``ModelLoadError`` (and a counted load) instead of the refusal.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,9 @@ from structlog.testing import capture_logs
 
 from corral.config import Config, parse_config
 from corral.errors import ModelLoadError, ModelUnavailableError
-from corral.supervisor import ModelState, Supervisor
+from corral.supervisor import ManagedModel, ModelState, Supervisor
 from corral.supervisor import supervisor as supervisor_module
+from corral.supervisor.events import SupervisorEvents
 
 
 def config(tmp_path: Path, *names: str) -> Config:
@@ -27,48 +29,92 @@ def config(tmp_path: Path, *names: str) -> Config:
                          "state_file": str(tmp_path / "children.json")})
 
 
+class Held(SupervisorEvents):
+    """The proxy's side, as the test sets it: requests held per model, retirements heard."""
+
+    def __init__(self) -> None:
+        self.held: dict[str, int] = {}
+        self.retired: list[str] = []
+
+    def waiting(self, model: str) -> int:
+        return self.held.get(model, 0)
+
+    def holding(self, model: str) -> int:
+        return self.held.get(model, 0)
+
+    def model_retired(self, model: str) -> None:
+        self.retired.append(model)
+
+
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
 async def test_a_request_that_waited_across_the_removal_starts_nothing(tmp_path: Path) -> None:
     supervisor = Supervisor(config(tmp_path, "gone", "kept"))
     gone = supervisor.get("gone")  # what a request admitted before the reload holds
     assert supervisor.reconfigure(config(tmp_path, "kept"))["removed"] == ["gone"]
-    while "gone" in supervisor.models:
-        await asyncio.sleep(0.01)
+    await until(lambda: "gone" not in supervisor.models)
     with pytest.raises(ModelUnavailableError, match="removed from the configuration"):
         await supervisor.acquire(gone)
-    assert gone.state == ModelState.UNLOADED
+    assert gone.state == ModelState.RETIRED
     assert gone.loads == 0
     await supervisor.shutdown()
 
 
-async def test_removed_put_back_and_removed_again_while_it_stops_is_retired_once(
+def serving(supervisor: Supervisor, name: str) -> ManagedModel:
+    """``name`` as if its child were up (no process: nothing here sends it requests)."""
+    model = supervisor.get(name)
+    model.state = ModelState.READY
+    return model
+
+
+async def test_a_removed_model_put_back_while_it_serves_stays_until_removed_again(
     tmp_path: Path,
 ) -> None:
-    supervisor = Supervisor(config(tmp_path, "m", "kept"))
-    waiting = {"m": False}  # what the proxy would say: requests queued or in flight for it
-    supervisor.holding = lambda name: waiting.get(name, False)
-    model = supervisor.get("m")
-    # The model is stopping (the first removal's stop), and the test says when it is done.
-    stopped = asyncio.Event()
-    model.state = ModelState.STOPPING
-    model.transition = asyncio.ensure_future(stopped.wait())  # type: ignore[assignment]
-
+    proxy = Held()
+    supervisor = Supervisor(config(tmp_path, "m", "kept"), observers=[proxy], demand=proxy)
+    model = serving(supervisor, "m")
+    proxy.held["m"] = 1  # a request queued for it: a removed model serves it first
+    assert supervisor.reconfigure(config(tmp_path, "kept"))["removed"] == ["m"]
+    assert model.state == ModelState.RETIRING
+    assert supervisor.reconfigure(config(tmp_path, "m", "kept"))["added"] == ["m"]
+    assert model.state == ModelState.READY and supervisor.get("m") is model
+    proxy.held["m"] = 0
+    await asyncio.sleep(0.2)  # a retire called off stops nothing once its requests are done
+    assert model.state == ModelState.READY and proxy.retired == []
     supervisor.reconfigure(config(tmp_path, "kept"))
-    await asyncio.sleep(0.05)
-    first = model.retire_task
-    assert model.retired  # nothing waited for it: retired, now waiting for its stop
-    supervisor.reconfigure(config(tmp_path, "m", "kept"))  # back...
-    waiting["m"] = True  # ...requests queue for it...
-    supervisor.reconfigure(config(tmp_path, "kept"))  # ...and it is removed again
-    assert model.retire_task is first  # the same retire carries on, no second one
-    model.state = ModelState.UNLOADED
-    stopped.set()
-    await asyncio.sleep(0.2)
-    # The queued requests are served first: the model is neither forgotten nor retired yet.
-    assert supervisor.models.get("m") is model and not model.retired
-    waiting["m"] = False
-    while "m" in supervisor.models:
-        await asyncio.sleep(0.01)
-    assert model.retired and model.loads == 0
+    await until(lambda: "m" not in supervisor.models)
+    assert model.state == ModelState.RETIRED and model.loads == 0
+    assert model.last_stop_reason == "removed"
+    assert "m" in proxy.retired  # its waiters were refused
+    await supervisor.shutdown()
+
+
+async def test_removed_put_back_and_removed_again_while_it_stops_is_retired_at_its_end(
+    tmp_path: Path,
+) -> None:
+    proxy = Held()
+    supervisor = Supervisor(config(tmp_path, "m", "kept"), observers=[proxy], demand=proxy)
+    model = serving(supervisor, "m")
+    model.in_flight = 1  # its stop drains this request: the test says when it is done
+    unloading = asyncio.ensure_future(supervisor.unload("m"))
+    await until(lambda: model.state == ModelState.STOPPING)
+    supervisor.reconfigure(config(tmp_path, "kept"))  # removed while it stops...
+    supervisor.reconfigure(config(tmp_path, "m", "kept"))  # ...back...
+    assert not model.removing
+    supervisor.reconfigure(config(tmp_path, "kept"))  # ...and removed again
+    assert model.removing and model.state == ModelState.STOPPING
+    waiting = asyncio.ensure_future(model.acquire())  # a request that waits for the stop
+    model.in_flight = 0
+    await unloading
+    assert model.state == ModelState.RETIRED and "m" not in supervisor.models
+    with pytest.raises(ModelUnavailableError, match="removed from the configuration"):
+        await waiting
+    assert model.loads == 0 and proxy.retired == ["m"]
     await supervisor.shutdown()
 
 
@@ -86,8 +132,7 @@ async def test_a_model_changed_then_removed_at_once_is_not_loaded_again(tmp_path
     assert supervisor.reconfigure(_with(tmp_path, {"m": {"slots": 2, "preload": True},
                                                    "kept": {}}))["changed"] == ["m"]
     assert supervisor.reconfigure(_with(tmp_path, {"kept": {}}))["removed"] == ["m"]
-    while "m" in supervisor.models:
-        await asyncio.sleep(0.01)
+    await until(lambda: "m" not in supervisor.models)
     assert model.loads == 0  # no child was started (or evicted for) for the removed model
     await supervisor.shutdown()
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from corral.config.loader import (
     Config,
-    check_model_files,
     config_path,
     load_config,
     parse_config,
@@ -16,7 +15,6 @@ __all__ = [
     "Config",
     "ConfigFile",
     "ModelSpec",
-    "check_model_files",
     "config_path",
     "load_config",
     "parse_config",

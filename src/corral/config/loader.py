@@ -22,7 +22,6 @@ from corral.config.schema import ApiKey, AuthSettings, ConfigFile, ModelSpec, Re
 from corral.errors import ConfigError
 
 DEFAULT_CONFIG = "corral.yaml"
-GGUF_MAGIC = b"GGUF"
 
 
 @dataclass(frozen=True)
@@ -214,52 +213,6 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def check_model_files(config: Config) -> list[str]:
-    """Problems with the model files themselves: missing, unreadable, not GGUF, or a GGUF
-    header that cannot be read (the weights after it are llama-server's to judge)."""
-    problems = []
-    for name, spec in config.models.items():
-        where = f"models.{name}.path"
-        try:
-            with spec.path.open("rb") as fh:
-                magic = fh.read(4)
-        except FileNotFoundError:
-            problems.append(f"{where}: file does not exist, got {str(spec.path)!r}")
-            continue
-        except OSError as exc:
-            problems.append(f"{where}: cannot read {str(spec.path)!r}: {exc.strerror or exc}")
-            continue
-        if magic != GGUF_MAGIC:
-            problems.append(
-                f"{where}: not a GGUF file (bad magic {magic!r}), got {str(spec.path)!r}"
-            )
-            continue
-        reason = _gguf_header_problem(str(spec.path))
-        if reason is not None:
-            problems.append(
-                f"{where}: not a readable GGUF file ({reason}), got {str(spec.path)!r}"
-            )
-    return problems
-
-
-def _gguf_header_problem(path: str) -> str | None:
-    """Why the GGUF model at ``path`` cannot be placed, or None if it can.
-
-    The right magic is not enough: corral reads the header and builds the model's profile to
-    place it, and a file it cannot profile fails every load, so ``corral check`` does the same.
-    """
-    # Imported here: the probe package imports placement, which imports this module.
-    from corral.probe.gguf import read_profile
-
-    try:
-        read_profile(path)
-    except OSError as exc:
-        return f"cannot read it: {exc.strerror or exc}"
-    except ValueError as exc:
-        return str(exc).removeprefix(f"{os.path.abspath(path)}: ")
-    return None
 
 
 _MESSAGES = {

@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from corral.config.units import Duration, PositiveDuration, Size
+from corral.llamacpp.flags import MMPROJ_FLAGS, check_args, check_env
 
 
 def _gpu_layers(value: object) -> int | Literal["auto", "all"]:
@@ -68,67 +69,6 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 ModelName = Annotated[str, StringConstraints(min_length=1, pattern=r"^[^\s]+$")]
 Slots = Annotated[int, Field(ge=1, le=512)]
 
-# Flags corral computes or owns for every child; setting them in `args` would break routing,
-# capacity, the memory estimate or the child's private API key, so the schema refuses them
-# with the reason. Every spelling llama.cpp accepts (common/arg.cpp) is listed.
-_RESERVED_BY_REASON: dict[str, tuple[str, ...]] = {
-    "the model file is `path`": ("-m", "--model"),
-    "use `slots`": ("-np", "--parallel"),
-    "use `ctx_per_slot`": ("-c", "--ctx-size"),
-    "corral binds children to 127.0.0.1": ("--host",),
-    "corral picks a free port": ("--port",),
-    "corral sets the model name": ("--alias", "-a"),
-    "corral gives each child a private key": ("--api-key", "--api-key-file"),
-    "use `gpu_layers`": ("-ngl", "--gpu-layers", "--n-gpu-layers"),
-    "use `cache_type_k`": ("-ctk", "--cache-type-k"),
-    "use `cache_type_v`": ("-ctv", "--cache-type-v"),
-    "corral decides the placement and passes --fit off": ("--fit", "-fit"),
-    "corral computes the tensor split": ("-ts", "--tensor-split"),
-    "corral chooses the split mode": ("-sm", "--split-mode"),
-    "use the model's `devices`": ("-dev", "--device", "-mg", "--main-gpu"),
-    "the memory estimate assumes corral's batch size": ("-b", "--batch-size"),
-    "the memory estimate assumes corral's micro-batch size": ("-ub", "--ubatch-size"),
-    "the memory estimate counts the prompt cache corral sets": ("--cache-ram", "-cram"),
-    "the memory estimate counts the checkpoints corral sets": (
-        "--ctx-checkpoints", "-ctxcp", "--swa-checkpoints",
-    ),
-    "the memory estimate assumes the default sliding-window cache": ("--swa-full",),
-    "the memory estimate assumes the KV cache on the model's devices": (
-        "-nkvo", "--no-kv-offload", "-kvo", "--kv-offload",
-    ),
-    "the memory estimate assumes no expert offload": (
-        "--n-cpu-moe", "-ncmoe", "-cmoe", "--cpu-moe",
-    ),
-    "the memory estimate assumes flash attention as llama-server decides it": (
-        "-fa", "--flash-attn",
-    ),
-    "the memory estimate assumes the tensors where corral places them": (
-        "-ot", "--override-tensor",
-    ),
-    "the memory estimate assumes a KV cache per slot": (
-        "-kvu", "--kv-unified", "-no-kvu", "--no-kv-unified", "--kv-unified-per-slot",
-    ),
-    "the memory estimate assumes llama-server's default op offload": (
-        "--no-op-offload", "--op-offload",
-    ),
-    "corral reads the buffer sizes printed at verbosity 4": (
-        "-lv", "--verbosity", "--log-verbosity",
-    ),
-    "give the projector as a file with --mmproj (nothing is downloaded)": ("-mmu", "--mmproj-url"),
-    "the model file is `path` (nothing is downloaded)": (
-        "-hf", "-hfr", "--hf-repo", "-hff", "--hf-file", "-mu", "--model-url", "-dr",
-        "--docker-repo",
-    ),
-    "corral is the router: one model per child": (
-        "--models-dir", "--models-preset", "--models-max", "--models-autoload",
-        "--no-models-autoload",
-    ),
-    "speculative decoding with a draft model is not supported: its memory is not counted": (
-        "-md", "--model-draft", "--spec-draft-model", "-hfd", "-hfrd", "--hf-repo-draft",
-        "--spec-draft-hf",
-    ),
-}
-RESERVED_FLAGS = {flag: why for why, flags in _RESERVED_BY_REASON.items() for flag in flags}
 
 
 class StrictModel(BaseModel):
@@ -143,36 +83,9 @@ def _args_as_text(value: object) -> object:
     return value
 
 
-def _check_args(args: list[str]) -> list[str]:
-    for arg in args:
-        flag = arg.split("=", 1)[0]
-        if flag in RESERVED_FLAGS:
-            raise ValueError(f"{flag!r} is set by corral ({RESERVED_FLAGS[flag]})")
-    return args
-
-
 class Listen(StrictModel):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
-
-
-# Variables corral sets for each child from its plan, or that would override a flag where
-# corral cannot check it (llama-server reads LLAMA_ARG_* for any flag not on the command line).
-_RESERVED_ENV = {
-    "CUDA_VISIBLE_DEVICES": "use the model's `devices`",
-    "CUDA_DEVICE_ORDER": "corral numbers GPUs by PCI bus id, as NVML does",
-    "LLAMA_API_KEY": "corral gives each child a private key",
-}
-
-
-def _check_env(env: dict[str, str]) -> dict[str, str]:
-    for name in env:
-        if name in _RESERVED_ENV:
-            raise ValueError(f"{name!r} is set by corral ({_RESERVED_ENV[name]})")
-        if name.startswith("LLAMA_ARG_"):
-            raise ValueError(f"{name!r}: give llama-server flags in `args`, where corral "
-                             "checks them")
-    return env
 
 
 class LlamaServerSettings(StrictModel):
@@ -183,8 +96,8 @@ class LlamaServerSettings(StrictModel):
     env: dict[str, str] = Field(default_factory=dict)
 
     _args_text = field_validator("args", mode="before")(_args_as_text)
-    _args = field_validator("args")(_check_args)
-    _env = field_validator("env")(_check_env)
+    _args = field_validator("args")(check_args)
+    _env = field_validator("env")(check_env)
 
 
 class QueueSettings(StrictModel):
@@ -229,8 +142,8 @@ class ModelConfig(StrictModel):
     preload: bool = False
 
     _args_text = field_validator("args", mode="before")(_args_as_text)
-    _args = field_validator("args")(_check_args)
-    _env = field_validator("env")(_check_env)
+    _args = field_validator("args")(check_args)
+    _env = field_validator("env")(check_env)
 
     @field_validator("path")
     @classmethod
@@ -412,7 +325,7 @@ class ModelSpec:
         """The multimodal projector file its args give (``--mmproj``), if any."""
         args = self.args
         for i, arg in enumerate(args):
-            if arg in _MMPROJ_FLAGS and i + 1 < len(args):
+            if arg in MMPROJ_FLAGS and i + 1 < len(args):
                 return args[i + 1]
             if arg.startswith("--mmproj="):
                 return arg.split("=", 1)[1]
@@ -423,8 +336,6 @@ class ModelSpec:
         """Whether the child gets a multimodal projector, so it can take images and audio."""
         return self.projector is not None
 
-
-_MMPROJ_FLAGS = frozenset({"--mmproj", "-mm"})
 
 
 @dataclass(frozen=True)

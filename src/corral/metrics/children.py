@@ -44,13 +44,13 @@ async def read_child(
 ) -> ChildSnapshot:
     """The child's ``/slots`` and ``/metrics``; empty parts for what it did not answer.
 
-    Only a ready child is read, or with ``stopping`` one being stopped (a last reading of its
+    Only a serving child is read, or with ``stopping`` one being stopped (a last reading of its
     counters before they go).
     """
     proc = model.process
     snapshot = ChildSnapshot(model.name, proc.pid if proc else None)
-    readable = (ModelState.READY, ModelState.STOPPING) if stopping else (ModelState.READY,)
-    if model.state not in readable or proc is None or proc.client is None:
+    readable = model.state.serving or (stopping and model.state == ModelState.STOPPING)
+    if not readable or proc is None or proc.client is None:
         return snapshot
     slots, metrics = await asyncio.gather(
         proc.client.get("/slots", timeout=timeout),

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, disable_created_metrics, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -22,12 +22,21 @@ from prometheus_client.registry import Collector
 
 from corral.metrics.children import ChildSnapshot, read_child, read_children
 from corral.metrics.instruments import Instruments
-from corral.supervisor import ModelState
+from corral.supervisor import ManagedModel, ModelProcess, ModelState, Supervisor
 from corral.supervisor.events import SupervisorEvents
 
-if TYPE_CHECKING:
-    from corral.proxy.admission import AdmissionQueue
-    from corral.supervisor import ManagedModel, ModelProcess, Supervisor
+
+class QueueReading(Protocol):
+    """What a scrape reads of a model's admission queue (``corral.proxy.admission``)."""
+
+    @property
+    def in_flight(self) -> int: ...
+
+    @property
+    def loading(self) -> int: ...
+
+    @property
+    def depth(self) -> int: ...
 
 
 @dataclass
@@ -58,13 +67,13 @@ class CorralMetrics(SupervisorEvents, Collector):
         self.registry = CollectorRegistry(auto_describe=False)
         self.instruments = Instruments(self.registry)
         self._supervisor: Supervisor | None = None
-        self._queues: Mapping[str, AdmissionQueue] = {}
+        self._queues: Mapping[str, QueueReading] = {}
         self._snapshots: list[ChildSnapshot] = []
         self._tokens: dict[tuple[str, str], _TokenTotal] = {}
         self._lock = asyncio.Lock()
         self.registry.register(self)
 
-    def bind(self, supervisor: Supervisor, queues: Mapping[str, AdmissionQueue]) -> None:
+    def bind(self, supervisor: Supervisor, queues: Mapping[str, QueueReading]) -> None:
         self._supervisor = supervisor
         self._queues = queues
         for name in supervisor.models:

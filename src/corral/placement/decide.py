@@ -2,8 +2,8 @@
 
 ``plan_placement`` turns a ``PlacementRequest`` (slots, context, GPU layers: each fixed or
 "auto") into a ``PlacementPlan``: the capacity, the ``-ngl`` value, which GPUs, the bytes to
-reserve per device and the llama-server arguments and environment that make the child allocate
-exactly what was estimated. The rules, in order:
+reserve per device (``corral.llamacpp.command`` turns a plan into the llama-server command line
+that makes the child allocate exactly what was estimated). The rules, in order:
 
 1. Layouts are tried in preference order and the first that fits the *minimum* capacity wins:
    one GPU holding every layer (binpack: the GPU with the least free memory that still fits;
@@ -34,11 +34,10 @@ was free and who holds it, and whether evicting models could help at all (``impo
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from types import MappingProxyType
+from dataclasses import dataclass
 from typing import Literal
 
-from corral.placement.devices import CPU, Device, gpu_env, gpus
+from corral.placement.devices import CPU, Device, gpus
 from corral.placement.estimate import (
     CTX_PAD,
     DEFAULT_GPU_OVERHEAD,
@@ -114,8 +113,9 @@ class PlacementPlan:
     gpus: tuple[str, ...]  # device ids in the child's CUDA order
     tensor_split: tuple[int, ...]  # layers per GPU (with the output layer); () for <= 1 GPU
     estimate: MemoryEstimate
-    args: tuple[str, ...]
-    env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    request: PlacementRequest  # what was asked: cache types, batch sizes, ... as planned with
+    checkpoints: bool = False  # sliding-window or recurrent layers: context checkpoints apply
+    gpu_devices: tuple[Device, ...] = ()  # the GPUs of ``gpus``, for the child's CUDA order
     n_vocab: int = 0  # the model's vocabulary size (0: unknown), for checking token ids
 
     @property
@@ -308,23 +308,14 @@ class _Planner:
         return self.plan(g, final, slots, ctx)
 
     def plan(self, g: Sequence[Device], fit: _Fit, slots: int, ctx: int) -> PlacementPlan:
+        # The child's flags are rendered from this by corral.llamacpp.command, the one place
+        # that builds a command line.
         est = fit.estimate
-        r = self.req
-        args = ["-np", str(slots), "-c", str(slots * ctx), "-ngl", str(est.gpu_layers),
-                "--fit", "off", "--cache-type-k", r.cache_type_k, "--cache-type-v",
-                r.cache_type_v, "-b", str(r.n_batch), "-ub", str(r.n_ubatch),
-                "--cache-ram", str(r.cache_ram // MiB)]
-        if not r.flash_attn:
-            args += ["--flash-attn", "off"]
-        if est.swa_cells or self.profile.recurrent_layers:
-            args += ["--ctx-checkpoints", str(r.ctx_checkpoints)]
-        split: tuple[int, ...] = ()
-        if len(g) > 1:
-            split = fit.split
-            args += ["--split-mode", "layer", "--tensor-split", ",".join(map(str, split))]
-        env = MappingProxyType(gpu_env(g))
+        split = fit.split if len(g) > 1 else ()
         return PlacementPlan(slots, est.ctx_per_slot, est.gpu_layers, tuple(d.id for d in g),
-                             split, est, tuple(args), env, self.profile.n_vocab)
+                             split, est, self.req,
+                             bool(est.swa_cells or self.profile.recurrent_layers),
+                             tuple(g), self.profile.n_vocab)
 
 
 def plan_placement(

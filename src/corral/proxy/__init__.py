@@ -1,7 +1,7 @@
-"""The Starlette proxy: routing, streaming, admin API."""
+"""The Starlette app: routing, admission queue, streaming, admin API."""
 
 from __future__ import annotations
 
-from corral.proxy.app import create_app
+from corral.proxy.app import build_app
 
-__all__ = ["create_app"]
+__all__ = ["build_app"]

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import structlog
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from corral.config import Config
 from corral.errors import ConfigError, ReloadRefusedError
-from corral.proxy.admission import AdmissionQueue
+from corral.proxy.admission import AdmissionQueue, AdmissionQueues
+from corral.proxy.drain import DrainState
 from corral.proxy.errors import error_response
-from corral.supervisor import ManagedModel, ModelState
-
-if TYPE_CHECKING:
-    from corral.proxy.app import Corral
+from corral.proxy.handlers import Proxy
+from corral.supervisor import ManagedModel, Supervisor
 
 log = structlog.get_logger("corral.proxy")
 
@@ -32,10 +32,23 @@ def model_status(model: ManagedModel, queue: AdmissionQueue | None) -> dict[str,
     return info
 
 
-def status(corral: Corral) -> dict[str, Any]:
-    queues = corral.proxy.queues
+class AdminHost(Protocol):
+    """What the admin API reads and acts on: the running corral (``corral.root.Corral``)."""
+
+    config: Config
+    supervisor: Supervisor
+    queues: AdmissionQueues
+    proxy: Proxy
+    drain: DrainState
+
+    async def reload(self) -> dict[str, Any]: ...
+
+
+def status(corral: AdminHost) -> dict[str, Any]:
+    queues = corral.queues
     models = [model_status(m, queues.get(name)) for name, m in corral.supervisor.models.items()]
-    loaded = [m for m in models if m["state"] == str(ModelState.READY)]
+    loaded = [m for m, model in zip(models, corral.supervisor.models.values(), strict=True)
+              if model.state.serving]
     return {
         "models": models,
         "totals": {
@@ -47,14 +60,14 @@ def status(corral: Corral) -> dict[str, Any]:
             "in_flight": sum(m["in_flight"] for m in models),
         },
         "devices": [u.as_dict() for u in corral.supervisor.ledger.snapshot()],
-        "draining": corral.draining,
+        "draining": corral.drain.draining,
     }
 
 
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-def routes(corral: Corral) -> list[Route]:
+def routes(corral: AdminHost) -> list[Route]:
     """``/admin/status``, ``/admin/models``, ``/admin/models/{name}/load|unload|logs``,
     ``/admin/reload``; every one needs the ``admin`` scope when keys are configured."""
     supervisor = corral.supervisor

@@ -19,10 +19,18 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from functools import partial
+from typing import Any, Protocol
 
-from corral.errors import ClientGoneError, QueueFullError, QueueTimeoutError
+from corral.config import Config
+from corral.errors import (
+    ClientGoneError,
+    ModelUnavailableError,
+    QueueFullError,
+    QueueTimeoutError,
+)
+from corral.supervisor.events import SupervisorEvents
 
 
 class AdmissionQueue:
@@ -137,3 +145,88 @@ class AdmissionQueue:
 def _handed(waiter: asyncio.Future[None]) -> bool:
     """Whether ``waiter`` was given a slot (rather than cancelled or refused)."""
     return waiter.done() and not waiter.cancelled() and waiter.exception() is None
+
+
+class AdmissionQueues(SupervisorEvents, Mapping[str, AdmissionQueue]):
+    """One ``AdmissionQueue`` per model, as the supervisor sees them: its ``Demand`` (how many
+    requests wait for, or are held for, a model) and an observer of its models (a ready model
+    admits waiters; a retired one refuses them).
+
+    Usage::
+
+        queues = AdmissionQueues()
+        supervisor = Supervisor(config, observers=[queues], demand=queues)
+        queues.configure(config, supervisor.models)
+        await queues["smollm2"].admit()
+    """
+
+    def __init__(self) -> None:
+        self._queues: dict[str, AdmissionQueue] = {}
+        self._configured: frozenset[str] = frozenset()
+
+    def __getitem__(self, name: str) -> AdmissionQueue:
+        return self._queues[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._queues)
+
+    def __len__(self) -> int:
+        return len(self._queues)
+
+    def configure(self, config: Config, models: Mapping[str, QueuedModel]) -> None:
+        """A queue per configured model, with its limits; waiters keep their place."""
+        for name, spec in config.models.items():
+            model = models[name]
+            slots = partial(_slots_of, model)
+            queue = self._queues.get(name)
+            if queue is None:
+                self._queues[name] = AdmissionQueue(name, slots, model.queue_limit,
+                                                    spec.queue_timeout)
+            else:
+                queue.reconfigure(slots, model.queue_limit, spec.queue_timeout)
+        self._configured = frozenset(config.models)
+        for name in [n for n in self._queues if n not in self._configured]:
+            self._drop_if_unused(name)
+
+    def _drop_if_unused(self, name: str) -> None:
+        queue = self._queues.get(name)
+        if queue is not None and queue.depth == 0 and queue.in_flight == 0:
+            del self._queues[name]  # nothing uses it now; its series leave /metrics
+
+    # -- Demand ------------------------------------------------------------------------------
+
+    def waiting(self, model: str) -> int:
+        queue = self._queues.get(model)
+        return queue.depth if queue is not None else 0
+
+    def holding(self, model: str) -> int:
+        queue = self._queues.get(model)
+        return queue.holding if queue is not None else 0
+
+    # -- SupervisorEvents --------------------------------------------------------------------
+
+    def model_ready(self, model: str) -> None:
+        # Once a model is up, its planned slots (``slots: auto``) may admit more waiters.
+        if (queue := self._queues.get(model)) is not None:
+            queue.wake()
+
+    def model_retired(self, model: str) -> None:
+        # A removed model serves nothing more: its waiters would otherwise wait for a slot
+        # until their queue timeout, only to be refused then.
+        if (queue := self._queues.get(model)) is not None:
+            queue.refuse_waiters(partial(ModelUnavailableError.removed, model))
+            if model not in self._configured:
+                self._drop_if_unused(model)
+
+
+class QueuedModel(Protocol):
+    """What a queue reads of its model: its slots (planned, once loaded) and queue bound."""
+
+    @property
+    def slots(self) -> int: ...
+
+    def queue_limit(self, slots: int) -> int: ...
+
+
+def _slots_of(model: QueuedModel) -> int:
+    return model.slots

@@ -28,13 +28,14 @@ from corral.errors import (
     UpstreamError,
 )
 from corral.metrics import CorralMetrics
-from corral.proxy.admission import AdmissionQueue
+from corral.proxy.admission import AdmissionQueue, AdmissionQueues
 from corral.proxy.auth import OPEN, Authenticator
 from corral.proxy.body import read_body
+from corral.proxy.drain import DrainState
 from corral.proxy.errors import CLIENT_CLOSED_REQUEST, BadRequestError, response_for
 from corral.proxy.forward import UpstreamResponse, send_upstream
 from corral.proxy.routing import SLOTLESS_PATHS, check_fields, model_name, parse_body
-from corral.supervisor import Lease, ManagedModel, ModelState, Supervisor
+from corral.supervisor import Lease, ManagedModel, Supervisor
 
 log = structlog.get_logger("corral.proxy")
 
@@ -44,17 +45,16 @@ Handler = Callable[[Request], Awaitable[Response]]
 class Proxy:
     """The handlers of one app, with the supervisor it asks for leases and the queues."""
 
-    def __init__(self, config: Config, supervisor: Supervisor, metrics: CorralMetrics) -> None:
+    def __init__(
+        self, config: Config, supervisor: Supervisor, metrics: CorralMetrics,
+        queues: AdmissionQueues, drain: DrainState,
+    ) -> None:
         self.supervisor = supervisor
         self.metrics = metrics
         self.instruments = metrics.instruments
-        self.queues: dict[str, AdmissionQueue] = {}
+        self.queues = queues
+        self.drain = drain
         self.configure(config)
-        supervisor.demand = lambda name: q.depth if (q := self.queues.get(name)) else 0
-        supervisor.holding = lambda name: q.holding if (q := self.queues.get(name)) else 0
-        supervisor.on_retired = self._retired
-        # Once a model is up, its planned slots (``slots: auto``) may admit more waiters.
-        supervisor.on_ready = lambda name: q.wake() if (q := self.queues.get(name)) else None
 
     def configure(self, config: Config) -> None:
         """Take a (new) configuration: keys, limits, default model, a queue per model."""
@@ -62,26 +62,7 @@ class Proxy:
         self.auth = Authenticator(config.api_keys)
         self.default_model = config.file.default_model
         self.limits = config.file.limits
-        for name, spec in config.models.items():
-            model = self.supervisor.models[name]
-            slots = partial(_planned_slots, model)
-            queue = self.queues.get(name)
-            if queue is None:
-                self.queues[name] = AdmissionQueue(name, slots, model.queue_limit,
-                                                   spec.queue_timeout)
-            else:
-                queue.reconfigure(slots, model.queue_limit, spec.queue_timeout)
-        for name in [n for n in self.queues if n not in config.models]:
-            if self.queues[name].depth == 0 and self.queues[name].in_flight == 0:
-                del self.queues[name]
-
-    def _retired(self, name: str) -> None:
-        # A model the reload removed stopped serving: its waiters would otherwise wait for a
-        # slot until their queue timeout, only to be refused then.
-        if (queue := self.queues.get(name)) is not None:
-            queue.refuse_waiters(partial(ModelUnavailableError.removed, name))
-            if queue.depth == 0 and queue.in_flight == 0 and name not in self.config.models:
-                del self.queues[name]  # nothing uses it now; its series leave /metrics
+        self.queues.configure(config, self.supervisor.models)
 
     def require(self, request: Request, scope: str) -> ResolvedKey:
         """The request's key, if it has ``scope``; raises 401/403 otherwise."""
@@ -146,7 +127,7 @@ class Proxy:
             self.auth.authorize_model(key, name)
             body = (await read_body(request, self.limits.max_body, self.limits.body_timeout)
                     if changes else b"")
-            if (changes or path == "/slots") and model.state != ModelState.READY:
+            if (changes or path == "/slots") and not model.state.serving:
                 raise ModelUnavailableError(
                     model.name, f"it is {model.state}; {path} does not load models", 5.0)
             return await self._forward(request, model, body, request_id, started, False,
@@ -317,7 +298,7 @@ class Proxy:
         return JSONResponse(_model_entry(model, name, alias_of=alias_of))
 
     async def health(self, request: Request) -> Response:
-        if request.app.state.corral.draining:
+        if self.drain.draining:
             # Load balancers stop sending here while in-flight requests finish.
             return JSONResponse({"status": "draining"}, status_code=503)
         return JSONResponse({"status": "ok"})
@@ -339,10 +320,6 @@ def _model_entry(
             "alias_of": alias_of,
         },
     }
-
-
-def _planned_slots(model: ManagedModel) -> int:
-    return model.slots
 
 
 async def _unless_client_leaves(

@@ -1,4 +1,15 @@
-"""One configured model as the supervisor tracks it, and the lease a request holds on it."""
+"""One configured model: its state, its child, and everything that happens to it.
+
+``ManagedModel`` owns a model's life: the one transition that runs at a time (a load or a
+stop), its restart policy and back-off, the health watch of its child, the drain before a stop
+and its retirement after a reload removed it. It alone writes its state (``_enter``) and it
+alone starts a child (``_begin_load``, allowed by the state machine only from ``unloaded``,
+``failed``, ``crashed`` and ``given_up``), so no path can start a retired model.
+
+What it needs from around it (placement against the shared ledger and eviction of other
+models, the state file, the observers, the proxy's demand) comes from its ``ModelHost``: the
+supervisor, a registry of these objects.
+"""
 
 from __future__ import annotations
 
@@ -6,30 +17,70 @@ import asyncio
 import contextlib
 import time
 from collections import deque
+from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, Literal, Protocol
 
 import httpx
 import psutil
 import structlog
 
-from corral.config import ModelSpec
+from corral.config import Config, ModelSpec
+from corral.errors import (
+    ModelLoadError,
+    ModelUnavailableError,
+    ShuttingDownError,
+)
+from corral.llamacpp.command import child_command
 from corral.placement import PlacementPlan
-from corral.probe.usage import ReportedMemory
-from corral.supervisor.process import LOG_TAIL_LINES, ModelProcess
+from corral.probe.devices import process_gpu_memory
+from corral.probe.host import child_socket, resolve_binary
+from corral.probe.usage import ReportedMemory, parse_buffer_sizes
+from corral.supervisor.children import ChildRegistry
+from corral.supervisor.events import Demand, SupervisorEvents
+from corral.supervisor.process import ERROR_TAIL_LINES, LOG_TAIL_LINES, ModelProcess
 from corral.supervisor.restarts import RestartPolicy
 from corral.supervisor.state import ModelState, check_transition
 
 log = structlog.get_logger("corral.supervisor")
 
 StopReason = Literal["idle", "memory", "manual", "shutdown", "crash", "reload", "removed"]
+_POLL = 0.05
+
+
+class ModelHost(Protocol):
+    """What a model uses of the supervisor around it."""
+
+    config: Config
+    secret_env: set[str]
+    observers: SupervisorEvents
+    demand: Demand
+    registry: ChildRegistry
+    socket_dir: Path
+    closing_at: float | None  # when shutdown began
+    refusing: asyncio.Event  # set at the drain's deadline: every wait ends with a 503
+
+    async def place(self, model: ManagedModel) -> PlacementPlan: ...
+
+    def release_memory(self, model: str) -> None: ...
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]: ...
+
+    def forget(self, model: ManagedModel) -> None: ...
+
+
+@dataclass(frozen=True)
+class _Removal:
+    deadline: float | None  # monotonic; None: no bound (generation_timeout 0)
 
 
 class ManagedModel:
     """One configured model and whatever child currently serves it."""
 
-    def __init__(self, spec: ModelSpec, restarts: RestartPolicy | None = None) -> None:
+    def __init__(self, spec: ModelSpec, host: ModelHost) -> None:
         self.spec = spec
+        self.host = host
         self.state = ModelState.UNLOADED
         self.process: ModelProcess | None = None
         self.plan: PlacementPlan | None = None  # decided at each load
@@ -42,23 +93,433 @@ class ManagedModel:
         self.last_error: str | None = None
         self.last_stop_reason: StopReason | None = None
         self.slot_ctx: int | None = None  # what the child reports per slot, not what was asked
-        self.restarts = restarts or RestartPolicy(max_failures=5, window=600.0)
+        restart = host.config.file.restart
+        self.restarts = RestartPolicy(restart.max_failures, restart.window)
         self.retry_at = 0.0
-        self.last_failure: Literal["load", "crash"] | None = None
         self.loads = 0
-        self.transition: asyncio.Task[None] | None = None
-        self.restart_task: asyncio.Task[None] | None = None
-        # Removed from the config by a reload and being retired; a reload that brings it back
-        # clears it, and the retire then leaves the model in place.
-        self.removed = False
-        self.retire_task: asyncio.Task[None] | None = None  # one at a time, however many
-        self.retire_deadline: float | None = None  # monotonic, set by each removal; None: none
-        # Set once the retire stops serving it: no child may be started for it any more.
-        self.retired = False
+        self._transition: asyncio.Task[None] | None = None  # the load or stop under way
+        self._restart: asyncio.Task[None] | None = None  # a restart after its back-off
+        self._watch: asyncio.Task[None] | None = None  # the ready child's health watch
+        self._reload: asyncio.Task[None] | None = None  # a restart with reloaded settings
+        self._retire: asyncio.Task[None] | None = None  # serving what waits, once removed
+        self._removal: _Removal | None = None  # removed by a reload, not yet retired
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def transition(self) -> asyncio.Task[None] | None:
+        return self._transition
+
+    @property
+    def removing(self) -> bool:
+        """Removed by a reload and not retired yet (a reload may still put it back)."""
+        return self._removal is not None
+
+    # -- what requests and the admin API ask ------------------------------------------------
+
+    async def acquire(self, touch: bool = True) -> Lease:
+        """A lease on the ready child, loading it first if needed; concurrent callers share
+        one load. ``touch=False`` is for monitoring reads: they must not keep a model from
+        going idle.
+
+        Raises ``ModelLoadError``, ``ModelUnavailableError`` or ``ShuttingDownError``.
+        """
+        while True:
+            if self.host.closing_at is not None:
+                raise ModelUnavailableError(self.name, "corral is shutting down", 5.0)
+            state = self.state
+            if state.serving:
+                proc = self.process
+                assert proc is not None and proc.client is not None
+                self.in_flight += 1
+                if touch:
+                    self.last_used = time.monotonic()
+                return Lease(self, proc, proc.client, touch)
+            if state == ModelState.RETIRED:
+                # A request that waited across the reload that removed the model.
+                raise ModelUnavailableError.removed(self.name)
+            if state == ModelState.STOPPING:
+                assert self._transition is not None
+                # A stop for a reload waits for long requests (up to generation_timeout): a
+                # request arriving meanwhile waits at most its queue timeout.
+                if not await self._await(self._transition, self.spec.queue_timeout):
+                    raise ModelUnavailableError(
+                        self.name, "it is restarting once its requests in flight finish", 5.0)
+            elif state == ModelState.STARTING:
+                assert self._transition is not None
+                await self._await(self._transition, None)
+            elif state == ModelState.GIVEN_UP:
+                raise ModelLoadError(
+                    self.name,
+                    f"{self.last_error}; gave up after {self.restarts.recent} failures "
+                    f"(POST /admin/models/{self.name}/load to try again)",
+                    list(self.log_tail)[-ERROR_TAIL_LINES:], retry_after=60.0)
+            elif self._restart is not None:
+                # Failed or crashed with a restart due: wait for it (an admin load may cancel
+                # it; this request then looks at the model again).
+                await self._await(self._restart, None)
+            elif state == ModelState.CRASHED:
+                self._schedule_restart()  # it served before it died: worth waiting for
+            elif state == ModelState.FAILED and time.monotonic() < self.retry_at:
+                raise ModelLoadError(self.name, self.last_error or "load failed",
+                                     retry_after=max(1.0, self.retry_at - time.monotonic()))
+            else:
+                self._begin_load()
+
+    async def _await(self, task: asyncio.Task[None], timeout: float | None) -> bool:
+        """Wait for a task others may wait for too (never cancelled from here), up to
+        ``timeout``; False if it ran out. A load's own error is raised here.
+        ``ShuttingDownError`` once corral's drain refuses every wait."""
+        refused = asyncio.ensure_future(self.host.refusing.wait())
+        try:
+            await asyncio.wait({task, refused}, timeout=timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            refused.cancel()
+        if self.host.refusing.is_set():
+            raise ShuttingDownError("corral is shutting down")
+        if not task.done():
+            return False
+        if not task.cancelled():
+            task.result()
+        return True
+
+    async def load(self) -> None:
+        """Load now (admin): clears a failed, crashed or given-up state and its back-off."""
+        if self.state.broken:
+            self.restarts.clear()
+            self.retry_at = 0.0
+            self._cancel_restart()
+            self._begin_load()
+        (await self.acquire()).release()
+
+    async def unload(self, reason: StopReason) -> None:
+        """Stop the child once its in-flight requests are done (bounded: ``_drain``)."""
+        while self.state in (ModelState.STARTING, ModelState.STOPPING):
+            assert self._transition is not None
+            with contextlib.suppress(ModelLoadError):
+                await asyncio.shield(self._transition)
+        if self.state.serving:
+            self._begin_stop(reason)
+            assert self._transition is not None
+            await asyncio.shield(self._transition)
+        elif self.state.broken:
+            self._cancel_restart()
+            self.last_stop_reason = reason
+            self._enter(ModelState.UNLOADED)
+
+    def stop_if_idle(self, now: float) -> None:
+        """Stop a ready child that served nothing for ``ttl`` (0: never)."""
+        ttl = self.spec.ttl
+        if (self.state == ModelState.READY and ttl > 0 and self.in_flight == 0
+                and now - self.last_used >= ttl):
+            log.info("model_idle", model=self.name, idle_seconds=round(now - self.last_used, 1),
+                     ttl=ttl)
+            self._begin_stop("idle")
+
+    @property
+    def busy(self) -> bool:
+        """Not to be evicted: serving, wanted, or between states."""
+        return (self.in_flight > 0 or self.host.demand.waiting(self.name) > 0
+                or self.state != ModelState.READY)
+
+    # -- what the supervisor tells it --------------------------------------------------------
+
+    def reconfigure(self, spec: ModelSpec) -> None:
+        """A reload changed its settings: restart it with them once its requests are done
+        (only if it was loaded, loading, or is preloaded)."""
+        wanted = self.state in (ModelState.STARTING, ModelState.READY) or spec.preload
+        self.spec = spec
+        self._reload = self.host.spawn(self._restart_for_reload(wanted))
+
+    async def _restart_for_reload(self, wanted: bool) -> None:
+        await self.unload("reload")
+        # Removed by a later reload meanwhile: loading it would start (and maybe evict for) a
+        # child nobody wants.
+        if wanted and self.host.closing_at is None and self.state != ModelState.RETIRED:
+            with contextlib.suppress(ModelLoadError, ModelUnavailableError):
+                (await self.acquire()).release()
+
+    def remove(self, deadline: float | None) -> None:
+        """A reload removed it: no new request reaches it (its name no longer resolves); its
+        child serves what is queued or in flight until ``deadline``, then it is retired."""
+        self._removal = _Removal(deadline)  # a second removal sets its own deadline
+        if self.state == ModelState.READY:
+            self._enter(ModelState.RETIRING)
+            self._retire = self.host.spawn(self._serve_then_stop())
+        elif self.state in (ModelState.UNLOADED, ModelState.FAILED, ModelState.CRASHED,
+                            ModelState.GIVEN_UP):
+            self._retire_now()
+        # starting, stopping: the transition's end sees the removal; retiring: the running
+        # retire reads the new deadline.
+
+    def restore(self, spec: ModelSpec, restart: bool) -> None:
+        """Put back by a reload before it was retired: it stays, restarted with ``spec`` if
+        ``restart`` (its settings changed)."""
+        self._removal = None
+        if self._retire is not None:
+            self._retire.cancel()
+            self._retire = None
+        if self.state == ModelState.RETIRING:
+            self._enter(ModelState.READY)
+        if restart:
+            self.reconfigure(spec)
+        else:
+            self.spec = spec
+
+    async def _serve_then_stop(self) -> None:
+        while self.state == ModelState.RETIRING and self._removal is not None:
+            deadline = self._removal.deadline
+            waiting = self.in_flight or self.host.demand.holding(self.name)
+            if waiting and (deadline is None or time.monotonic() < deadline):
+                await asyncio.sleep(_POLL)
+                continue
+            self.host.observers.model_retired(self.name)  # refused now, not after the stop
+            self._begin_stop("removed")
+            return
+
+    async def close(self) -> None:
+        """corral shuts down: abandon a load in progress, stop the child (bounded)."""
+        background = [t for t in (self._restart, self._watch, self._reload, self._retire) if t]
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        if self.state == ModelState.STARTING and self._transition is not None:
+            self._transition.cancel()  # the load stops its own half-started child
+        if self._transition is not None:
+            await asyncio.gather(self._transition, return_exceptions=True)
+        if self.state.serving:
+            self._begin_stop("shutdown")
+            assert self._transition is not None
+            await asyncio.gather(self._transition, return_exceptions=True)
+
+    # -- transitions --------------------------------------------------------------------------
+
+    def _enter(self, new: ModelState) -> None:
+        check_transition(self.state, new)
+        log.info("model_state", model=self.name, state=str(new), previous=str(self.state),
+                 pid=self.process.pid if self.process else None)
+        self.state = new
+
+    def _begin_load(self) -> None:
+        self._enter(ModelState.STARTING)  # refused from ready, retiring, retired, ...
+        self._transition = self.host.spawn(self._load())
+
+    def _begin_stop(self, reason: StopReason) -> None:
+        self._enter(ModelState.STOPPING)
+        self._transition = self.host.spawn(self._stop(reason))
+
+    async def _load(self) -> None:
+        self.loads += 1
+        restart = self.last_stop_reason == "crash"
+        started = time.monotonic()
+        proc: ModelProcess | None = None
+        try:
+            self.plan = await self.host.place(self)
+            proc = await self._start_child(self.plan)
+            await proc.wait_ready(self.host.config.file.llama_server.startup_timeout)
+            self.slot_ctx = await _slot_context(proc)
+        except ModelLoadError as exc:
+            await self._after_exit(proc)
+            self.host.observers.load_finished(self.name, False, time.monotonic() - started,
+                                              restart)
+            self._fail(exc.reason, "load", counts=not exc.pressure)
+            exc.retry_after = max(exc.retry_after, self.retry_at - time.monotonic())
+            log.error("model_load_failed", model=self.name, reason=exc.reason,
+                      last_lines=exc.log_tail)
+            raise
+        except BaseException:
+            # Cancelled (shutdown) or a bug: never leave a half-started child behind.
+            if proc is not None:
+                await proc.stop(self.host.config.file.llama_server.stop_timeout)
+            await self._after_exit(proc)
+            if self.state == ModelState.STARTING:
+                self._fail("load interrupted", "load")
+            raise
+        self._enter(ModelState.READY)
+        self.ready_at = time.time()
+        self.last_used = time.monotonic()
+        self.last_error = None
+        self._check_memory(proc)
+        self.host.observers.load_finished(self.name, True, time.monotonic() - started, restart)
+        log.info("model_ready", model=self.name, pid=proc.pid, socket=proc.socket,
+                 seconds=round(time.monotonic() - started, 3), slots=self.plan.slots,
+                 ctx_per_slot=self.slot_ctx, gpu_layers=self.plan.gpu_layers,
+                 devices=list(self.plan.gpus) or ["cpu"])
+        self.host.observers.model_ready(self.name)
+        self._watch = self.host.spawn(self._watch_child(proc))
+        if self._removal is not None:  # removed while it loaded: serve who waited, retire
+            self.remove(self._removal.deadline)
+
+    async def _start_child(self, plan: PlacementPlan) -> ModelProcess:
+        settings = self.host.config.file.llama_server
+        wanted = self.spec.binary or settings.binary
+        binary = resolve_binary(wanted)
+        if binary is None:
+            raise ModelLoadError(
+                self.name, f"llama-server binary {wanted!r} not found "
+                "(set llama_server.binary, or run scripts/install-llama-server)",
+                retry_after=30.0)
+        command = child_command(self.spec, plan, binary,
+                                str(child_socket(self.host.socket_dir, self.name)))
+        proc = ModelProcess(self.name, command, self.spec.env, self.log_tail,
+                            self.host.config.file.upstream, secret_env=self.host.secret_env)
+        self.process = proc
+        await proc.start()
+        if proc.pid is not None:
+            self.host.registry.add(proc.pid, self.name)
+        return proc
+
+    def _check_memory(self, proc: ModelProcess) -> None:
+        """Compare what the child says it allocated with the estimate it was placed by."""
+        assert self.plan is not None
+        self.reported = parse_buffer_sizes(proc.ready_lines, self.plan.gpus)
+        self.gpu_used = {}
+        if self.plan.gpus and proc.pid is not None:
+            # NVML's view includes what no buffer line reports (CUDA context, cuBLAS).
+            self.gpu_used = process_gpu_memory(proc.pid)
+        for device, estimated in self.plan.reservation.items():
+            actual = self.memory()["actual"].get(device, 0)
+            if actual > estimated * 1.1:
+                log.warning("memory_above_estimate", model=self.name, device=device,
+                            estimated=estimated, actual=actual)
+
+    async def _stop(self, reason: StopReason) -> None:
+        proc = self.process
+        await self._drain(reason)
+        if proc is not None:
+            if proc.returncode is None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.host.observers.child_stopping(self.name, proc),
+                                           2.0)
+            code = await proc.stop(self.host.config.file.llama_server.stop_timeout)
+            await self._after_exit(proc)
+            log.info("model_stopped", model=self.name, pid=proc.pid, reason=reason,
+                     exit_code=code)
+        self.last_stop_reason = reason
+        self.ready_at = None
+        if self._removal is not None:
+            self._retire_now()
+        else:
+            self._enter(ModelState.UNLOADED)
+        self.host.observers.stopped(self.name, reason)
+
+    async def _drain(self, reason: StopReason) -> None:
+        """Wait for the in-flight requests to finish, as long as ``reason`` allows.
+
+        A reload drops no request: its stops (``reload``, ``removed``) wait as long as an answer
+        may take, ``upstream.generation_timeout`` (0: no bound), and a removed model's stop
+        ends at its removal's deadline. The others wait up to ``shutdown_timeout``. Once corral
+        shuts down, no wait outlasts ``shutdown_timeout``.
+        """
+        settings = self.host.config.file
+        bound: float | None = settings.shutdown_timeout
+        if reason in ("reload", "removed"):
+            bound = settings.upstream.generation_timeout or None
+        began = time.monotonic()
+        while self.in_flight > 0:
+            now = time.monotonic()
+            removal = self._removal
+            closing = self.host.closing_at
+            if ((bound is not None and now - began >= bound)
+                    or (removal is not None and removal.deadline is not None
+                        and now >= removal.deadline)
+                    or (closing is not None and now - closing >= settings.shutdown_timeout)):
+                break
+            await asyncio.sleep(_POLL)
+
+    async def _watch_child(self, proc: ModelProcess) -> None:
+        """Probe a ready child's ``/health``; notice when it exits or stops answering."""
+        misses = 0
+        hung = False
+        while not hung:
+            # Read at each probe, so a reload applies to running children from the next one.
+            health = self.host.config.file.health
+            if await proc.exited_within(health.interval):
+                break
+            if self.process is not proc or not self.state.serving:
+                return  # being stopped on purpose: the stop takes care of it
+            if await proc.healthy(timeout=min(health.interval, 5.0)):
+                misses = 0
+                continue
+            misses += 1
+            log.warning("child_health_missed", model=self.name, pid=proc.pid, misses=misses)
+            if misses >= health.failures:
+                log.error("child_hung", model=self.name, pid=proc.pid, misses=misses)
+                await proc.kill()
+                hung = True
+        code = await proc.wait()
+        if self.process is proc and self.state.serving:
+            await self._after_exit(proc)
+            reason = (f"llama-server stopped answering its health checks ({misses} missed) "
+                      "and was killed" if hung
+                      else f"llama-server exited unexpectedly with code {code}")
+            log.error("child_exited", model=self.name, pid=proc.pid, exit_code=code,
+                      last_lines=proc.error_lines())
+            self.last_stop_reason = "crash"
+            self._fail(reason, "crash")
+            self.host.observers.stopped(self.name, "crash")
+
+    def _fail(self, reason: str, kind: Literal["load", "crash"], counts: bool = True) -> None:
+        """Record a failed load or a crash, and decide what follows."""
+        now = time.monotonic()
+        self.last_error = reason
+        self.ready_at = None
+        if self._removal is not None:
+            self._retire_now()  # removed: nothing restarts it
+            return
+        # A host short of descriptors or processes is no fault of the model: retry soon, and
+        # never give up on it for that.
+        self.retry_at = now + (self.restarts.record(now) if counts else 1.0)
+        if self.restarts.given_up:
+            self._enter(ModelState.GIVEN_UP)
+            log.error("model_given_up", model=self.name, failures=self.restarts.recent,
+                      reason=reason)
+            return
+        self._enter(ModelState.FAILED if kind == "load" else ModelState.CRASHED)
+        if (self.spec.pinned or self.spec.preload
+                or (kind == "crash" and self.host.demand.waiting(self.name) > 0)):
+            # After a failed load, the requests that waited get its error; only models that
+            # must be up retry by themselves. After a crash, queued requests want it back.
+            self._schedule_restart()
+
+    def _schedule_restart(self) -> None:
+        if self._restart is None and self.host.closing_at is None:
+            self._restart = self.host.spawn(self._restart_after_backoff())
+
+    def _cancel_restart(self) -> None:
+        if self._restart is not None:
+            self._restart.cancel()
+            self._restart = None
+
+    async def _restart_after_backoff(self) -> None:
+        try:
+            delay = max(0.0, self.retry_at - time.monotonic())
+            log.info("model_restart_scheduled", model=self.name, seconds=round(delay, 2))
+            await asyncio.sleep(delay)
+        finally:
+            if self._restart is asyncio.current_task():
+                self._restart = None
+        if self.state in (ModelState.FAILED, ModelState.CRASHED) and self.host.closing_at is None:
+            self._begin_load()
+
+    def _retire_now(self) -> None:
+        self._cancel_restart()
+        self._enter(ModelState.RETIRED)
+        self.host.forget(self)
+        self.host.observers.model_retired(self.name)
+
+    async def _after_exit(self, proc: ModelProcess | None) -> None:
+        """A child is gone (or never started): close its client, forget it, free its memory."""
+        if proc is not None:
+            await proc.close()
+            if proc.pid is not None:
+                self.host.registry.remove(proc.pid)
+        self.host.release_memory(self.name)
+
+    # -- what it shows -------------------------------------------------------------------------
 
     @property
     def slots(self) -> int:
@@ -87,35 +548,29 @@ class ManagedModel:
         """Bytes per device: ``estimated`` (reserved) and ``actual`` (what the child reported)."""
         estimated = self.plan.reservation if self.plan is not None else {}
         actual: dict[str, int] = {}
-        if self.reported is not None and self.state == ModelState.READY:
+        if self.reported is not None and self.state.serving:
             actual = {d: self.reported.total(d) for d in self.reported.by_device}
             actual.update(self.gpu_used)
         return {"estimated": dict(estimated), "actual": actual}
 
     def rss(self) -> int | None:
-        """The ready child's resident memory in bytes (mapped weights it touched included)."""
+        """The serving child's resident memory in bytes (mapped weights it touched included)."""
         proc = self.process
-        if self.state == ModelState.READY and proc is not None and proc.pid is not None:
+        if self.state.serving and proc is not None and proc.pid is not None:
             with contextlib.suppress(psutil.Error):
                 return int(psutil.Process(proc.pid).memory_info().rss)
         return None
 
-    def set_state(self, new: ModelState) -> None:
-        check_transition(self.state, new)
-        log.info("model_state", model=self.name, state=str(new), previous=str(self.state),
-                 pid=self.process.pid if self.process else None)
-        self.state = new
-
     def describe(self) -> dict[str, Any]:
         """The model as ``/admin/models`` shows it."""
         proc = self.process if self.state in (ModelState.STARTING, ModelState.READY,
-                                              ModelState.STOPPING) else None
+                                              ModelState.RETIRING, ModelState.STOPPING) else None
         return {
             "name": self.name,
             "aliases": list(self.spec.aliases),
             "state": str(self.state),
             "pid": proc.pid if proc else None,
-            "port": proc.port if proc else None,
+            "socket": proc.socket if proc else None,
             "slots": self.slots,
             "ctx_per_slot": self.ctx_per_slot,
             "gpu_layers": self.plan.gpu_layers if self.plan else self.spec.gpu_layers,
@@ -123,14 +578,14 @@ class ManagedModel:
             "memory": {**self.memory(), "rss": self.rss()},
             "in_flight": self.in_flight,
             "uptime_seconds": (round(time.time() - self.ready_at, 3)
-                               if self.ready_at and self.state == ModelState.READY else None),
+                               if self.ready_at and self.state.serving else None),
             "ttl_seconds": self.spec.ttl,
             "idle_seconds": round(time.monotonic() - self.last_used, 3),
             "loads": self.loads,
             "last_error": self.last_error,
             "last_stop_reason": self.last_stop_reason,
             "recent_failures": self.restarts.recent,
-            "given_up": self.restarts.given_up,
+            "given_up": self.state == ModelState.GIVEN_UP,
             "pinned": self.spec.pinned,
             "path": str(self.spec.path),
         }
@@ -138,7 +593,7 @@ class ManagedModel:
 
 @dataclass
 class Lease:
-    """Permission to send one request to a ready model; ``release()`` exactly once after it."""
+    """Permission to send one request to a serving model; ``release()`` exactly once after."""
 
     model: ManagedModel
     process: ModelProcess
@@ -154,3 +609,11 @@ class Lease:
                 self.model.last_used = time.monotonic()
 
 
+async def _slot_context(proc: ModelProcess) -> int | None:
+    """The context each slot really has, as the child reports it (it pads to 256)."""
+    assert proc.client is not None
+    with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, IndexError, TypeError):
+        response = await proc.client.get("/slots", timeout=5.0)
+        slots = response.json()
+        return int(slots[0]["n_ctx"])
+    return None

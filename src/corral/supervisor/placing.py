@@ -29,13 +29,10 @@ from corral.placement.decide import (
     choose_evictions,
     plan_placement,
 )
-from corral.placement.devices import Device
-from corral.placement.ledger import CapacityError, Ledger, corral_usage
+from corral.placement.ledger import CapacityError, Ledger
 from corral.placement.profile import ModelProfile
 from corral.placement.requests import declared_devices, placement_request
-from corral.probe.devices import binary_gpus, discover_devices, read_usage
-from corral.probe.gguf import read_profile, tensor_bytes
-from corral.supervisor.process import resolve_binary
+from corral.probe.host import read_model, refresh_external
 
 log = structlog.get_logger("corral.supervisor")
 
@@ -43,80 +40,6 @@ _CAPACITY_POLL = 0.25
 # While a load waits for capacity, the devices are read at most this often: a reading opens
 # NVML and walks corral's children, and other programs rarely free memory faster than this.
 _REREAD_INTERVAL = 1.0
-_READ_ATTEMPTS = 3
-
-
-def read_model(spec: ModelSpec) -> tuple[ModelProfile, int]:
-    """The model's profile and its ``--mmproj`` projector's bytes (0 without one).
-
-    Raises ``OSError`` or ``ValueError`` only: a file the reader did not foresee is this
-    model's problem (a 503, a row in ``corral plan``), never a crash.
-    """
-    try:
-        profile = read_profile(spec.path)
-        return profile, 0 if spec.projector is None else tensor_bytes(spec.projector)
-    except (OSError, ValueError):
-        raise
-    except Exception as exc:
-        raise ValueError(f"{spec.path}: {type(exc).__name__}: {exc}") from exc
-
-
-def make_ledger(config: Config) -> Ledger:
-    """The ledger of this host: declared devices, or NVML GPUs and system RAM.
-
-    Discovered GPUs count only if llama-server can use them: a build without CUDA would ignore
-    the layers planned for them and put everything in host memory.
-    """
-    devices: list[Device] | None = declared_devices(config)
-    if devices is None:
-        devices = discover_devices()
-        if any(d.kind == "gpu" for d in devices):
-            binary = resolve_binary(config.file.llama_server.binary)
-            if binary is not None and binary_gpus(binary) == 0:
-                log.warning("gpus_not_usable", binary=binary,
-                            gpus=[d.id for d in devices if d.kind == "gpu"],
-                            reason="llama-server lists no CUDA device (built without CUDA?): "
-                                   "models are placed in host memory")
-                devices = [d for d in devices if d.kind != "gpu"]
-    reserve = config.file.reserve
-    return Ledger(devices, reserve_gpu=int(reserve.gpu), reserve_ram=int(reserve.ram))
-
-
-async def refresh_external(ledger: Ledger) -> None:
-    """Read the devices again and record in ``ledger`` what other programs use on each.
-
-    Other programs' use is what is neither free nor corral's: total - free - what corral's
-    children use, each child counted with what it uses now up to its reservation, or its whole
-    reservation where nothing measures it (see ``corral_usage``).
-
-    The reservations are taken as the reading begins: one made while the reading runs (it
-    takes time off the event loop) belongs to a load whose child has mostly not started yet, so
-    none of it is in use; where the reading did measure that child, it counts with what was
-    measured, as any other (its memory is corral's, not another program's). One dropped
-    meanwhile belongs to a child that exited at some moment of
-    the reading, before or after the device was sampled; that reading is taken again (up to
-    ``_READ_ATTEMPTS`` times, then the last values stay), as either guess could be wrong by
-    the whole child.
-    """
-    for _ in range(_READ_ATTEMPTS):
-        held = ledger.reservations()
-        try:
-            devices, measured = await asyncio.to_thread(read_usage)
-        except Exception as exc:  # a failed reading keeps the last values rather than fail
-            log.warning("device_reading_failed", error=str(exc))
-            return
-        if set(held) <= set(ledger.owners):
-            break
-    else:
-        return
-    for owner, amounts in ledger.reservations().items():
-        if owner not in held and owner in measured:
-            held[owner] = amounts
-    used = corral_usage(held, measured)
-    known = {d.id for d in ledger.devices}
-    for device in devices:
-        if device.id in known:
-            ledger.observe(device, used.get(device.id, 0))
 
 
 @dataclass(frozen=True)

@@ -2,32 +2,41 @@
 
 Usage::
 
-    proc = ModelProcess(spec, plan.args, plan.env, settings, log_tail)
+    proc = ModelProcess("smollm2", child_command(spec, plan, binary, socket), spec.env,
+                        log_tail, upstream)
     await proc.start()
     await proc.wait_ready(settings.startup_timeout)   # raises ModelLoadError
     ...                                                # proc.client talks to it
     await proc.stop(settings.stop_timeout)
+
+Each child listens on a Unix socket in a directory only corral's user may enter
+(``corral.probe.host.prepare_socket_dir``), so no other local user can bind it first or reach
+the child around corral; and before it counts as ready, the socket must be the child's own (the
+listening process is the child or in its process group), so not even a process of corral's own
+user that got there first is taken for it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import secrets
-import shutil
 import signal
 import socket
+import struct
 import time
 from collections import deque
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping
 from functools import partial
 
 import httpx
 import structlog
 
-from corral.config.schema import LlamaServerSettings, ModelSpec, UpstreamSettings
+from corral.config.schema import UpstreamSettings
 from corral.errors import ModelLoadError
+from corral.llamacpp.command import ChildCommand, child_env
 from corral.supervisor.children import child_preexec
 
 log = structlog.get_logger("corral.supervisor")
@@ -36,43 +45,22 @@ LOG_TAIL_LINES = 200
 _HEALTH_POLL_SECONDS = 0.1
 # Lines of llama-server output quoted in a load error: enough to show its own reason.
 ERROR_TAIL_LINES = 15
+# The host is short of something every process needs: no fault of the model.
+_PRESSURE = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM})
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def resolve_binary(binary: str) -> str | None:
-    """The executable ``binary`` names: a path, or a name looked up in PATH and beside python."""
-    if os.sep in binary:
-        return binary if os.access(binary, os.X_OK) else None
-    found = shutil.which(binary)
-    if found is None:
-        # `make` installs llama-server into the virtual environment's bin, which is not always
-        # on PATH (for example when corral is started as .venv/bin/corral).
-        import sys
-
-        candidate = os.path.join(os.path.dirname(sys.executable), binary)
-        found = candidate if os.access(candidate, os.X_OK) else None
-    return found
-
-
-def child_env(
-    inherited: Mapping[str, str], configured: Mapping[str, str], planned: Mapping[str, str],
-    api_key: str, secret: Collection[str] = (),
-) -> dict[str, str]:
-    """A child's environment: corral's own, less its API keys and any ``LLAMA_ARG_*`` (which
-    would set llama-server flags unchecked), then the configured ``env``, then the plan's GPU
-    selection, which nothing overrides, and the child's private key."""
-    env = {k: v for k, v in inherited.items()
-           if k not in secret and not k.startswith("LLAMA_ARG_")}
-    env.update(configured)
-    env.update(planned)
-    env["LLAMA_API_KEY"] = api_key
-    return env
+def listener_pid(path: str) -> int | None:
+    """The pid of the process listening on the Unix socket ``path`` (``SO_PEERCRED``)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(2.0)
+        try:
+            sock.connect(path)
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                    struct.calcsize("3i"))
+        except OSError:
+            return None
+    pid, _uid, _gid = struct.unpack("3i", creds)
+    return int(pid)
 
 
 class ModelProcess:
@@ -80,25 +68,23 @@ class ModelProcess:
 
     def __init__(
         self,
-        spec: ModelSpec,
-        server_args: Sequence[str],
-        env: Mapping[str, str],
-        settings: LlamaServerSettings,
+        model: str,
+        command: ChildCommand,
+        configured_env: Mapping[str, str],
         log_tail: deque[str],
         upstream: UpstreamSettings | None = None,
         secret_env: Collection[str] = (),
     ) -> None:
-        self.spec = spec
+        self.model = model
+        self.command = command
+        self.socket = command.socket
+        self.configured_env = dict(configured_env)
         self.secret_env = frozenset(secret_env)
         self.upstream = upstream or UpstreamSettings()
-        self.server_args = list(server_args)
-        self.env = dict(env)
-        self.settings = settings
         self.log_tail = log_tail
-        self.port = 0
         self.pid: int | None = None
         self.started_at = 0.0
-        # A private key per child: its loopback port is useless to anyone who goes around corral.
+        # A private key per child: even a process that reached its socket could not use it.
         self.api_key = secrets.token_urlsafe(24)
         self.client: httpx.AsyncClient | None = None
         # Everything printed until the child is ready: its buffer sizes are among these lines,
@@ -113,35 +99,14 @@ class ModelProcess:
     def returncode(self) -> int | None:
         return None if self._proc is None else self._proc.returncode
 
-    def command(self, binary: str) -> list[str]:
-        return [
-            binary,
-            "-m", str(self.spec.path),
-            "--host", "127.0.0.1",
-            "--port", str(self.port),
-            "--alias", self.spec.name,
-            "--metrics",
-            "--no-webui",
-            # Verbosity 4 prints the buffer sizes corral compares with its estimate.
-            "--log-verbosity", "4",
-            *self.server_args,
-            *self.spec.args,
-        ]
-
     async def start(self) -> None:
         """Spawn the child; raise ``ModelLoadError`` if it cannot even be started."""
-        wanted = self.spec.binary or self.settings.binary
-        binary = resolve_binary(wanted)
-        if binary is None:
-            raise ModelLoadError(
-                self.spec.name,
-                f"llama-server binary {wanted!r} not found "
-                "(set llama_server.binary, or run scripts/install-llama-server)",
-                retry_after=30.0,
-            )
-        self.port = free_port()
-        env = child_env(os.environ, self.spec.env, self.env, self.api_key, self.secret_env)
-        argv = self.command(binary)
+        # A socket file left by an earlier child would make the new one fail to bind.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket)
+        env = child_env(os.environ, self.configured_env, self.command.env, self.api_key,
+                        self.secret_env)
+        argv = self.command.argv
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -153,25 +118,28 @@ class ModelProcess:
                 limit=1 << 20,
             )
         except OSError as exc:
-            raise ModelLoadError(self.spec.name, f"cannot start {binary}: {exc}") from None
+            raise ModelLoadError(self.model, f"cannot start {argv[0]}: {exc}",
+                                 pressure=exc.errno in _PRESSURE) from None
         self.pid = self._proc.pid
         self.started_at = time.time()
         self.client = httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{self.port}",
+            # llama-server (cpp-httplib) closes idle connections after 5 s; httpx's default
+            # expiry is also 5 s, so a request could pick a connection the child is closing.
+            transport=httpx.AsyncHTTPTransport(
+                uds=self.socket,
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=64,
+                                    keepalive_expiry=2.0)),
+            base_url="http://llama-server",
             headers={"Authorization": f"Bearer {self.api_key}"},
             # The read timeout is the silence allowed between chunks; it must outlast the
             # longest non-streamed generation. Hung children are caught by health probes.
             timeout=httpx.Timeout(connect=self.upstream.connect_timeout,
                                   read=self.upstream.read_timeout, write=60.0, pool=None),
-            # llama-server (cpp-httplib) closes idle connections after 5 s; httpx's default
-            # expiry is also 5 s, so a request could pick a connection the child is closing.
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64,
-                                keepalive_expiry=2.0),
         )
         self._pump = asyncio.create_task(self._pump_output(self._proc.stdout))
         self._exited = asyncio.create_task(self._wait_exit(self._proc))
-        log.info("child_started", model=self.spec.name, pid=self.pid, port=self.port,
-                 argv=argv[1:])
+        log.info("child_started", model=self.model, pid=self.pid, socket=self.socket,
+                 argv=list(argv[1:]))
 
     async def _wait_exit(self, proc: asyncio.subprocess.Process) -> int:
         code = await proc.wait()
@@ -192,24 +160,41 @@ class ModelProcess:
             if self._exited.done():
                 await self._drain_output()
                 raise ModelLoadError(
-                    self.spec.name,
+                    self.model,
                     f"llama-server exited with code {self._exited.result()} while loading",
                     self.error_lines(),
                 )
             with contextlib.suppress(httpx.TransportError):
                 response = await self.client.get("/health", timeout=2.0)
                 if response.status_code == 200:
+                    await self._check_owner()
                     self.ready_lines = self.startup_lines or []
                     self.startup_lines = None
                     return
             if time.monotonic() >= deadline:
                 await self.kill()
                 raise ModelLoadError(
-                    self.spec.name,
+                    self.model,
                     f"llama-server was not ready within {timeout:g}s",
                     self.error_lines(),
                 )
             await asyncio.wait({self._exited}, timeout=_HEALTH_POLL_SECONDS)
+
+    async def _check_owner(self) -> None:
+        """Raise ``ModelLoadError`` unless the child (or its process group) owns the socket
+        that answered: an impostor that bound it first is never taken for the child."""
+        owner = await asyncio.to_thread(listener_pid, self.socket)
+        if owner is not None and owner != self.pid:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                if os.getpgid(owner) == self.pid:
+                    return  # a wrapper's llama-server, in the child's own group
+        if owner != self.pid:
+            log.error("child_socket_not_its_own", model=self.model, pid=self.pid,
+                      socket=self.socket, owner=owner)
+            await self.kill()
+            raise ModelLoadError(
+                self.model, f"the socket {self.socket} is held by pid {owner}, not by the "
+                f"child (pid {self.pid}): refusing to send it requests", self.error_lines())
 
     async def exited_within(self, timeout: float) -> bool:
         """Wait up to ``timeout`` for the child to exit; say whether it did."""
@@ -242,7 +227,7 @@ class ModelProcess:
             self._signal(signal.SIGTERM)
             done, _ = await asyncio.wait({self._exited}, timeout=timeout)
             if not done:
-                log.warning("child_kill_after_timeout", model=self.spec.name, pid=self.pid,
+                log.warning("child_kill_after_timeout", model=self.model, pid=self.pid,
                             timeout=timeout)
                 await self.kill()
         await self.close()
@@ -282,7 +267,7 @@ class ModelProcess:
     async def _pump_output(self, stream: asyncio.StreamReader | None) -> None:
         if stream is None:
             return
-        bound = log.bind(model=self.spec.name, pid=self.pid)
+        bound = log.bind(model=self.model, pid=self.pid)
         while True:
             try:
                 raw = await stream.readline()

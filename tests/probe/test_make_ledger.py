@@ -13,7 +13,7 @@ import pytest
 
 from corral.config import Config, parse_config
 from corral.probe.devices import binary_gpus
-from corral.supervisor.placing import make_ledger
+from corral.probe.host import make_ledger
 from tests.probe.test_devices import fake_nvml
 
 CUDA_BUILD = """#!/bin/sh

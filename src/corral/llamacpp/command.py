@@ -1,0 +1,95 @@
+"""The one place that builds a child's llama-server command line and environment.
+
+Everything corral decides reaches llama-server here: the model and its name, the child's
+private socket, the placement (slots, context, layers, split, cache types, batch sizes) and
+the GPU selection. ``corral plan`` prints what ``child_command`` returns and the supervisor runs
+exactly that, so the two cannot disagree.
+
+Usage::
+
+    command = child_command(spec, plan, binary, socket)
+    env = child_env(os.environ, spec.env, command.env, api_key, secret)
+    subprocess.Popen(command.argv, env=env)
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from corral.config.schema import ModelSpec
+from corral.placement.decide import PlacementPlan
+from corral.placement.devices import gpu_env
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class ChildCommand:
+    """A child's argv and the variables its plan sets (GPU selection); its API key is added
+    by ``child_env`` at start, never shown."""
+
+    argv: tuple[str, ...]
+    env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    socket: str = ""
+
+    def shell(self) -> str:
+        """The command as one shell line, variables first: what ``corral plan`` prints."""
+        assignments = [f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items())]
+        return " ".join([*assignments, shlex.join(self.argv)])
+
+
+def placement_flags(plan: PlacementPlan) -> list[str]:
+    """The flags that make llama-server allocate exactly what ``plan`` estimated."""
+    r = plan.request
+    args = ["-np", str(plan.slots), "-c", str(plan.ctx_total), "-ngl", str(plan.gpu_layers),
+            "--fit", "off", "--cache-type-k", r.cache_type_k, "--cache-type-v", r.cache_type_v,
+            "-b", str(r.n_batch), "-ub", str(r.n_ubatch), "--cache-ram", str(r.cache_ram // MiB)]
+    if not r.flash_attn:
+        args += ["--flash-attn", "off"]
+    if plan.checkpoints:
+        args += ["--ctx-checkpoints", str(r.ctx_checkpoints)]
+    if plan.tensor_split:
+        args += ["--split-mode", "layer", "--tensor-split", ",".join(map(str, plan.tensor_split))]
+    return args
+
+
+def child_command(spec: ModelSpec, plan: PlacementPlan, binary: str, socket: str) -> ChildCommand:
+    """The complete command line of ``spec``'s child, placed by ``plan``, listening on the Unix
+    socket ``socket`` (only corral's user can reach it: see ``corral.probe.host``)."""
+    argv = (
+        binary,
+        "-m", str(spec.path),
+        "--host", socket,
+        "--alias", spec.name,
+        "--metrics",
+        "--no-webui",
+        # Verbosity 4 prints the buffer sizes corral compares with its estimate.
+        "--log-verbosity", "4",
+        *placement_flags(plan),
+        *spec.args,
+    )
+    return ChildCommand(argv, MappingProxyType(planned_env(plan)), socket)
+
+
+def planned_env(plan: PlacementPlan) -> dict[str, str]:
+    """The variables that restrict the child to the plan's GPUs, in the plan's order (none
+    visible for a model on the CPU alone: no CUDA context, no offload)."""
+    return gpu_env(plan.gpu_devices)
+
+
+def child_env(
+    inherited: Mapping[str, str], configured: Mapping[str, str], planned: Mapping[str, str],
+    api_key: str, secret: Collection[str] = (),
+) -> dict[str, str]:
+    """A child's environment: corral's own, less its API keys and any ``LLAMA_ARG_*`` (which
+    would set llama-server flags unchecked), then the configured ``env``, then the plan's GPU
+    selection, which nothing overrides, and the child's private key."""
+    env = {k: v for k, v in inherited.items()
+           if k not in secret and not k.startswith("LLAMA_ARG_")}
+    env.update(configured)
+    env.update(planned)
+    env["LLAMA_API_KEY"] = api_key
+    return env
