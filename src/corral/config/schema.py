@@ -224,12 +224,8 @@ def _group(settings: type[BaseModel], key: str) -> type[BaseModel] | None:
     return kind if isinstance(kind, type) and issubclass(kind, BaseModel) else None
 
 
-def _without_nulls(data: object, settings: type[BaseModel] = ModelSettings) -> object:
-    """A model's mapping without the settings it gives as null.
-
-    A null per-model setting means "take it from ``defaults:``", as an absent one does; a whole
-    group given as null (``queue: null``) stays, and is refused.
-    """
+def _without_nulls(data: object, settings: type[BaseModel]) -> object:
+    """``data`` without the ``settings`` it gives as null, groups opened (``queue.max``)."""
     if not isinstance(data, dict):
         return data
     kept = {}
@@ -271,10 +267,16 @@ class ModelConfig(ModelSettings):
     env: dict[str, str] = Field(default_factory=dict)
     preload: bool = False
 
-    _nulls = model_validator(mode="before")(_without_nulls)
     _args_text = field_validator("args", mode="before")(_args_as_text)
     _args = field_validator("args")(_check_args)
     _env = field_validator("env")(_check_env)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data: object) -> object:
+        # A null per-model setting means "take it from `defaults:`", as an absent one does; a
+        # whole group given as null (`queue: null`) stays, and is refused.
+        return _without_nulls(data, ModelSettings)
 
     @field_validator("path")
     @classmethod
