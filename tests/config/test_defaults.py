@@ -71,3 +71,29 @@ def test_a_model_is_multimodal_when_its_args_give_a_projector(
     config = parse_config({"models": {"m": {"path": "m.gguf", "args": args}}})
     assert config.models["m"].multimodal is multimodal
     assert config.models["m"].projector == ("/models/mmproj.gguf" if multimodal else None)
+
+
+def test_each_setting_is_the_model_s_else_defaults_else_the_declared_default() -> None:
+    config = parse_config({
+        "defaults": {"ttl": "5m", "slots": "auto", "cache_type_k": "q8_0"},
+        "models": {"own": {"path": "a.gguf", "ttl": 0, "slots": 3, "gpu_layers": 7},
+                   "bare": {"path": "b.gguf"},
+                   "nulls": {"path": "c.gguf", "ttl": None, "queue": {"timeout": None}}},
+    })
+    own, bare, nulls = (config.models[n] for n in ("own", "bare", "nulls"))
+    assert (own.ttl, own.slots, own.gpu_layers, own.cache_type_k) == (0.0, 3, 7, "q8_0")
+    assert (bare.ttl, bare.slots, bare.gpu_layers, bare.cache_type_k) == (300.0, "auto", "auto",
+                                                                          "q8_0")
+    assert (bare.ctx_per_slot, bare.max_slots, bare.cache_type_v) == (4096, 16, "f16")
+    # A null per-model value takes the one in `defaults:`, as an absent key does.
+    assert (nulls.ttl, nulls.slots, nulls.queue_timeout) == (300.0, "auto", 60.0)
+
+
+def test_specs_compare_by_value_so_a_reload_sees_what_changed() -> None:
+    def spec(**model: Any) -> Any:
+        return parse_config({"models": {"m": {"path": "m.gguf", **model}}}).models["m"]
+
+    assert spec(slots=2, queue={"max": 3}) == spec(slots=2, queue={"max": 3})
+    assert spec(slots=2) != spec(slots=3)
+    assert spec(queue={"max": 3}) != spec(queue={"max": 4})
+    assert spec(slots=4) == spec()  # the declared default, given or not

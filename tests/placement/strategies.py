@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
+from corral.config.schema import ModelSettings
 from corral.placement.decide import PlacementRequest
 from corral.placement.devices import Device, gpu, host
 from corral.placement.profile import ModelProfile, profile_from_fields
@@ -56,12 +57,16 @@ def profiles(draw: st.DrawFn) -> ModelProfile:
 
 def requests(name: str) -> st.SearchStrategy[PlacementRequest]:
     """What a model may ask for, any device (pinning is covered by the planner's own tests)."""
-    return st.builds(
-        PlacementRequest,
+    settings = st.builds(
+        ModelSettings,
         slots=st.sampled_from([1, 2, 4, "auto"]),
         ctx_per_slot=st.sampled_from([512, 4096, "auto"]),
         gpu_layers=st.sampled_from(["auto", "all", 0, 4]),
         max_slots=st.just(4),
+    )
+    return st.builds(
+        PlacementRequest,
+        settings=settings,
         placement=st.sampled_from(["binpack", "spread"]),
         name=st.just(name),
     )

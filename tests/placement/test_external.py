@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import pytest
 
-from corral.placement.decide import NoFit, PlacementRequest, plan_placement
+from corral.placement.decide import NoFit, plan_placement
 from corral.placement.devices import gpu, host
 from corral.placement.ledger import CapacityError, Ledger, corral_usage
+from tests.placement.asking import ask
 from tests.placement.public_models import GiB, llama31_8b
 
 ONE_24 = [gpu(0, 24 * GiB), host(64 * GiB)]
 # Llama-3.1-8B, 4 x 4096, every layer on cuda:0 and nowhere else: about 7 GiB there.
-ON_THE_GPU = PlacementRequest(slots=4, ctx_per_slot=4096, gpu_layers="all",
+ON_THE_GPU = ask(slots=4, ctx_per_slot=4096, gpu_layers="all",
                               devices=("cuda:0",), name="llama")
 
 

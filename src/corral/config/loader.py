@@ -18,7 +18,14 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from corral.config.schema import ApiKey, AuthSettings, ConfigFile, ModelSpec, ResolvedKey
+from corral.config.schema import (
+    ApiKey,
+    AuthSettings,
+    ConfigFile,
+    ModelSpec,
+    ResolvedKey,
+    resolve_settings,
+)
 from corral.errors import ConfigError
 
 DEFAULT_CONFIG = "corral.yaml"
@@ -84,34 +91,21 @@ def parse_config(data: Any, *, source: str = "<memory>", base_dir: Path | None =
     except ValidationError as exc:
         raise ConfigError(source, list(_describe(exc))) from None
     base = base_dir or Path.cwd()
-    defaults = file.defaults
     models: dict[str, ModelSpec] = {}
     names: dict[str, str] = {}
     for name, model in file.models.items():
         path = Path(os.path.expanduser(model.path))
         models[name] = ModelSpec(
+            **dict(resolve_settings(file.defaults, model)),
             name=name,
             path=path if path.is_absolute() else (base / path).resolve(),
             aliases=tuple(model.aliases),
             binary=model.binary,
-            ttl=defaults.ttl if model.ttl is None else model.ttl,
-            slots=defaults.slots if model.slots is None else model.slots,
-            ctx_per_slot=(
-                defaults.ctx_per_slot if model.ctx_per_slot is None else model.ctx_per_slot
-            ),
-            gpu_layers=defaults.gpu_layers if model.gpu_layers is None else model.gpu_layers,
-            max_slots=defaults.max_slots if model.max_slots is None else model.max_slots,
-            cache_type_k=model.cache_type_k or defaults.cache_type_k,
-            cache_type_v=model.cache_type_v or defaults.cache_type_v,
             devices=None if model.devices is None else tuple(model.devices),
             args=(*file.llama_server.args, *model.args),
             env={**file.llama_server.env, **model.env},
             preload=model.preload,
             pinned=model.pinned,
-            queue_max=defaults.queue.max if model.queue.max is None else model.queue.max,
-            queue_timeout=(
-                defaults.queue.timeout if model.queue.timeout is None else model.queue.timeout
-            ),
         )
         names[name] = name
     for name, model in file.models.items():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -66,6 +66,8 @@ AutoCtx = Annotated[int | Literal["auto"], PlainValidator(_ctx)]
 CacheType = Literal["f16", "q8_0", "q4_0"]
 DeviceId = Annotated[str, StringConstraints(pattern=r"^(cpu|cuda:\d+)$")]
 LogLevel = Literal["debug", "info", "warning", "error"]
+Placement = Literal["binpack", "spread"]
+DEFAULT_PLACEMENT: Placement = "binpack"  # `placement:`, and a placement request's without one
 ModelName = Annotated[str, StringConstraints(min_length=1, pattern=r"^[^\s]+$")]
 Slots = Annotated[int, Field(ge=1, le=512)]
 
@@ -107,12 +109,17 @@ class QueueSettings(StrictModel):
     timeout: PositiveDuration = 60.0
 
 
-class QueueOverrides(StrictModel):
-    max: Annotated[int, Field(ge=0)] | None = None
-    timeout: PositiveDuration | None = None
+class ModelSettings(StrictModel):
+    """The settings a model may take from ``defaults:`` or set itself, each declared once here
+    with its default.
 
+    ``defaults:`` is one of these; each model is one too (``ModelConfig``), with the same keys
+    beside its own. A setting resolves to the model's value if it gives one, else the value in
+    ``defaults:``, else the default declared here; a group of settings (``queue``) resolves key
+    by key (``resolve_settings``). A new setting is one more field here: the file reads it in
+    both places, ``ModelSpec`` and the placement request carry it.
+    """
 
-class ModelDefaults(StrictModel):
     ttl: Duration = 600.0
     queue: QueueSettings = Field(default_factory=QueueSettings)
     slots: AutoSlots = 4
@@ -123,19 +130,51 @@ class ModelDefaults(StrictModel):
     cache_type_v: CacheType = "f16"
 
 
-class ModelConfig(StrictModel):
+def _group(settings: type[BaseModel], key: str) -> type[BaseModel] | None:
+    """The class of ``key`` when it is a group of settings (``queue``), else None."""
+    field = settings.model_fields.get(key)
+    kind = None if field is None else field.annotation
+    return kind if isinstance(kind, type) and issubclass(kind, BaseModel) else None
+
+
+def _without_nulls(data: object, settings: type[BaseModel]) -> object:
+    """``data`` without the ``settings`` it gives as null, groups opened (``queue.max``)."""
+    if not isinstance(data, dict):
+        return data
+    kept = {}
+    for key, value in data.items():
+        group = _group(settings, key)
+        if group is not None:
+            value = _without_nulls(value, group)
+        elif value is None and key in settings.model_fields:
+            continue
+        kept[key] = value
+    return kept
+
+
+_Settings = TypeVar("_Settings", bound=BaseModel)
+
+
+def resolve_settings(below: _Settings, above: BaseModel) -> _Settings:
+    """``below`` with each setting ``above`` gives (``model_fields_set``) in its place; a group
+    of settings resolves key by key. ``resolve_settings(defaults, model)``: what a model runs
+    with."""
+    update: dict[str, object] = {}
+    for name in above.model_fields_set & type(below).model_fields.keys():
+        value, under = getattr(above, name), getattr(below, name)
+        if isinstance(value, BaseModel) and isinstance(under, BaseModel):
+            value = resolve_settings(under, value)
+        update[name] = value
+    return below.model_copy(update=update)
+
+
+class ModelConfig(ModelSettings):
+    """One entry of ``models:``: the settings it gives, beside the keys only a model has."""
+
     path: str
     aliases: list[ModelName] = Field(default_factory=list)
     binary: str | None = None  # this model's llama-server build, e.g. one built for its GPU
-    ttl: Duration | None = None
-    slots: AutoSlots | None = None
-    max_slots: Slots | None = None
-    ctx_per_slot: AutoCtx | None = None
-    gpu_layers: GpuLayers | None = None
-    cache_type_k: CacheType | None = None
-    cache_type_v: CacheType | None = None
     devices: list[DeviceId] | None = None  # pin to these devices ("cpu" allows CPU layers)
-    queue: QueueOverrides = Field(default_factory=QueueOverrides)
     pinned: bool = False  # never evicted; restarted after a crash even when nobody waits
     args: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
@@ -144,6 +183,13 @@ class ModelConfig(StrictModel):
     _args_text = field_validator("args", mode="before")(_args_as_text)
     _args = field_validator("args")(check_args)
     _env = field_validator("env")(check_env)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data: object) -> object:
+        # A null per-model setting means "take it from `defaults:`", as an absent one does; a
+        # whole group given as null (`queue: null`) stays, and is refused.
+        return _without_nulls(data, ModelSettings)
 
     @field_validator("path")
     @classmethod
@@ -234,7 +280,7 @@ class ReserveSettings(StrictModel):
 class ConfigFile(StrictModel):
     listen: Listen = Field(default_factory=Listen)
     llama_server: LlamaServerSettings = Field(default_factory=LlamaServerSettings)
-    defaults: ModelDefaults = Field(default_factory=ModelDefaults)
+    defaults: ModelSettings = Field(default_factory=ModelSettings)
     models: dict[ModelName, ModelConfig]
     default_model: str | None = None
     shutdown_timeout: PositiveDuration = 30.0
@@ -248,7 +294,7 @@ class ConfigFile(StrictModel):
     allow_unauthenticated: bool = False
     devices: list[DeviceConfig] | None = None  # None: discover (NVML GPUs and system RAM)
     reserve: ReserveSettings = Field(default_factory=ReserveSettings)
-    placement: Literal["binpack", "spread"] = "binpack"
+    placement: Placement = DEFAULT_PLACEMENT
 
     @model_validator(mode="after")
     def _names_are_unique(self) -> ConfigFile:
@@ -293,28 +339,33 @@ class ConfigFile(StrictModel):
         return self
 
 
-@dataclass(frozen=True)
-class ModelSpec:
+class ModelSpec(ModelSettings):
     """One model with every setting resolved: what the supervisor needs to start its child."""
 
     name: str
-    path: Path
-    aliases: tuple[str, ...] = ()
-    binary: str | None = None  # None: llama_server.binary
-    ttl: float = 600.0
-    slots: int | Literal["auto"] = 4
-    ctx_per_slot: int | Literal["auto"] = 4096
-    gpu_layers: int | Literal["auto", "all"] = "auto"
-    max_slots: int = 16
-    cache_type_k: str = "f16"
-    cache_type_v: str = "f16"
-    devices: tuple[str, ...] | None = None
-    args: tuple[str, ...] = ()
-    env: dict[str, str] = field(default_factory=dict)
-    preload: bool = False
-    pinned: bool = False
-    queue_max: int | None = None  # None: 4 x slots
-    queue_timeout: float = 60.0
+    path: Path  # absolute
+    aliases: tuple[str, ...]
+    binary: str | None  # None: llama_server.binary
+    devices: tuple[str, ...] | None
+    args: tuple[str, ...]  # llama_server.args, then the model's
+    env: dict[str, str]  # llama_server.env, updated by the model's
+    preload: bool
+    pinned: bool
+
+    @property
+    def settings(self) -> ModelSettings:
+        """Its resolved settings alone (what placement and ``/admin/models`` need)."""
+        return ModelSettings(**{name: getattr(self, name) for name in ModelSettings.model_fields})
+
+    @property
+    def queue_max(self) -> int | None:
+        """``queue.max``: how many may wait; None: 4 x slots."""
+        return self.queue.max
+
+    @property
+    def queue_timeout(self) -> float:
+        """``queue.timeout``: the longest wait for a slot, in seconds."""
+        return self.queue.timeout
 
     def queue_limit(self, slots: int) -> int:
         """How many requests may wait for ``slots`` busy slots."""

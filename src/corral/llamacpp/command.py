@@ -44,8 +44,10 @@ class ChildCommand:
 def placement_flags(plan: PlacementPlan) -> list[str]:
     """The flags that make llama-server allocate exactly what ``plan`` estimated."""
     r = plan.request
+    want = r.settings
     args = ["-np", str(plan.slots), "-c", str(plan.ctx_total), "-ngl", str(plan.gpu_layers),
-            "--fit", "off", "--cache-type-k", r.cache_type_k, "--cache-type-v", r.cache_type_v,
+            "--fit", "off", "--cache-type-k", want.cache_type_k, "--cache-type-v",
+            want.cache_type_v,
             "-b", str(r.n_batch), "-ub", str(r.n_ubatch), "--cache-ram", str(r.cache_ram // MiB)]
     if not r.flash_attn:
         args += ["--flash-attn", "off"]

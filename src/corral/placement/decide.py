@@ -34,9 +34,9 @@ was free and who holds it, and whether evicting models could help at all (``impo
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field, replace
 
+from corral.config.schema import DEFAULT_PLACEMENT, ModelSettings, Placement
 from corral.placement.devices import CPU, Device, gpus
 from corral.placement.estimate import (
     CTX_PAD,
@@ -69,17 +69,13 @@ _REBALANCE_ROUNDS = 8
 
 @dataclass(frozen=True)
 class PlacementRequest:
-    """What a model asks for; "auto" values are decided by ``plan_placement``."""
+    """What a model asks for: its resolved ``settings`` ("auto" values are decided by
+    ``plan_placement``), where it may go, and what corral itself sets for every child."""
 
-    slots: int | Literal["auto"] = 4
-    ctx_per_slot: int | Literal["auto"] = 4096
-    gpu_layers: int | Literal["auto", "all"] = "auto"
-    max_slots: int = 16
-    min_ctx_per_slot: int = 2048  # the least an "auto" context may get (capped at n_ctx_train)
-    cache_type_k: str = "f16"
-    cache_type_v: str = "f16"
-    placement: Literal["binpack", "spread"] = "binpack"
+    settings: ModelSettings = field(default_factory=ModelSettings)
+    placement: Placement = DEFAULT_PLACEMENT
     devices: tuple[str, ...] | None = None  # pinned device ids; None = any
+    min_ctx_per_slot: int = 2048  # the least an "auto" context may get (capped at n_ctx_train)
     n_batch: int = 2048
     n_ubatch: int = 512
     flash_attn: bool = True  # False passes -fa off (bigger compute buffer, V cache transposed)
@@ -91,16 +87,13 @@ class PlacementRequest:
     name: str = "model"  # for messages only
 
     def __post_init__(self) -> None:
-        if isinstance(self.ctx_per_slot, int) and (
-            self.ctx_per_slot < CTX_PAD or self.ctx_per_slot % CTX_PAD
-        ):
-            raise ValueError(f"ctx_per_slot must be a multiple of {CTX_PAD}")
-        if isinstance(self.slots, int) and self.slots < 1:
-            raise ValueError("slots must be >= 1")
-        if self.max_slots < 1 or self.min_ctx_per_slot < CTX_PAD:
-            raise ValueError(f"max_slots must be >= 1 and min_ctx_per_slot >= {CTX_PAD}")
-        if isinstance(self.gpu_layers, int) and self.gpu_layers < 0:
-            raise ValueError("gpu_layers must be >= 0")
+        if self.min_ctx_per_slot < CTX_PAD:
+            raise ValueError(f"min_ctx_per_slot must be >= {CTX_PAD}")
+
+    def sized(self, slots: int, ctx_per_slot: int) -> PlacementRequest:
+        """The same request with its capacity fixed at ``slots`` x ``ctx_per_slot``."""
+        fixed = self.settings.model_copy(update={"slots": slots, "ctx_per_slot": ctx_per_slot})
+        return replace(self, settings=fixed)
 
 
 @dataclass(frozen=True)
@@ -180,9 +173,10 @@ class _Planner:
         self.cpu_layers_ok = pinned is None or CPU in pinned
         train = profile.n_ctx_train // CTX_PAD * CTX_PAD
         self.ctx_cap = max(CTX_PAD, train) if train else 1 << 20
-        self.min_slots = request.slots if isinstance(request.slots, int) else 1
+        self.want = want = request.settings
+        self.min_slots = want.slots if isinstance(want.slots, int) else 1
         self.min_ctx = (
-            request.ctx_per_slot if isinstance(request.ctx_per_slot, int)
+            want.ctx_per_slot if isinstance(want.ctx_per_slot, int)
             else min(request.min_ctx_per_slot, self.ctx_cap)
         )
         self.best_failure: _Fit | None = None
@@ -224,10 +218,10 @@ class _Planner:
     def _estimate(
         self, ngl: int, slots: int, ctx: int, split: Sequence[tuple[str, float]] | None
     ) -> MemoryEstimate:
-        r = self.req
+        r, want = self.req, self.want
         return estimate_memory(
-            self.profile, slots=slots, ctx_per_slot=ctx, cache_type_k=r.cache_type_k,
-            cache_type_v=r.cache_type_v, gpu_layers=ngl if split else 0, gpu_split=split,
+            self.profile, slots=slots, ctx_per_slot=ctx, cache_type_k=want.cache_type_k,
+            cache_type_v=want.cache_type_v, gpu_layers=ngl if split else 0, gpu_split=split,
             n_batch=r.n_batch, n_ubatch=r.n_ubatch, flash_attn=r.flash_attn,
             gpu_overhead=r.gpu_overhead, host_overhead=r.host_overhead, cache_ram=r.cache_ram,
             ctx_checkpoints=r.ctx_checkpoints, projector_bytes=r.projector_bytes,
@@ -242,7 +236,7 @@ class _Planner:
 
     def layouts(self) -> list[_Layout]:
         """Candidate layouts in preference order (rule 1)."""
-        wanted = self.req.gpu_layers
+        wanted = self.want.gpu_layers
         cpu_only = [_Layout((), 0)] if self.cpu_layers_ok or not self.gpus else []
         if wanted == 0 or not self.gpus:
             return cpu_only
@@ -287,13 +281,13 @@ class _Planner:
             self.note_failure(first)
             return None
         slots = self.min_slots
-        if self.req.slots == "auto":
+        if self.want.slots == "auto":
             top = self.max_int(
-                1, self.req.max_slots, lambda s: not self.fit(g, ngl, s, self.min_ctx).shortfalls
+                1, self.want.max_slots, lambda s: not self.fit(g, ngl, s, self.min_ctx).shortfalls
             )
             slots = top or 1
         ctx = self.min_ctx
-        if self.req.ctx_per_slot == "auto":
+        if self.want.ctx_per_slot == "auto":
             steps = self.max_int(
                 self.min_ctx // CTX_PAD, self.ctx_cap // CTX_PAD,
                 lambda c: not self.fit(g, ngl, slots, c * CTX_PAD).shortfalls,

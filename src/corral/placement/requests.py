@@ -14,12 +14,7 @@ def placement_request(
     """The placement question for one model (``projector_bytes``: its ``--mmproj`` file's
     tensors, which the caller reads)."""
     return PlacementRequest(
-        slots=spec.slots,
-        ctx_per_slot=spec.ctx_per_slot,
-        gpu_layers=spec.gpu_layers,
-        max_slots=spec.max_slots,
-        cache_type_k=spec.cache_type_k,
-        cache_type_v=spec.cache_type_v,
+        settings=spec.settings,
         placement=config.file.placement,
         devices=spec.devices,
         projector_bytes=projector_bytes,

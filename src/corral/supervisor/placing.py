@@ -12,7 +12,6 @@ devices are a budget the configuration sets, so nothing is read for them.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -72,9 +71,8 @@ def _evictions_for_a_better_layout(
     if not idle:
         return None
     try:
-        same_size = dataclasses.replace(request, slots=plan.slots,
-                                        ctx_per_slot=plan.ctx_per_slot)
-        ideal = plan_placement(profile, same_size, ledger.devices,
+        ideal = plan_placement(profile, request.sized(plan.slots, plan.ctx_per_slot),
+                               ledger.devices,
                                ledger.without(c.name for c in idle))
     except (NoFit, ValueError):
         return None
