@@ -145,7 +145,7 @@ def test_admin_load_and_unload(corral: Start, smollm2: Path) -> None:
     info = loaded.json()
     assert info["name"] == "smollm2" and info["state"] == "ready"
     assert info["slots"] == 2 and info["ctx_per_slot"] == 1024
-    assert info["pid"] == server.children()[0].pid and info["port"] > 0
+    assert info["pid"] == server.children()[0].pid and info["socket"].endswith(".sock")
     assert info["uptime_seconds"] >= 0
 
     unloaded = server.http.post("/admin/models/smollm2/unload")

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from corral.config import Config, parse_config
+from corral.llamacpp.command import child_env
 from corral.supervisor import Supervisor
-from corral.supervisor.process import child_env
 
 
 def test_secrets_and_llama_arg_variables_are_dropped_and_the_plan_wins() -> None:
