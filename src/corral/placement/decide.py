@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal
 
+from corral.errors import NoFit  # re-exported: defined with every error
 from corral.placement.devices import CPU, Device, gpu_env, gpus
 from corral.placement.estimate import (
     CTX_PAD,
@@ -47,7 +48,6 @@ from corral.placement.estimate import (
     estimate_memory,
 )
 from corral.placement.ledger import (
-    CapacityError,
     EvictionCandidate,
     Ledger,
     Shortfall,
@@ -127,28 +127,6 @@ class PlacementPlan:
     def reservation(self) -> dict[str, int]:
         """Bytes to reserve in the ``Ledger``, per device id."""
         return self.estimate.reservation()
-
-
-class NoFit(CapacityError):
-    """No layout fits. ``needed`` is the most promising layout's reservation (pass it to
-    ``choose_evictions``); ``impossible`` is True when evicting every model would not make it
-    fit, ``permanent`` when it would not fit even once other programs free their memory too."""
-
-    def __init__(
-        self, name: str, shortfalls: Sequence[Shortfall], needed: Mapping[str, int],
-        impossible: bool, permanent: bool | None = None,
-    ) -> None:
-        permanent = impossible if permanent is None else permanent and impossible
-        if permanent:
-            note = " (more than these devices can hold even when idle)"
-        elif impossible:
-            note = " (other programs use the rest: it fits once they free it)"
-        else:
-            note = ""
-        super().__init__(name, shortfalls, note)
-        self.needed = dict(needed)
-        self.impossible = impossible
-        self.permanent = permanent
 
 
 @dataclass(frozen=True)

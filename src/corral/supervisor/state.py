@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from corral.errors import InvalidTransition as InvalidTransition  # defined with every error
+
 
 class ModelState(StrEnum):
     UNLOADED = "unloaded"
@@ -30,10 +32,6 @@ TRANSITIONS: dict[ModelState, frozenset[ModelState]] = {
     ModelState.STOPPING: frozenset({ModelState.UNLOADED}),
     ModelState.FAILED: frozenset({ModelState.STARTING, ModelState.STOPPING}),
 }
-
-
-class InvalidTransition(RuntimeError):
-    """A bug: code tried a move the state machine does not allow."""
 
 
 def check_transition(current: ModelState, new: ModelState) -> None:
