@@ -21,12 +21,14 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from corral.config import Config, load_config, reload_problems
+from corral.echo import clip
 from corral.errors import ReloadRefusedError, ShuttingDownError
 from corral.metrics import CorralMetrics
 from corral.proxy import admin
-from corral.proxy.errors import error_response, response_for
+from corral.proxy.errors import BadRequestError, response_for
 from corral.proxy.handlers import Proxy
 from corral.proxy.routing import INFERENCE_PATHS
+from corral.proxy.websafety import WebGuard
 from corral.supervisor import Supervisor
 
 log = structlog.get_logger("corral.proxy")
@@ -108,13 +110,15 @@ class DrainGuard:
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
+    path = clip(request.url.path)
     if exc.status_code == 405:
-        message = f"method {request.method} is not allowed on {request.url.path}"
-        return error_response(405, message, code="method_not_allowed",
-                              headers=dict(exc.headers or {}))
-    if exc.status_code == 404:
-        return error_response(404, f"no such endpoint: {request.url.path}", code="not_found")
-    return error_response(exc.status_code, str(exc.detail), code="http_error")
+        error = BadRequestError(f"method {clip(request.method)} is not allowed on {path}",
+                                code="method_not_allowed", status=405)
+    elif exc.status_code == 404:
+        error = BadRequestError(f"no such endpoint: {path}", code="not_found", status=404)
+    else:
+        error = BadRequestError(str(exc.detail), code="http_error", status=exc.status_code)
+    return response_for(error, dict(exc.headers or {}))
 
 
 def create_app(config: Config, corral: Corral | None = None) -> ASGIApp:
@@ -158,4 +162,4 @@ def create_app(config: Config, corral: Corral | None = None) -> ASGIApp:
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: _http_error})
     app.state.corral = corral
-    return DrainGuard(app, corral)
+    return WebGuard(DrainGuard(app, corral), lambda: corral.config.file, corral.listen.host)
