@@ -11,8 +11,9 @@ from corral.proxy.websafety import WebPolicy
 
 
 def policy(listen: str = "127.0.0.1", **extra: Any) -> WebPolicy:
-    config = parse_config({"models": {"m": {"path": "m.gguf"}}, **extra})
-    return WebPolicy.of(config.file, listen)
+    config = parse_config({"models": {"m": {"path": "m.gguf"}}, "listen": {"host": listen},
+                           "allow_unauthenticated": True, **extra})
+    return WebPolicy.of(config.file)
 
 
 @pytest.mark.parametrize("host", [

@@ -162,4 +162,4 @@ def create_app(config: Config, corral: Corral | None = None) -> ASGIApp:
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: _http_error})
     app.state.corral = corral
-    return WebGuard(DrainGuard(app, corral), lambda: corral.config.file, corral.listen.host)
+    return WebGuard(DrainGuard(app, corral), lambda: corral.config.file)

@@ -68,9 +68,10 @@ class WebPolicy:
     any_origin: bool
 
     @classmethod
-    def of(cls, file: ConfigFile, listen_host: str) -> WebPolicy:
-        """The policy of ``file`` for a corral bound to ``listen_host``."""
-        names = {"localhost", listen_host.lower(), *file.allowed_hosts}
+    def of(cls, file: ConfigFile) -> WebPolicy:
+        """The policy of ``file`` (whose ``listen.host`` is where corral is bound: a reload
+        may not change it)."""
+        names = {"localhost", file.listen.host.lower(), *file.allowed_hosts}
         return cls(
             hosts=frozenset(n for n in names if not n.startswith(".")),
             domains=tuple(n for n in names if n.startswith(".")),
@@ -114,18 +115,15 @@ def _port(rest: str) -> bool:
 class WebGuard:
     """ASGI middleware applying ``WebPolicy`` to every HTTP request (see the module)."""
 
-    def __init__(
-        self, app: ASGIApp, config: Callable[[], ConfigFile], listen_host: str
-    ) -> None:
+    def __init__(self, app: ASGIApp, config: Callable[[], ConfigFile]) -> None:
         self.app = app
         self._config = config  # read at each request: a reload may change the policy
-        self._listen_host = listen_host
         self._policy_of: tuple[ConfigFile, WebPolicy] | None = None
 
     def policy(self) -> WebPolicy:
         file = self._config()
         if self._policy_of is None or self._policy_of[0] is not file:
-            self._policy_of = (file, WebPolicy.of(file, self._listen_host))
+            self._policy_of = (file, WebPolicy.of(file))
         return self._policy_of[1]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
