@@ -6,12 +6,10 @@ from typing import Any
 
 import httpx
 
+from corral.errors import StatusError as StatusError  # defined with every error
+
 COLUMNS = ("MODEL", "STATE", "SLOTS", "QUEUE", "CTX/SLOT", "IN FLIGHT", "PID", "UPTIME",
            "MEMORY")
-
-
-class StatusError(Exception):
-    """``/admin/status`` could not be read; the message says why and what to do (never the key)."""
 
 
 def fetch_status(url: str, api_key: str | None = None, timeout: float = 5.0) -> dict[str, Any]:

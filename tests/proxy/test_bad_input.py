@@ -116,7 +116,7 @@ def test_no_mistake_loaded_a_model(server: CorralProcess) -> None:
 
 def test_slow_headers_are_cut_off(server: CorralProcess) -> None:
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n")
         sock.settimeout(5)
         started = time.monotonic()
         assert sock.recv(1024) == b""  # closed by corral
@@ -126,7 +126,7 @@ def test_slow_headers_are_cut_off(server: CorralProcess) -> None:
 
 def test_slow_body_gets_408(server: CorralProcess) -> None:
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
                      b"application/json\r\nContent-Length: 100\r\n\r\n{\"model\":")
         sock.settimeout(5)
         answer = b""
@@ -140,7 +140,7 @@ def test_a_client_that_leaves_half_way_through_its_body_is_logged_as_gone(
     server: CorralProcess,
 ) -> None:
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
                      b"application/json\r\nX-Request-Id: half-a-body\r\n"
                      b"Content-Length: 100\r\n\r\n{\"model\":")
     server.wait_for(lambda: "half-a-body" in server.log(), timeout=5)
@@ -151,7 +151,7 @@ def test_a_client_that_leaves_half_way_through_its_body_is_logged_as_gone(
 
 def test_declared_oversize_body_is_refused_before_it_is_read(server: CorralProcess) -> None:
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
                      b"application/json\r\nContent-Length: 999999999\r\n\r\n")
         sock.settimeout(5)
         answer = sock.recv(4096)

@@ -114,7 +114,7 @@ def test_a_client_that_disconnects_while_queued_leaves_the_queue(
         server.wait_for(lambda: server.model_status("m")["slots_busy"] == 1)
         body = b'{"model": "m", "prompt": "hi", "max_tokens": 4}'
         sock = socket.create_connection(("127.0.0.1", server.port))
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
                      b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
         server.wait_for(lambda: server.model_status("m")["queue_depth"] == 1)
         sock.close()

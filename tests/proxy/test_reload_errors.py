@@ -41,7 +41,7 @@ async def test_admin_reload_answers_a_failure_with_a_500_that_says_what_broke(
 ) -> None:
     app = create_app(broken_reload.config, broken_reload)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                 base_url="http://corral") as http:
+                                 base_url="http://127.0.0.1:8080") as http:
         with capture_logs() as logs:
             reply = await http.post("/admin/reload")
     assert reply.status_code == 500

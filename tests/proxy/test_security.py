@@ -65,9 +65,10 @@ def test_keys_scopes_and_model_allow_lists(
     assert post("/v1/completions", json=ask("open"), headers=bearer(TEAM_A)).status_code == 200
     assert post("/v1/completions", json=ask("open"),
                 headers={"X-Api-Key": TEAM_A}).status_code == 200
+    # A model the key may not use is answered as one that does not exist.
     denied = post("/v1/completions", json=ask("closed"), headers=bearer(TEAM_A))
-    assert code(denied) == (403, "forbidden")
-    assert "may not use model 'closed'" in denied.json()["error"]["message"]
+    assert code(denied) == (404, "model_not_found")
+    assert denied.json()["error"]["message"].endswith("available models: open")
     assert post("/v1/completions", json=ask("closed"), headers=bearer(FROM_FILE)
                 ).status_code == 200
     # The admin API and /metrics need the admin scope; /health stays open.
@@ -86,12 +87,12 @@ def test_keys_scopes_and_model_allow_lists(
     everything = server.http.get("/v1/models", headers=bearer(FROM_FILE)).json()["data"]
     assert sorted(m["id"] for m in everything) == ["closed", "open"]
     assert code(server.http.get("/v1/models/closed", headers=bearer(TEAM_A))) == (
-        403, "forbidden")
+        404, "model_not_found")
     unknown = post("/v1/completions", json=ask("nope"), headers=bearer(TEAM_A))
     assert unknown.status_code == 404
     assert unknown.json()["error"]["message"].endswith("available models: open")
     assert code(server.http.get("/slots?model=closed", headers=bearer(TEAM_A))) == (
-        403, "forbidden")
+        404, "model_not_found")
 
     # Keys never reach the logs, valid or not.
     log = server.log()

@@ -147,12 +147,24 @@ def _resolve_keys(
         if not secret:
             problems.append(f"{where}: the key is empty")
             continue
+        if not _header_safe(secret):
+            given = next(f for f in ("key", "key_env", "key_file") if getattr(key, f) is not None)
+            # Never the key itself, nor the offending character: both would reveal it.
+            problems.append(f"{where}.{given}: the key must be printable ASCII without spaces "
+                            "at either end (HTTP headers carry no other text reliably)")
+            continue
         models = None if key.models is None else frozenset(names[m] for m in key.models)
         keys.append(ResolvedKey(name=key.name or f"key{i}", secret=secret,
                                 scopes=frozenset(key.scopes), models=models))
     if problems:
         raise ConfigError(source, problems)
     return tuple(keys)
+
+
+def _header_safe(secret: str) -> bool:
+    """Whether a client can present ``secret`` in a header byte for byte: clients encode
+    anything but ASCII differently (UTF-8, latin-1), and strip the ends."""
+    return secret.isascii() and secret.isprintable() and secret == secret.strip()
 
 
 def _exposure_problems(file: ConfigFile, keys: tuple[ResolvedKey, ...]) -> list[str]:

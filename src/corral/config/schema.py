@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from corral.config.units import Duration, PositiveDuration, Size
+from corral.config.web import AllowedHost, CorsSettings
 from corral.llamacpp.flags import MMPROJ_FLAGS, check_args, check_env
 
 
@@ -292,6 +293,10 @@ class ConfigFile(StrictModel):
     limits: LimitSettings = Field(default_factory=LimitSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     allow_unauthenticated: bool = False
+    # Host names corral answers to besides IP addresses, localhost and listen.host (DNS
+    # rebinding); web pages that may call it from a browser.
+    allowed_hosts: list[AllowedHost] = Field(default_factory=list)
+    cors: CorsSettings = Field(default_factory=CorsSettings)
     devices: list[DeviceConfig] | None = None  # None: discover (NVML GPUs and system RAM)
     reserve: ReserveSettings = Field(default_factory=ReserveSettings)
     placement: Placement = DEFAULT_PLACEMENT

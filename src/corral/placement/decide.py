@@ -33,10 +33,11 @@ was free and who holds it, and whether evicting models could help at all (``impo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from corral.config.schema import DEFAULT_PLACEMENT, ModelSettings, Placement
+from corral.errors import NoFit  # re-exported: defined with every error
 from corral.placement.devices import CPU, Device, gpus
 from corral.placement.estimate import (
     CTX_PAD,
@@ -46,7 +47,6 @@ from corral.placement.estimate import (
     estimate_memory,
 )
 from corral.placement.ledger import (
-    CapacityError,
     EvictionCandidate,
     Ledger,
     Shortfall,
@@ -120,28 +120,6 @@ class PlacementPlan:
     def reservation(self) -> dict[str, int]:
         """Bytes to reserve in the ``Ledger``, per device id."""
         return self.estimate.reservation()
-
-
-class NoFit(CapacityError):
-    """No layout fits. ``needed`` is the most promising layout's reservation (pass it to
-    ``choose_evictions``); ``impossible`` is True when evicting every model would not make it
-    fit, ``permanent`` when it would not fit even once other programs free their memory too."""
-
-    def __init__(
-        self, name: str, shortfalls: Sequence[Shortfall], needed: Mapping[str, int],
-        impossible: bool, permanent: bool | None = None,
-    ) -> None:
-        permanent = impossible if permanent is None else permanent and impossible
-        if permanent:
-            note = " (more than these devices can hold even when idle)"
-        elif impossible:
-            note = " (other programs use the rest: it fits once they free it)"
-        else:
-            note = ""
-        super().__init__(name, shortfalls, note)
-        self.needed = dict(needed)
-        self.impossible = impossible
-        self.permanent = permanent
 
 
 @dataclass(frozen=True)

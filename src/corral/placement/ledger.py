@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from corral.errors import CorralError
+from corral.errors import CapacityError as CapacityError  # defined with every error
 from corral.placement.devices import Device, by_id, format_bytes
 
 _MAX_COMBINATIONS = 20_000  # beyond this many eviction sets, fall back to the greedy rule
@@ -64,16 +64,6 @@ class Shortfall:
             f"{self.device}: needs {format_bytes(self.needed)}, {format_bytes(self.free)} free "
             f"of {format_bytes(self.capacity)}" + (f" ({'; '.join(notes)})" if notes else "")
         )
-
-
-class CapacityError(CorralError):
-    """A reservation does not fit; ``shortfalls`` says where and by how much."""
-
-    def __init__(self, owner: str, shortfalls: Sequence[Shortfall], note: str = "") -> None:
-        self.owner = owner
-        self.shortfalls = list(shortfalls)
-        details = "; ".join(s.describe() for s in self.shortfalls)
-        super().__init__(f"not enough memory for {owner!r}: {details}{note}")
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from corral.config import Config
-from corral.errors import ConfigError, ReloadRefusedError
+from corral.errors import ConfigError
 from corral.proxy.admission import AdmissionQueue, AdmissionQueues
 from corral.proxy.drain import DrainState
-from corral.proxy.errors import error_response
+from corral.proxy.errors import error_response, response_for
 from corral.proxy.handlers import Proxy
 from corral.supervisor import ManagedModel, Supervisor
 
@@ -98,10 +98,8 @@ def routes(corral: AdminHost) -> list[Route]:
     async def reload(request: Request) -> Response:
         try:
             changes = await corral.reload()
-        except ReloadRefusedError as exc:
-            return error_response(400, str(exc), code="reload_refused")
-        except ConfigError as exc:
-            return error_response(400, str(exc), code="invalid_config")
+        except ConfigError as exc:  # invalid_config, or reload_refused: 400 either way
+            return response_for(exc)
         except Exception as exc:
             # A bug, not a bad file: say so in the log with the traceback, and to the caller
             # in corral's error shape rather than Starlette's bare "Internal Server Error".

@@ -17,21 +17,25 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp
 
+from corral.echo import clip
 from corral.proxy.drain import DrainGuard
-from corral.proxy.errors import error_response
+from corral.proxy.errors import BadRequestError, response_for
 from corral.proxy.handlers import Proxy
 from corral.proxy.routing import INFERENCE_PATHS
+from corral.proxy.websafety import WebGuard
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
+    path = clip(request.url.path)
     if exc.status_code == 405:
-        message = f"method {request.method} is not allowed on {request.url.path}"
-        return error_response(405, message, code="method_not_allowed",
-                              headers=dict(exc.headers or {}))
-    if exc.status_code == 404:
-        return error_response(404, f"no such endpoint: {request.url.path}", code="not_found")
-    return error_response(exc.status_code, str(exc.detail), code="http_error")
+        error = BadRequestError(f"method {clip(request.method)} is not allowed on {path}",
+                                code="method_not_allowed", status=405)
+    elif exc.status_code == 404:
+        error = BadRequestError(f"no such endpoint: {path}", code="not_found", status=404)
+    else:
+        error = BadRequestError(str(exc.detail), code="http_error", status=exc.status_code)
+    return response_for(error, dict(exc.headers or {}))
 
 
 def build_app(
@@ -68,4 +72,4 @@ def build_app(
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: _http_error})
-    return DrainGuard(app, proxy.drain)
+    return WebGuard(DrainGuard(app, proxy.drain), lambda: proxy.config.file)

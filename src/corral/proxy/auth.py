@@ -2,9 +2,11 @@
 
 Keys come from the config (``auth.keys``), each with scopes (``inference``, ``admin``) and an
 optional model allow-list. A request presents one as ``Authorization: Bearer KEY`` or
-``X-Api-Key: KEY``. With no keys configured everything is open (corral then refuses to listen
-beyond loopback unless told ``allow_unauthenticated``). Keys are compared in constant time and
-never logged: logs carry the key's ``name``.
+``X-Api-Key: KEY``. With no keys configured everything is open to clients (web pages are kept
+out by ``corral.proxy.websafety``; corral refuses to listen beyond loopback unless told
+``allow_unauthenticated``). Keys are printable ASCII (the config refuses others) and compared
+as bytes, in constant time, with the header's own bytes; they are never logged: logs carry the
+key's ``name``.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ class Authenticator:
 
     def __init__(self, keys: Sequence[ResolvedKey]) -> None:
         self.keys = tuple(keys)
-        self._secrets = [(key, key.secret.encode()) for key in self.keys]
+        self._secrets = [(key, key.secret.encode("ascii")) for key in self.keys]
 
     @property
     def enabled(self) -> bool:
@@ -42,7 +44,9 @@ class Authenticator:
             raise AuthenticationError(
                 "an API key is required (Authorization: Bearer KEY or X-Api-Key: KEY)")
         found = None
-        candidate = presented.encode()
+        # The header's own bytes (Starlette decodes headers as latin-1); the configured keys
+        # are ASCII, so a key matches only when sent as exactly its bytes.
+        candidate = presented.encode("latin-1")
         for key, secret in self._secrets:
             # Compare against every key, so the time taken says nothing about which matched.
             if hmac.compare_digest(candidate, secret):
@@ -53,11 +57,12 @@ class Authenticator:
             raise PermissionDeniedError(f"key {found.name!r} does not have the {scope!r} scope")
         return found
 
-    @staticmethod
-    def authorize_model(key: ResolvedKey, model: str) -> None:
-        """403 unless ``key`` may use ``model`` (its canonical name)."""
-        if key.models is not None and model not in key.models:
-            raise PermissionDeniedError(f"key {key.name!r} may not use model {model!r}")
+
+
+def may_use(key: ResolvedKey, model: str) -> bool:
+    """Whether ``key`` may use ``model`` (its canonical name). A model it may not use is
+    answered as one that does not exist (404), never 403, so a key learns no other names."""
+    return key.models is None or model in key.models
 
 
 def _presented(headers: Headers) -> str | None:

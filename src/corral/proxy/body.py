@@ -7,18 +7,14 @@ import asyncio
 from starlette.requests import ClientDisconnect, Request
 
 from corral.errors import ClientGoneError, RequestTimeoutError, RequestTooLargeError
-from corral.proxy.errors import BadRequestError
+from corral.proxy.websafety import json_media_problem
 
 
 async def read_body(request: Request, max_body: int, timeout: float) -> bytes:
     """The whole body; 415 for a non-JSON content type, 413 when too large, 408 when slow."""
-    content_type = request.headers.get("content-type")
-    if content_type is not None:
-        media = content_type.partition(";")[0].strip().lower()
-        if media != "application/json" and not media.endswith("+json"):
-            raise BadRequestError(
-                f"Content-Type must be application/json, got {media or 'nothing'!r}",
-                code="unsupported_media_type", status=415)
+    refused = json_media_problem(request.headers.get("content-type"))
+    if refused is not None:
+        raise refused
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_body:
         raise RequestTooLargeError(_too_large(int(declared), max_body))

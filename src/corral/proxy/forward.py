@@ -13,9 +13,10 @@ from collections.abc import Callable
 
 import anyio
 import httpx
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from corral.errors import UpstreamError, UpstreamTimeoutError
+from corral.proxy.clientwatch import ClientWatch
 
 # Never forwarded: connection-level headers, and the client's credentials (the child has its own
 # private key, which the pooled client adds).
@@ -144,13 +145,10 @@ class UpstreamResponse:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _watch_disconnect(self, receive: Receive, scope: anyio.CancelScope) -> None:
-        while True:
-            message: Message = await receive()
-            if message["type"] == "http.disconnect":
-                # After the last byte uvicorn reports a disconnect too; that is no client gone.
-                self.client_gone = not self._finished
-                scope.cancel()
-                return
+        await ClientWatch(receive).left()
+        # After the last byte uvicorn reports a disconnect too; that is no client gone.
+        self.client_gone = not self._finished
+        scope.cancel()
 
 
 def sse_error(message: str, code: str = "upstream_failed") -> bytes:

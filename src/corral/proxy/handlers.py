@@ -6,7 +6,6 @@ import asyncio
 import os
 import time
 from collections.abc import Awaitable, Callable
-from functools import partial
 from typing import Any
 
 import httpx
@@ -14,10 +13,12 @@ import structlog
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 from starlette.types import Receive
 
 from corral.config import Config
 from corral.config.schema import ResolvedKey
+from corral.echo import clip
 from corral.errors import (
     ClientGoneError,
     CorralError,
@@ -29,8 +30,9 @@ from corral.errors import (
 )
 from corral.metrics import CorralMetrics
 from corral.proxy.admission import AdmissionQueue, AdmissionQueues
-from corral.proxy.auth import OPEN, Authenticator
+from corral.proxy.auth import OPEN, Authenticator, may_use
 from corral.proxy.body import read_body
+from corral.proxy.clientwatch import ClientWatch
 from corral.proxy.drain import DrainState
 from corral.proxy.errors import CLIENT_CLOSED_REQUEST, BadRequestError, response_for
 from corral.proxy.forward import UpstreamResponse, send_upstream
@@ -69,16 +71,25 @@ class Proxy:
         return self.auth.authenticate(request.headers, scope)
 
     def find(self, name: str, key: ResolvedKey) -> ManagedModel:
-        """The model ``name`` names; a 404 lists only the models ``key`` may use."""
+        """The model ``name`` names, if ``key`` may use it.
+
+        Otherwise 404, listing only the models ``key`` may use: a model (or alias) it may not
+        use is answered exactly like one that does not exist, so a key learns no other names.
+        """
         try:
-            return self.supervisor.get(name)
+            model = self.supervisor.get(name)
         except ModelNotFoundError as exc:
             if key.models is None:
                 raise
-            config = self.supervisor.config
-            mine = [n for n in exc.available
-                    if (spec := config.resolve(n)) is not None and spec.name in key.models]
-            raise ModelNotFoundError(name, mine) from None
+            known = exc.available
+        else:
+            if may_use(key, model.name):
+                return model
+            known = self.supervisor.config.model_names()
+        config = self.supervisor.config
+        mine = [n for n in known
+                if (spec := config.resolve(n)) is not None and may_use(key, spec.name)]
+        raise ModelNotFoundError(name, mine) from None
 
     async def inference(self, request: Request) -> Response:
         """POST on a model endpoint: route by ``model``, admit, load on demand, stream back."""
@@ -91,7 +102,6 @@ class Proxy:
             payload = parse_body(body)
             model = self.find(model_name(payload, self.default_model), key)
             name = model.name
-            self.auth.authorize_model(key, name)
             check_fields(request.url.path, payload, model.plan.n_vocab if model.plan else None,
                          model.spec.multimodal)
             uses_slot = request.url.path not in SLOTLESS_PATHS
@@ -124,7 +134,6 @@ class Proxy:
                 )
             model = self.find(asked, key)
             name = model.name
-            self.auth.authorize_model(key, name)
             body = (await read_body(request, self.limits.max_body, self.limits.body_timeout)
                     if changes else b"")
             if (changes or path == "/slots") and not model.state.serving:
@@ -152,7 +161,7 @@ class Proxy:
         if uses_slot:
             asked = time.monotonic()
             try:
-                waited = await queue.admit(partial(_disconnected, request.receive))
+                waited = await queue.admit(ClientWatch(request.receive).left)
             except (QueueTimeoutError, ClientGoneError):
                 # The longest waits end this way; leaving them out would hide a saturated queue.
                 self.instruments.queue_wait.labels(model.name).observe(time.monotonic() - asked)
@@ -185,9 +194,10 @@ class Proxy:
             # known up front.
             outcome = (CLIENT_CLOSED_REQUEST if response.client_gone
                        else 502 if response.upstream_error else upstream.status_code)
-            self.instruments.request_done(model.name, request.url.path, outcome, seconds, ttft)
+            self.instruments.request_done(model.name, endpoint(request), outcome, seconds,
+                                          ttft)
             log.info("request", request_id=request_id, model=model.name,
-                     method=request.method, path=request.url.path,
+                     method=request.method, path=clip(request.url.path),
                      status=upstream.status_code, client_gone=response.client_gone,
                      upstream_error=response.upstream_error, seconds=round(seconds, 4))
 
@@ -253,10 +263,10 @@ class Proxy:
             reason = "full" if isinstance(exc, QueueFullError) else "timeout"
             self.instruments.rejected.labels(model, reason).inc()
         if model:  # only configured names become label values, never what a client typed
-            self.instruments.request_done(model, request.url.path, response.status_code,
+            self.instruments.request_done(model, endpoint(request), response.status_code,
                                           seconds, None)
         log.info("request", request_id=request_id, model=model or None, method=request.method,
-                 path=request.url.path, status=response.status_code, error=str(exc),
+                 path=clip(request.url.path), status=response.status_code, error=str(exc),
                  seconds=round(seconds, 4))
         return response
 
@@ -282,8 +292,7 @@ class Proxy:
         """GET /v1/models: every model and alias the key may use, in OpenAI form, with
         corral's details."""
         key: ResolvedKey = request.state.key
-        models = [m for m in self.supervisor.models.values()
-                  if key.models is None or m.name in key.models]
+        models = [m for m in self.supervisor.models.values() if may_use(key, m.name)]
         data = [_model_entry(m, m.name) for m in models]
         for m in models:
             data += [_model_entry(m, alias, alias_of=m.name) for alias in m.spec.aliases]
@@ -293,7 +302,6 @@ class Proxy:
         name = request.path_params["name"]
         key: ResolvedKey = request.state.key
         model = self.find(name, key)
-        self.auth.authorize_model(key, model.name)
         alias_of = None if name == model.name else model.name
         return JSONResponse(_model_entry(model, name, alias_of=alias_of))
 
@@ -326,46 +334,25 @@ async def _unless_client_leaves(
     receive: Receive, sending: Awaitable[tuple[Lease, httpx.Response]]
 ) -> tuple[Lease, httpx.Response]:
     """Await ``sending``, but give up (closing what it opened) once the client disconnects."""
-    task = asyncio.ensure_future(sending)
-    watcher = asyncio.ensure_future(_disconnected(receive))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:
-        task.add_done_callback(_close_unwanted)
-        raise
-    finally:
-        watcher.cancel()
-        task.cancel()  # a no-op when it is done
-    if not watcher.done() or watcher.cancelled():
-        return task.result()  # the task finished first
-    # The client left. A task that still opens something (or just did) closes it again.
-    task.add_done_callback(_close_unwanted)
-    raise ClientGoneError("client disconnected while its answer was prepared")
+    return await ClientWatch(receive).unless_left(sending, _close_unwanted)
 
 
-def _close_unwanted(task: asyncio.Future[tuple[Lease, httpx.Response]]) -> None:
-    if task.done() and not task.cancelled() and task.exception() is None:
-        lease, upstream = task.result()
-        lease.release()
-        _background.add(closing := asyncio.ensure_future(upstream.aclose()))
-        closing.add_done_callback(_background.discard)
+def _close_unwanted(sent: tuple[Lease, httpx.Response]) -> None:
+    # The client left: what the send still opened (or just did) is closed again.
+    lease, upstream = sent
+    lease.release()
+    _background.add(closing := asyncio.ensure_future(upstream.aclose()))
+    closing.add_done_callback(_background.discard)
 
 
 _background: set[asyncio.Future[None]] = set()
 
 
-async def _disconnected(receive: Receive) -> None:
-    """Return once the client has gone (the body is already read, so nothing else arrives).
-
-    Only a disconnect returns: if the client cannot be watched, this waits forever, and the
-    answer is awaited as it would be without a watch.
-    """
-    try:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-    except Exception as exc:
-        log.warning("client_watch_failed", error=f"{type(exc).__name__}: {exc}")
-        await asyncio.Event().wait()
+def endpoint(request: Request) -> str:
+    """The ``endpoint`` label: the route's template (``/slots/{slot}``), never the raw path,
+    so a client cannot create a series per path it makes up."""
+    route = request.scope.get("route")
+    return route.path_format if isinstance(route, Route) else "other"
 
 
 def _request_id(request: Request) -> str:

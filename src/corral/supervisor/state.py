@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from corral.errors import InvalidTransition
+from corral.errors import InvalidTransition as InvalidTransition  # defined with every error
 
 
 class ModelState(StrEnum):
