@@ -30,6 +30,7 @@ The proxy maps each to an HTTP status in one place (``corral.proxy.errors``).
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Sequence
 
 
@@ -172,3 +173,16 @@ class RequestTooLargeError(CorralError):
 
 class RequestTimeoutError(CorralError):
     """The client did not send its body within ``limits.body_timeout`` (408)."""
+
+
+def out_of_files(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is the process or the system running out of file
+    descriptors: a passing shortage to answer with 503, never a fault of corral's or a child's."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # causes chain: httpx -> httpcore -> OSError
+        if seen is None:
+            return False
+        if isinstance(seen, OSError) and seen.errno in (errno.EMFILE, errno.ENFILE):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

@@ -21,7 +21,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from corral.config import Config, load_config, reload_problems
-from corral.errors import ReloadRefusedError, ShuttingDownError
+from corral.errors import ReloadRefusedError, ShuttingDownError, out_of_files
 from corral.metrics import CorralMetrics
 from corral.proxy import admin
 from corral.proxy.errors import error_response, response_for
@@ -117,6 +117,17 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return error_response(exc.status_code, str(exc.detail), code="http_error")
 
 
+async def _os_error(request: Request, exc: Exception) -> Response:
+    if not out_of_files(exc):
+        raise exc  # a fault: ServerErrorMiddleware logs it and answers 500
+    # Reading /proc for /admin/* and /metrics, or a socket to a child: a shortage that passes
+    # (the kernel refuses new connections meanwhile), not a fault.
+    log.warning("out_of_file_descriptors", path=request.url.path, error=str(exc))
+    return error_response(503, f"corral has run out of file descriptors: {exc}",
+                          type_="service_unavailable", code="out_of_file_descriptors",
+                          retry_after=1.0)
+
+
 def create_app(config: Config, corral: Corral | None = None) -> ASGIApp:
     """The corral ASGI app; its lifespan starts and stops the supervisor."""
     corral = corral or Corral(config)
@@ -156,6 +167,9 @@ def create_app(config: Config, corral: Corral | None = None) -> ASGIApp:
         *admin.routes(corral),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={HTTPException: _http_error})
+                    exception_handlers={HTTPException: _http_error, OSError: _os_error})
+    # Starlette would answer a trailing slash with a redirect to a URL built from the client's
+    # Host header, before any key is checked: such paths are simply not found.
+    app.router.redirect_slashes = False
     app.state.corral = corral
     return DrainGuard(app, corral)

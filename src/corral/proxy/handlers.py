@@ -206,7 +206,7 @@ class Proxy:
                        else 502 if response.upstream_error else upstream.status_code)
             self.instruments.request_done(model.name, request.url.path, outcome, seconds, ttft)
             log.info("request", request_id=request_id, model=model.name,
-                     method=request.method, path=request.url.path,
+                     client=_client(request), method=request.method, path=request.url.path,
                      status=upstream.status_code, client_gone=response.client_gone,
                      upstream_error=response.upstream_error, seconds=round(seconds, 4))
 
@@ -274,9 +274,9 @@ class Proxy:
         if model:  # only configured names become label values, never what a client typed
             self.instruments.request_done(model, request.url.path, response.status_code,
                                           seconds, None)
-        log.info("request", request_id=request_id, model=model or None, method=request.method,
-                 path=request.url.path, status=response.status_code, error=str(exc),
-                 seconds=round(seconds, 4))
+        log.info("request", request_id=request_id, model=model or None,
+                 client=_client(request), method=request.method, path=request.url.path,
+                 status=response.status_code, error=str(exc), seconds=round(seconds, 4))
         return response
 
     def guarded(
@@ -389,6 +389,11 @@ async def _disconnected(receive: Receive) -> None:
     except Exception as exc:
         log.warning("client_watch_failed", error=f"{type(exc).__name__}: {exc}")
         await asyncio.Event().wait()
+
+
+def _client(request: Request) -> str | None:
+    # The peer's address, or what a trusted proxy (listen.trusted_proxies) says it forwarded.
+    return request.client.host if request.client else None
 
 
 def _request_id(request: Request) -> str:
