@@ -1,4 +1,13 @@
-"""Reading a request body within the limits: size, time, and a JSON content type."""
+"""Reading a request body within the limits: size, time, JSON content type, and parse cost.
+
+The body is parsed by ``json.loads`` on the event loop (a thread would not help: the C decoder
+holds the GIL throughout), and a small body can cost far more than its size: ``[],`` is three
+bytes and a 64-byte list. So the values it can hold are bounded before it is parsed, counted
+while it arrives: one per ``,`` ``:`` ``[`` ``{`` byte (strings included, which only
+overcounts), at most one per ``VALUE_BYTES`` of ``limits.max_body``. That bounds both the time
+one request holds the event loop and the memory its parse takes, to a small multiple of
+``max_body`` (docs/benchmarks.md).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +17,9 @@ from starlette.requests import ClientDisconnect, Request
 
 from corral.errors import ClientGoneError, RequestTimeoutError, RequestTooLargeError
 from corral.proxy.errors import BadRequestError
+
+VALUE_BYTES = 32
+_STRUCTURE = (b",", b":", b"[", b"{")
 
 
 async def read_body(request: Request, max_body: int, timeout: float) -> bytes:
@@ -23,13 +35,20 @@ async def read_body(request: Request, max_body: int, timeout: float) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > max_body:
         raise RequestTooLargeError(_too_large(int(declared), max_body))
     chunks: list[bytes] = []
-    size = 0
+    size = values = 0
+    max_values = max_body // VALUE_BYTES
     try:
         async with asyncio.timeout(timeout):
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > max_body:
                     raise RequestTooLargeError(_too_large(size, max_body))
+                values += sum(map(chunk.count, _STRUCTURE))
+                if values > max_values:
+                    raise RequestTooLargeError(
+                        f"the request body holds more than {max_values} JSON values (counting "
+                        f"each , : [ {{); the limit is one per {VALUE_BYTES} bytes of "
+                        "limits.max_body")
                 chunks.append(chunk)
     except TimeoutError:
         raise RequestTimeoutError(f"the request body was not received within {timeout:g}s") \
