@@ -219,6 +219,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def _refuse(self, message: str) -> None:
         self._disarm()
         log.info("request_refused", status=431, reason=message, client=_address(self.client))
+        if self.cycle is not None and not self.cycle.response_complete:
+            # A pipelined head, while the previous response is still going out: an answer now
+            # would land in the middle of it.
+            self.transport.abort()
+            return
         body = error_body(message, "invalid_request_error", "headers_too_large")
         self.transport.write(
             b"HTTP/1.1 431 Request Header Fields Too Large\r\n"

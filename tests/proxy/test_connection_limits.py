@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from corral.config import parse_config
+from corral.config import parse_config, reload_problems
 from corral.errors import ConfigError
 from tests.conftest import CorralProcess, launch
 from tests.proxy.connections import (
@@ -147,6 +147,10 @@ def test_a_keep_alive_connection_serves_several_requests(server: CorralProcess) 
         assert read_response(sock)[0] == 200
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         assert read_response(sock)[0] == 200
+        # Pipelined: the second head arrives while the first request is served.
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n" * 2)
+        assert read_response(sock)[0] == 200
+        assert read_response(sock)[0] == 200
 
 
 @pytest.mark.parametrize(("method", "path"), [
@@ -202,3 +206,7 @@ def test_trusted_proxies_must_be_addresses() -> None:
     defaults = parse_config(base).file.limits
     assert (defaults.max_header_bytes, defaults.max_headers) == (64 * 1024, 100)
     assert (defaults.idle_timeout, defaults.write_timeout) == (75.0, 60.0)
+    # uvicorn reads it once, at start-up: a reload may not change it.
+    trusting = parse_config({**base, "listen": {"trusted_proxies": ["10.0.0.1"]}})
+    assert reload_problems(parse_config(base), trusting, "127.0.0.1") == [
+        "listen.trusted_proxies: needs a restart (running with [], the file says ['10.0.0.1'])"]

@@ -57,17 +57,19 @@ def post(path: str, body: bytes) -> bytes:
 def test_a_stream_its_client_does_not_read_is_cut_and_its_slot_freed(
     corral: Start, smollm2: Path
 ) -> None:
-    server = corral({"limits": {"write_timeout": "3s"},
+    server = corral({"limits": {"write_timeout": "10s"},
                      "models": {"m": fake(smollm2, "big:65536", queue={"timeout": "5m"})}})
     # A client that asks for an endless stream, reads its status line, and then nothing more.
-    with connect(server, rcvbuf=4096) as reader:
+    with connect(server, rcvbuf=4096) as reader, ThreadPoolExecutor(1) as pool:
         reader.sendall(post(CHAT, chat(1_000_000, stream=True)))
         assert reader.recv(64).startswith(b"HTTP/1.1 200")
         server.wait_for(lambda: server.model_status("m")["slots_busy"] == 1)
         # Another client waits for the only slot: it must get it once the stall is noticed,
         # long before its queue timeout.
-        answer = server.http.post(CHAT, content=chat(2, stream=False),
-                                  headers={"Content-Type": "application/json"}, timeout=60)
+        waiting = pool.submit(server.http.post, CHAT, content=chat(2, stream=False),
+                              headers={"Content-Type": "application/json"}, timeout=120)
+        server.wait_for(lambda: server.model_status("m")["queue_depth"] == 1)
+        answer = waiting.result(timeout=60)
         assert answer.status_code == 200, answer.text
         assert closed_within(reader, 30) is not None  # aborted, what was buffered dropped
     server.wait_for(lambda: server.model_status("m")["slots_busy"] == 0)
