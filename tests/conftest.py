@@ -190,15 +190,7 @@ def corral(
     started: list[CorralProcess] = []
 
     def start(config: dict[str, Any], *, wait: bool = True) -> CorralProcess:
-        port = free_port()
-        config = {**config}
-        config.setdefault("listen", {"host": "127.0.0.1", "port": port})
-        config["listen"]["port"] = port
-        config.setdefault("llama_server", {}).setdefault("binary", llama_server)
-        config.setdefault("state_file", str(tmp_path / f"children-{port}.json"))
-        path = tmp_path / f"corral-{port}.yaml"
-        path.write_text(yaml.safe_dump(config))
-        server = CorralProcess(path, port, tmp_path / f"corral-{port}.log")
+        server = launch(tmp_path, llama_server, config)
         started.append(server)
         if wait:
             server.wait_healthy()
@@ -207,3 +199,17 @@ def corral(
     yield start
     for server in started:
         server.close()
+
+
+def launch(directory: Path, llama_server: str, config: dict[str, Any]) -> CorralProcess:
+    """``corral serve`` on a free port with ``config`` (``llama_server.binary`` and the state
+    file filled in), its files in ``directory``; not waited for."""
+    port = free_port()
+    config = {**config}
+    config.setdefault("listen", {"host": "127.0.0.1", "port": port})
+    config["listen"]["port"] = port
+    config.setdefault("llama_server", {}).setdefault("binary", llama_server)
+    config.setdefault("state_file", str(directory / f"children-{port}.json"))
+    path = directory / f"corral-{port}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return CorralProcess(path, port, directory / f"corral-{port}.log")

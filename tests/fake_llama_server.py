@@ -13,6 +13,8 @@ metrics, chat completions, the private API key) and misbehaves as ``FAKE_MODE`` 
 - ``hang_after:N``: after N tokens stop answering anything, /health included
 - ``slow:S``: wait S seconds before each token (a non-streamed answer: S x tokens, then all)
 - ``gap:S``: wait S seconds before the first token only
+- ``big:N``: each streamed token carries N bytes of text, written as fast as they are read (a
+  stream larger than every socket buffer on the way, in well under a second)
 - ``broken_http``: answer completions with bytes that are not HTTP
 - ``never_ready``: listen, but answer /health with 503 "Loading model" forever, as the real one
   does while it loads (a real load cannot be made to last forever)
@@ -144,7 +146,8 @@ async def complete(request: dict[str, object], writer: asyncio.StreamWriter) -> 
             await asyncio.sleep(3600)
         if MODE == "slow" or (MODE == "gap" and i == 0):
             await asyncio.sleep(float(ARG))
-        event = {"choices": [{"index": 0, "delta": {"content": f"t{i} "}}], "object": "chunk",
+        text = "x" * int(ARG) if MODE == "big" else f"t{i} "
+        event = {"choices": [{"index": 0, "delta": {"content": text}}], "object": "chunk",
                  "created": int(time.time())}
         writer.write(chunk(f"data: {json.dumps(event)}\n\n".encode()))
         await writer.drain()

@@ -100,8 +100,11 @@ def check(config: Config) -> int:
 
 
 def serve(config: Config) -> int:
-    from corral.server import serve as run_server
-
+    try:
+        from corral.server import serve as run_server
+    except ImportError as exc:  # a dependency missing: say which, rather than a traceback
+        print(f"corral: {exc}", file=sys.stderr)
+        return 1
     configure_logging(config.file.log_level)
     log = structlog.get_logger("corral")
     for problem in check_model_files(config):

@@ -50,6 +50,7 @@ Messages quote what a client sent only through ``corral.echo``, bounded in size.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Protocol
@@ -348,3 +349,15 @@ class InvalidTransition(CorralError):
 class StatusError(CorralError):
     """``corral ps`` could not read ``/admin/status``; the message says why and what to do
     (never the key)."""
+
+def out_of_files(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is the process or the system running out of file
+    descriptors: a passing shortage to answer with 503, never a fault of corral's or a child's."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # causes chain: httpx -> httpcore -> OSError
+        if seen is None:
+            return False
+        if isinstance(seen, OSError) and seen.errno in (errno.EMFILE, errno.ENFILE):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

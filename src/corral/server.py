@@ -16,14 +16,14 @@ import contextlib
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from types import FrameType
-from typing import Any
 
 import structlog
 import uvicorn
 
 from corral.config import Config
+from corral.connection import guarded_protocol
 from corral.errors import ConfigError
 from corral.root import Corral, create_app
 from corral.supervisor.children import StateFileLock
@@ -98,55 +98,6 @@ class CorralServer(uvicorn.Server):
             log.exception("config_reload_failed", source=self.corral.config.source)
 
 
-def header_timeout_protocol(timeout_of: Callable[[], float]) -> type[asyncio.Protocol] | str:
-    """uvicorn's httptools protocol, closing connections whose headers take too long.
-
-    uvicorn itself waits for headers forever, so a client that opens connections and trickles
-    bytes (slowloris) could hold them all. The body has its own limit in the proxy.
-    ``timeout_of`` is asked at each arming, so a reload applies to the next request.
-    """
-    try:
-        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-    except ImportError:  # httptools missing: h11 without the guard
-        return "auto"
-
-    class HeaderTimeoutProtocol(HttpToolsProtocol):
-        _header_timer: asyncio.TimerHandle | None = None
-
-        def connection_made(self, transport: Any) -> None:
-            super().connection_made(transport)
-            self._arm()
-
-        def on_message_begin(self) -> None:
-            super().on_message_begin()
-            self._arm()
-
-        def on_headers_complete(self) -> None:
-            self._disarm()
-            super().on_headers_complete()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
-            super().connection_lost(exc)
-
-        def _arm(self) -> None:
-            self._disarm()
-            self._header_timer = self.loop.call_later(timeout_of(), self._too_slow)
-
-        def _disarm(self) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
-
-        def _too_slow(self) -> None:
-            self._header_timer = None
-            log.info("connection_closed", reason="headers not received in time",
-                     timeout=timeout_of(), client=str(self.client))
-            self.transport.close()
-
-    return HeaderTimeoutProtocol
-
-
 def serve(config: Config) -> None:
     """Run corral in the foreground until SIGTERM or SIGINT.
 
@@ -162,20 +113,25 @@ def serve(config: Config) -> None:
 
 def _run(config: Config, corral: Corral) -> None:
     app = create_app(config, corral)
+    listen = config.file.listen
     server = CorralServer(
         uvicorn.Config(
             app,
-            host=config.file.listen.host,
-            port=config.file.listen.port,
-            http=header_timeout_protocol(lambda: corral.config.file.limits.header_timeout),
+            host=listen.host,
+            port=listen.port,
+            # Read at each request: a reload applies the new limits to the next one.
+            http=guarded_protocol(lambda: corral.config.file.limits),
+            ws="none",  # no WebSocket endpoint: an upgrade would leave the guarded protocol
             lifespan="on",
             access_log=False,  # corral logs each request itself, with model and request_id
             log_level="warning",
+            log_config=None,  # uvicorn's lines go through corral's logging (corral.logs)
+            # X-Forwarded-* only from the proxies the config names; from anyone else, the
+            # loopback included, they are ignored.
+            proxy_headers=bool(listen.trusted_proxies),
+            forwarded_allow_ips=list(listen.trusted_proxies),
             # Requests have drained before uvicorn's own shutdown; this only bounds stragglers.
             timeout_graceful_shutdown=5,
-            # Longer than clients keep idle connections (httpx: 5 s, most others up to 60 s),
-            # so a client never sends a request on a connection corral is just closing.
-            timeout_keep_alive=75,
             server_header=False,
         ),
         corral,

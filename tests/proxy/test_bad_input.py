@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import CorralProcess
+from tests.conftest import CorralProcess, launch
 
 pytestmark = pytest.mark.integration
 
@@ -32,9 +32,12 @@ CASES: list[tuple[str, str, bytes, dict[str, str], int, str]] = [
     ("POST", CHAT, b"[{\"model\": \"m\"}]", JSON, 400, "invalid_body"),
     ("POST", CHAT, b"\"m\"", JSON, 400, "invalid_body"),
     ("POST", CHAT, b"42", JSON, 400, "invalid_body"),
-    ("POST", CHAT, b"[" * 30_000, JSON, 400, "invalid_json"),  # Python's parser: RecursionError
-    ("POST", CHAT, b'{"model": "m", "x": ' + b"[" * 20_000 + b"]" * 20_000 + b"}", JSON, 400,
+    ("POST", CHAT, b"[" * 1_500, JSON, 400, "invalid_json"),  # Python's parser: RecursionError
+    ("POST", CHAT, b'{"model": "m", "x": ' + b"[" * 1_500 + b"]" * 1_500 + b"}", JSON, 400,
      "invalid_json"),
+    # More values than max_body / 32 (2048 here): refused before it is parsed.
+    ("POST", CHAT, b'{"model": "m", "x": ' + b"[" * 20_000 + b"]" * 20_000 + b"}", JSON, 413,
+     "request_too_large"),
     ("POST", CHAT, b"true", JSON, 400, "invalid_body"),
     ("POST", CHAT, b"null", JSON, 400, "invalid_body"),
     ("POST", CHAT, b"{}", JSON, 400, "model_required"),
@@ -73,20 +76,10 @@ def server(
     smollm2: Path, tmp_path_factory: pytest.TempPathFactory, llama_server: str
 ) -> Iterator[CorralProcess]:
     # One corral for the whole module: malformed requests must not need a fresh one each.
-    import yaml
-
-    from tests.conftest import free_port
-
-    tmp = tmp_path_factory.mktemp("bad-input")
-    port = free_port()
-    path = tmp / "corral.yaml"
-    path.write_text(yaml.safe_dump({
-        "listen": {"port": port}, "state_file": str(tmp / "children.json"),
-        "llama_server": {"binary": llama_server},
+    corral = launch(tmp_path_factory.mktemp("bad-input"), llama_server, {
         "limits": {"max_body": "64KiB", "header_timeout": "1s", "body_timeout": "1s"},
         "models": {"m": {"path": str(smollm2), "slots": 1, "ctx_per_slot": 256}},
-    }))
-    corral = CorralProcess(path, port, tmp / "corral.log")
+    })
     try:
         corral.wait_healthy()
         yield corral

@@ -7,6 +7,7 @@ corral uses: every value resolved, paths absolute.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
@@ -35,6 +36,17 @@ def _gpu_layers(value: object) -> int | Literal["auto", "all"]:
     raise ValueError("must be 'auto', 'all' or a number of layers >= 0")
 
 
+def _proxy_address(value: object) -> str:
+    try:
+        ipaddress.ip_network(value if isinstance(value, str) else "-", strict=False)
+    except ValueError:
+        raise ValueError("must be an IP address or network, e.g. 10.0.0.5 or 10.0.0.0/24") \
+            from None
+    assert isinstance(value, str)
+    return value
+
+
+ProxyAddress = Annotated[str, PlainValidator(_proxy_address)]
 GpuLayers = Annotated[int | Literal["auto", "all"], PlainValidator(_gpu_layers)]
 
 
@@ -89,6 +101,9 @@ def _args_as_text(value: object) -> object:
 class Listen(StrictModel):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
+    # Proxies whose X-Forwarded-For / X-Forwarded-Proto corral believes; from anyone else (the
+    # loopback included) those headers are ignored, so a client cannot pose as another address.
+    trusted_proxies: list[ProxyAddress] = Field(default_factory=list)
 
 
 class LlamaServerSettings(StrictModel):
@@ -227,9 +242,16 @@ class UpstreamSettings(StrictModel):
 
 class LimitSettings(StrictModel):
     max_body: Size = Field(default=ByteSize(16 * 2**20))
+    # The request line and headers together, and how many header lines (431 beyond either).
+    max_header_bytes: Size = Field(default=ByteSize(64 * 2**10), ge=1024)
+    max_headers: int = Field(default=100, ge=1)
     # A client must send its request line and headers, then its body, within these.
     header_timeout: PositiveDuration = 10.0
     body_timeout: PositiveDuration = 30.0
+    # An open connection with no request on it is closed after this.
+    idle_timeout: PositiveDuration = 75.0
+    # A response the client reads nothing of for this long is cut, and its slot freed.
+    write_timeout: PositiveDuration = 60.0
 
 
 Scope = Literal["inference", "admin"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 
+import structlog
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -18,11 +19,14 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp
 
 from corral.echo import clip
+from corral.errors import out_of_files
 from corral.proxy.drain import DrainGuard
-from corral.proxy.errors import BadRequestError, response_for
+from corral.proxy.errors import BadRequestError, error_response, response_for
 from corral.proxy.handlers import Proxy
 from corral.proxy.routing import INFERENCE_PATHS
 from corral.proxy.websafety import WebGuard
+
+log = structlog.get_logger("corral.proxy")
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -36,6 +40,17 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     else:
         error = BadRequestError(str(exc.detail), code="http_error", status=exc.status_code)
     return response_for(error, dict(exc.headers or {}))
+
+
+async def _os_error(request: Request, exc: Exception) -> Response:
+    if not out_of_files(exc):
+        raise exc  # a fault: ServerErrorMiddleware logs it and answers 500
+    # Reading /proc for /admin/* and /metrics, or a socket to a child: a shortage that passes
+    # (the kernel refuses new connections meanwhile), not a fault.
+    log.warning("out_of_file_descriptors", path=clip(request.url.path), error=str(exc))
+    return error_response(503, f"corral has run out of file descriptors: {exc}",
+                          type_="service_unavailable", code="out_of_file_descriptors",
+                          retry_after=1.0)
 
 
 def build_app(
@@ -71,5 +86,8 @@ def build_app(
         *admin_routes,
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={HTTPException: _http_error})
+                    exception_handlers={HTTPException: _http_error, OSError: _os_error})
+    # Starlette would answer a trailing slash with a redirect to a URL built from the client's
+    # Host header, before any key is checked: such paths are simply not found.
+    app.router.redirect_slashes = False
     return WebGuard(DrainGuard(app, proxy.drain), lambda: proxy.config.file)

@@ -15,7 +15,12 @@ import anyio
 import httpx
 from starlette.types import Receive, Scope, Send
 
-from corral.errors import UpstreamError, UpstreamTimeoutError
+from corral.errors import (
+    ModelUnavailableError,
+    UpstreamError,
+    UpstreamTimeoutError,
+    out_of_files,
+)
 from corral.proxy.clientwatch import ClientWatch
 
 # Never forwarded: connection-level headers, and the client's credentials (the child has its own
@@ -63,6 +68,10 @@ async def send_upstream(
                 from None
         raise UpstreamTimeoutError(model, answer_within) from None
     except httpx.HTTPError as exc:
+        if out_of_files(exc):
+            # No socket for the child, not a child that failed: a 503 to retry, not a 502.
+            raise ModelUnavailableError(
+                model, f"corral has run out of file descriptors ({exc})", 1.0) from None
         # Refused, or closed before any answer: a pooled connection the child had just closed,
         # or a child that died. Either way it produced nothing for this request.
         unanswered = isinstance(exc, httpx.ConnectError | httpx.RemoteProtocolError)

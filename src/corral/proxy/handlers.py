@@ -197,7 +197,8 @@ class Proxy:
             self.instruments.request_done(model.name, endpoint(request), outcome, seconds,
                                           ttft)
             log.info("request", request_id=request_id, model=model.name,
-                     method=request.method, path=clip(request.url.path),
+                     client=_client(request), method=request.method,
+                     path=clip(request.url.path),
                      status=upstream.status_code, client_gone=response.client_gone,
                      upstream_error=response.upstream_error, seconds=round(seconds, 4))
 
@@ -265,9 +266,9 @@ class Proxy:
         if model:  # only configured names become label values, never what a client typed
             self.instruments.request_done(model, endpoint(request), response.status_code,
                                           seconds, None)
-        log.info("request", request_id=request_id, model=model or None, method=request.method,
-                 path=clip(request.url.path), status=response.status_code, error=str(exc),
-                 seconds=round(seconds, 4))
+        log.info("request", request_id=request_id, model=model or None,
+                 client=_client(request), method=request.method, path=clip(request.url.path),
+                 status=response.status_code, error=str(exc), seconds=round(seconds, 4))
         return response
 
     def guarded(
@@ -353,6 +354,11 @@ def endpoint(request: Request) -> str:
     so a client cannot create a series per path it makes up."""
     route = request.scope.get("route")
     return route.path_format if isinstance(route, Route) else "other"
+
+
+def _client(request: Request) -> str | None:
+    # The peer's address, or what a trusted proxy (listen.trusted_proxies) says it forwarded.
+    return request.client.host if request.client else None
 
 
 def _request_id(request: Request) -> str:
