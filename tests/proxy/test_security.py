@@ -116,19 +116,22 @@ def test_a_child_answers_only_corral(corral: Start, smollm2: Path) -> None:
     server = corral({"models": {"m": {"path": str(smollm2), "slots": 1, "ctx_per_slot": 256}}})
     assert server.http.post("/admin/models/m/load").status_code == 200
     info = server.model("m")
-    child = f"http://127.0.0.1:{info['port']}"
-    assert httpx.get(child + "/health").status_code == 200  # llama-server keeps it open
-    for path in ("/v1/models", "/slots", "/metrics", "/props"):
-        assert httpx.get(child + path).status_code == 401, path
-    bypass = httpx.post(child + "/v1/completions", json=ask("m"))
-    assert bypass.status_code == 401
-    # The key is in the child's environment (readable by its owner only), never in argv.
-    proc = psutil.Process(info["pid"])
-    key = proc.environ()["LLAMA_API_KEY"]
-    assert len(key) >= 24
-    assert not any(key in arg for arg in proc.cmdline())
-    assert key not in server.log()
-    assert httpx.get(child + "/slots", headers=bearer(key)).status_code == 200
+    # Even a process of corral's own user, who may enter the socket's directory, needs the key.
+    child = httpx.Client(transport=httpx.HTTPTransport(uds=info["socket"]),
+                         base_url="http://llama-server")
+    with child:
+        assert child.get("/health").status_code == 200  # llama-server keeps it open
+        for path in ("/v1/models", "/slots", "/metrics", "/props"):
+            assert child.get(path).status_code == 401, path
+        bypass = child.post("/v1/completions", json=ask("m"))
+        assert bypass.status_code == 401
+        # The key is in the child's environment (readable by its owner only), never in argv.
+        proc = psutil.Process(info["pid"])
+        key = proc.environ()["LLAMA_API_KEY"]
+        assert len(key) >= 24
+        assert not any(key in arg for arg in proc.cmdline())
+        assert key not in server.log()
+        assert child.get("/slots", headers=bearer(key)).status_code == 200
 
 
 @pytest.mark.integration
