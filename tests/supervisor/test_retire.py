@@ -17,6 +17,7 @@ from corral.config import Config, parse_config
 from corral.errors import ModelLoadError, ModelUnavailableError
 from corral.supervisor import ModelState, Supervisor
 from corral.supervisor import supervisor as supervisor_module
+from tests.conftest import until
 
 
 def config(tmp_path: Path, *names: str) -> Config:
@@ -31,8 +32,7 @@ async def test_a_request_that_waited_across_the_removal_starts_nothing(tmp_path:
     supervisor = Supervisor(config(tmp_path, "gone", "kept"))
     gone = supervisor.get("gone")  # what a request admitted before the reload holds
     assert supervisor.reconfigure(config(tmp_path, "kept"))["removed"] == ["gone"]
-    while "gone" in supervisor.models:
-        await asyncio.sleep(0.01)
+    await until(lambda: "gone" not in supervisor.models)
     with pytest.raises(ModelUnavailableError, match="removed from the configuration"):
         await supervisor.acquire(gone)
     assert gone.state == ModelState.UNLOADED
@@ -45,7 +45,13 @@ async def test_removed_put_back_and_removed_again_while_it_stops_is_retired_once
 ) -> None:
     supervisor = Supervisor(config(tmp_path, "m", "kept"))
     waiting = {"m": False}  # what the proxy would say: requests queued or in flight for it
-    supervisor.holding = lambda name: waiting.get(name, False)
+    asked: list[str] = []  # each time the retire looked
+
+    def holding(name: str) -> int:
+        asked.append(name)
+        return int(waiting.get(name, False))
+
+    supervisor.holding = holding
     model = supervisor.get("m")
     # The model is stopping (the first removal's stop), and the test says when it is done.
     stopped = asyncio.Event()
@@ -53,21 +59,21 @@ async def test_removed_put_back_and_removed_again_while_it_stops_is_retired_once
     model.transition = asyncio.ensure_future(stopped.wait())  # type: ignore[assignment]
 
     supervisor.reconfigure(config(tmp_path, "kept"))
-    await asyncio.sleep(0.05)
+    await until(lambda: model.retired)  # nothing waited for it: retired, waiting for its stop
     first = model.retire_task
-    assert model.retired  # nothing waited for it: retired, now waiting for its stop
     supervisor.reconfigure(config(tmp_path, "m", "kept"))  # back...
     waiting["m"] = True  # ...requests queue for it...
     supervisor.reconfigure(config(tmp_path, "kept"))  # ...and it is removed again
     assert model.retire_task is first  # the same retire carries on, no second one
     model.state = ModelState.UNLOADED
+    asked.clear()
     stopped.set()
-    await asyncio.sleep(0.2)
-    # The queued requests are served first: the model is neither forgotten nor retired yet.
+    # Once the retire has seen the stop end and looked at the queued requests twice, they are
+    # served first: the model is neither forgotten nor retired yet.
+    await until(lambda: len(asked) >= 2)
     assert supervisor.models.get("m") is model and not model.retired
     waiting["m"] = False
-    while "m" in supervisor.models:
-        await asyncio.sleep(0.01)
+    await until(lambda: "m" not in supervisor.models)
     assert model.retired and model.loads == 0
     await supervisor.shutdown()
 
@@ -86,8 +92,7 @@ async def test_a_model_changed_then_removed_at_once_is_not_loaded_again(tmp_path
     assert supervisor.reconfigure(_with(tmp_path, {"m": {"slots": 2, "preload": True},
                                                    "kept": {}}))["changed"] == ["m"]
     assert supervisor.reconfigure(_with(tmp_path, {"kept": {}}))["removed"] == ["m"]
-    while "m" in supervisor.models:
-        await asyncio.sleep(0.01)
+    await until(lambda: "m" not in supervisor.models)
     assert model.loads == 0  # no child was started (or evicted for) for the removed model
     await supervisor.shutdown()
 
@@ -99,7 +104,8 @@ async def test_a_preload_for_a_model_removed_before_it_ran_is_dropped_quietly(
     with capture_logs() as logs:
         supervisor.reconfigure(_with(tmp_path, {"kept": {}, "new": {"preload": True}}))
         supervisor.reconfigure(_with(tmp_path, {"kept": {}}))
-        await asyncio.sleep(0.2)
+        # The preload and the retire the reloads started have ended (and been logged).
+        await until(lambda: not supervisor._tasks)
     assert [e for e in logs if e.get("log_level") == "error"] == []
     assert "new" not in supervisor.models
     await supervisor.shutdown()
@@ -121,7 +127,6 @@ async def test_preloads_are_placed_one_after_another_in_config_order(
     monkeypatch.setattr(supervisor_module, "place", place)
     supervisor = Supervisor(_with(tmp_path, {n: {"preload": True} for n in ("a", "b", "c")}))
     await supervisor.start()
-    while len(placed) < 3:
-        await asyncio.sleep(0.01)
+    await until(lambda: len(placed) == 3)
     assert placed == ["a", "b", "c"]
     await supervisor.shutdown()
