@@ -23,7 +23,7 @@ def corral_ps(*args: str, key_env: str | None = None) -> subprocess.CompletedPro
     if key_env is not None:
         env["CORRAL_API_KEY"] = key_env
     return subprocess.run([sys.executable, "-m", "corral", "ps", *args],
-                          capture_output=True, text=True, timeout=30, env=env)
+                          capture_output=True, text=True, timeout=60, env=env)
 
 
 @pytest.mark.integration
