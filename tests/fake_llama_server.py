@@ -28,6 +28,11 @@ metrics, chat completions, the private API key) and misbehaves as ``FAKE_MODE`` 
 - ``echo_body``: answer every model request with what arrived: the body's exact bytes (base64)
   and the header lines, so a test can see what corral sent upstream
 
+Two gates let a test decide when something happens, whatever the machine's speed:
+``FAKE_GATE`` (a path): every answer waits for that file to exist before its end (a stream's
+``[DONE]``, or a whole non-streamed answer); ``FAKE_LOADING_UNTIL`` (a path): ``/health``
+answers 503 "Loading model" until that file exists, a load that lasts until the test ends it.
+
 With ``FAKE_MODEL_MIB`` set, the fake prints a host model buffer of that size at start-up, as
 llama-server does at verbosity 4 (a child that uses more memory than corral's estimate).
 With ``FAKE_RECORD`` set to a file, the fake appends what a test cannot see from outside:
@@ -59,6 +64,17 @@ def record(line: str) -> None:
             out.write(line + "\n")
 
 
+def opened(gate: str) -> bool:
+    """Whether the gate named by the environment variable ``gate`` is open (or not set)."""
+    path = os.environ.get(gate)
+    return not path or os.path.exists(path)
+
+
+async def through(gate: str) -> None:
+    while not opened(gate):
+        await asyncio.sleep(0.02)
+
+
 def arg(flag: str, default: str) -> str:
     argv = sys.argv
     return argv[argv.index(flag) + 1] if flag in argv else default
@@ -83,7 +99,7 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
             if hung:
                 await asyncio.sleep(3600)
             path = path.split("?")[0]
-            if path == "/health" and MODE == "never_ready":
+            if path == "/health" and (MODE == "never_ready" or not opened("FAKE_LOADING_UNTIL")):
                 # llama-server's own answer while the model loads
                 writer.write(response(503, b'{"error":{"code":503,"message":"Loading model",'
                                            b'"type":"unavailable_error"}}'))
@@ -125,6 +141,7 @@ async def complete(request: dict[str, object], writer: asyncio.StreamWriter) -> 
             os._exit(3)
         if MODE == "slow":
             await asyncio.sleep(float(ARG) * tokens)
+        await through("FAKE_GATE")
         text = " ".join(["tok"] * tokens)
         body = {"choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                              "finish_reason": "length"}], "model": "fake", "object": "chat"}
@@ -151,6 +168,7 @@ async def complete(request: dict[str, object], writer: asyncio.StreamWriter) -> 
                  "created": int(time.time())}
         writer.write(chunk(f"data: {json.dumps(event)}\n\n".encode()))
         await writer.drain()
+    await through("FAKE_GATE")
     writer.write(chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
 
 

@@ -23,7 +23,7 @@ def corral_ps(*args: str, key_env: str | None = None) -> subprocess.CompletedPro
     if key_env is not None:
         env["CORRAL_API_KEY"] = key_env
     return subprocess.run([sys.executable, "-m", "corral", "ps", *args],
-                          capture_output=True, text=True, timeout=30, env=env)
+                          capture_output=True, text=True, timeout=60, env=env)
 
 
 @pytest.mark.integration
@@ -63,10 +63,10 @@ ADMIN_KEY = "ps-admin-secret-0123456789"
 APP_KEY = "ps-app-secret-9876543210"
 
 
-def test_ps_presents_a_key_when_corral_has_keys(corral: Start, smollm2: Path) -> None:
+def test_ps_presents_a_key_when_corral_has_keys(corral: Start, smollm2_header: Path) -> None:
     # No model is loaded: this runs corral itself, not llama-server.
     server = corral({
-        "models": {"m": {"path": str(smollm2), "slots": 1, "ctx_per_slot": 256}},
+        "models": {"m": {"path": str(smollm2_header), "slots": 1, "ctx_per_slot": 256}},
         "auth": {"keys": [{"name": "ops", "key": ADMIN_KEY, "scopes": ["inference", "admin"]},
                           {"name": "app", "key": APP_KEY}]},
     })

@@ -122,10 +122,10 @@ def test_top_level_must_be_a_mapping(tmp_path: Path) -> None:
         load_config(tmp_path / "missing.yaml")
 
 
-def test_check_model_files(tmp_path: Path, smollm2: Path) -> None:
+def test_check_model_files(tmp_path: Path, smollm2_header: Path) -> None:
     (tmp_path / "junk.gguf").write_bytes(b"not a model at all")
     config = parse_config(
-        {"models": {"good": {"path": str(smollm2)}, "junk": {"path": "junk.gguf"},
+        {"models": {"good": {"path": str(smollm2_header)}, "junk": {"path": "junk.gguf"},
                     "gone": {"path": "gone.gguf"}}},
         base_dir=tmp_path,
     )
@@ -150,12 +150,12 @@ def test_check_model_files(tmp_path: Path, smollm2: Path) -> None:
     ids=["junk", "truncated-key", "unknown-type", "string-past-the-end"],
 )
 def test_check_model_files_reads_the_header_after_the_magic(
-    tmp_path: Path, smollm2: Path, capsys: pytest.CaptureFixture[str], header: bytes,
+    tmp_path: Path, smollm2_header: Path, capsys: pytest.CaptureFixture[str], header: bytes,
     reason: str,
 ) -> None:
     garbage = tmp_path / "garbage.gguf"
     garbage.write_bytes(b"GGUF" + header)
-    config = {"models": {"real": {"path": str(smollm2)},
+    config = {"models": {"real": {"path": str(smollm2_header)},
                          "tiny": {"path": str(gemma3(tmp_path / "tiny.gguf"))},
                          "garbage": {"path": str(garbage)}}}
     expected = f"models.garbage.path: not a readable GGUF file ({reason}), got '{garbage}'"
@@ -166,7 +166,7 @@ def test_check_model_files_reads_the_header_after_the_magic(
     assert expected in capsys.readouterr().err
     del config["models"]["garbage"]
     path.write_text(yaml.safe_dump(config))
-    assert main(["check", "-c", str(path)]) == 0  # the real and the synthetic file pass
+    assert main(["check", "-c", str(path)]) == 0  # SmolLM2's header and the synthetic file pass
 
 
 def test_check_model_files_builds_the_profile_a_load_needs(tmp_path: Path) -> None:
@@ -189,16 +189,17 @@ def test_check_model_files_builds_the_profile_a_load_needs(tmp_path: Path) -> No
 
 
 def test_corral_check_exit_codes(
-    tmp_path: Path, smollm2: Path, capsys: pytest.CaptureFixture[str],
+    tmp_path: Path, smollm2_header: Path, capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     good = tmp_path / "good.yaml"
-    good.write_text(yaml.safe_dump({"models": {"smollm2": {"path": str(smollm2)}}}))
+    good.write_text(yaml.safe_dump({"models": {"smollm2": {"path": str(smollm2_header)}}}))
     assert main(["check", "-c", str(good)]) == 0
     assert "ok, 1 model(s): smollm2" in capsys.readouterr().out
 
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump({"models": {"smollm2": {"path": str(smollm2), "slots": 0}}}))
+    model = {"path": str(smollm2_header), "slots": 0}
+    bad.write_text(yaml.safe_dump({"models": {"smollm2": model}}))
     assert main(["check", "-c", str(bad)]) == 2
     assert "models.smollm2.slots: must be >= 1, got 0" in capsys.readouterr().err
 

@@ -14,6 +14,7 @@ of a vector-to-vector comparison) must return data like a dashboard query.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import shutil
@@ -27,7 +28,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import ROOT, CorralProcess
+from tests.conftest import ENDLESS, ROOT, CorralProcess, holding_a_slot
 from tests.metrics.promql import (
     LABEL_VALUES,
     Prometheus,
@@ -126,16 +127,20 @@ def post_chat(server: CorralProcess, tokens: int, stream: bool = False) -> int:
 
 
 def drive_traffic(server: CorralProcess) -> int:
-    """Streamed and plain chats, then a burst that fills both slots and the queue (max 2), and
-    one request that the full queue refuses. Returns how many requests corral answered."""
+    """Streamed and plain chats, then two streams that hold both slots while two requests fill
+    the queue (max 2), and one request that the full queue refuses. Returns how many requests
+    corral answered."""
     for tokens, stream in ((8, True), (16, False), (12, True), (4, False)):
         assert post_chat(server, tokens, stream) == 200
-    with ThreadPoolExecutor(4) as pool:
-        burst = [pool.submit(post_chat, server, 120) for _ in range(4)]
+    with ThreadPoolExecutor(2) as pool, contextlib.ExitStack() as holders:
+        for _ in range(2):
+            holders.enter_context(holding_a_slot(server, MODEL))
+        queued = [pool.submit(post_chat, server, 16) for _ in range(2)]
         server.wait_for(lambda: server.model_status(MODEL)["queue_depth"] == 2, timeout=SLOW)
         assert post_chat(server, 4) == 429
-        assert [f.result() for f in burst] == [200] * 4
-    return 4 + 4 + 1
+        holders.close()  # the two streams' clients leave (499): the queued two go through
+        assert [f.result() for f in queued] == [200] * 2
+    return 4 + 2 + 2 + 1
 
 
 def grafana_values(prom: Prometheus, at: float) -> dict[str, str]:
@@ -189,8 +194,8 @@ def test_every_dashboard_and_alert_query_returns_data(
         "path": str(smollm2), "slots": 2, "ctx_per_slot": 512,
         "queue": {"max": 2, "timeout": "180s"},
         # llama.cpp's threads spin on each other: with others' processes on two cores, two
-        # threads decode far slower than one.
-        "args": ["--threads", "1"]}}})
+        # threads decode far slower than one. ENDLESS: the test holds both slots with streams.
+        "args": ["--threads", "1", *ENDLESS]}}})
     prom = prometheus(server)
     # Scraped before the load and the traffic, so that rates see every increase.
     prom.wait_for(lambda: prom.values('count_over_time(up{job="corral"}[1m]) >= 2') != [],

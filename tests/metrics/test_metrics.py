@@ -1,19 +1,22 @@
-"""corral's /metrics after known traffic, with the real llama-server."""
+"""corral's /metrics after known traffic, with the real llama-server.
+
+A scrape reads each child's ``/slots`` and ``/metrics`` with a 1 s timeout, and a child that
+does not answer in time drops out of that scrape (by design: monitoring never waits on a busy
+child). On a loaded machine that happens, so a test that checks a child's series scrapes until
+every child it expects has answered (``scrape``).
+"""
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import FAKE_LLAMA_SERVER, CorralProcess
+from tests.conftest import ENDLESS, FAKE_LLAMA_SERVER, CorralProcess, frozen, holding_a_slot
 
 pytestmark = pytest.mark.integration
 
@@ -32,6 +35,25 @@ def samples(server: CorralProcess) -> dict[tuple[str, frozenset[tuple[str, str]]
 def value(found: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str,
           **labels: str) -> float | None:
     return found.get((name, frozenset(labels.items())))
+
+
+def answered(found: dict[tuple[str, frozenset[tuple[str, str]]], float], model: str) -> bool:
+    """Whether ``model``'s child answered both reads of this scrape."""
+    return (value(found, "corral_slot_context_tokens", model=model, slot="0") is not None
+            and value(found, "llamacpp_tokens_predicted_total", model=model) is not None)
+
+
+def scrape(server: CorralProcess,
+           *models: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """A scrape in which each of ``models``' children answered (scraped again until one is)."""
+    scrapes = []
+
+    def complete() -> bool:
+        scrapes.append(samples(server))
+        return all(answered(scrapes[-1], m) for m in models)
+
+    server.wait_for(complete)
+    return scrapes[-1]
 
 
 def chat(server: CorralProcess, tokens: int, stream: bool) -> None:
@@ -56,7 +78,7 @@ def test_metrics_after_known_traffic(corral: Start, smollm2: Path) -> None:
         chat(server, tokens, stream=False)
     for tokens in (4, 6):
         chat(server, tokens, stream=True)
-    found = samples(server)
+    found = scrape(server, "m")
     m = {"model": "m"}
     assert value(found, "corral_requests_total", code="200",
                  endpoint="/v1/chat/completions", **m) == 5.0
@@ -89,7 +111,7 @@ def test_metrics_after_known_traffic(corral: Start, smollm2: Path) -> None:
     chat(server, 3, stream=False)
     assert server.http.post("/admin/models/m/unload").status_code == 200
     chat(server, 2, stream=False)
-    found = samples(server)
+    found = scrape(server, "m")
     assert value(found, "corral_model_evictions_total", reason="manual", **m) == 1.0
     assert value(found, "corral_model_loads_total", result="ok", **m) == 2.0
     assert value(found, "corral_generated_tokens_total", **m) == 30.0
@@ -102,13 +124,15 @@ def test_scraping_neither_loads_a_model_nor_keeps_it_alive(corral: Start, smollm
     samples(server)
     assert server.model("m")["state"] == "unloaded"
     chat(server, 2, stream=False)
-    deadline = time.monotonic() + 15
-    while server.model("m")["state"] != "unloaded":
-        assert time.monotonic() < deadline, "scrapes kept the model from going idle"
+
+    def unloaded_while_scraped() -> bool:
         samples(server)
         slots = server.http.get("/slots", params={"model": "m"})
         assert slots.status_code in (200, 503)  # 503 once it is unloaded: /slots never loads
-        time.sleep(0.2)
+        return bool(server.model("m")["state"] == "unloaded")
+
+    # Scrapes kept coming, and the model went idle all the same (ttl 2 s).
+    server.wait_for(unloaded_while_scraped, interval=0.2)
     found = samples(server)
     assert value(found, "corral_model_evictions_total", model="m", reason="idle") == 1.0
 
@@ -121,15 +145,20 @@ def test_a_child_that_does_not_answer_drops_out_of_the_scrape(
     server = corral({"models": {"live": model, "frozen": model}})
     for name in ("live", "frozen"):
         assert server.http.post(f"/admin/models/{name}/load").status_code == 200
-    pid = server.model("frozen")["pid"]
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        started = time.monotonic()
-        found = samples(server)
-        took = time.monotonic() - started
-    finally:
-        os.kill(pid, signal.SIGCONT)
-    assert took < 5.0  # the 1 s child timeout (plus a loaded CI machine), not a hang
+    scrapes: list[dict[tuple[str, frozenset[tuple[str, str]]], float]] = []
+    took: list[float] = []
+
+    def live_answered() -> bool:
+        began = time.monotonic()
+        scrapes.append(samples(server))
+        took.append(time.monotonic() - began)
+        return answered(scrapes[-1], "live")
+
+    with frozen(server.model("frozen")["pid"]):
+        server.wait_for(live_answered)
+    found = scrapes[-1]
+    # Each scrape waited the 1 s child timeout (and what a loaded machine adds), not forever.
+    assert max(took) < 1.0 + 14.0
     assert value(found, "llamacpp_tokens_predicted_total", model="live") is not None
     assert value(found, "corral_slot_busy", model="live", slot="0") == 0.0
     assert value(found, "llamacpp_tokens_predicted_total", model="frozen") is None
@@ -140,15 +169,12 @@ def test_a_child_that_does_not_answer_drops_out_of_the_scrape(
 
 
 def test_slot_series_follow_a_task_in_progress(corral: Start, smollm2: Path) -> None:
-    server = corral({"models": {"m": {"path": str(smollm2), "slots": 2, "ctx_per_slot": 4096}}})
-    body = {"model": "m", "messages": [{"role": "user", "content": "Tell me a story."}],
-            "max_tokens": 3000, "ignore_eos": True, "stream": True}
-    with httpx.Client(base_url=server.url, timeout=60) as http:
-        with http.stream("POST", "/v1/chat/completions", json=body) as response:
-            chunks = response.iter_raw()
-            for _ in range(20):
-                next(chunks)
-            found = samples(server)
+    server = corral({"models": {"m": {"path": str(smollm2), "slots": 2, "ctx_per_slot": 512,
+                                      "args": ENDLESS}}})
+    with holding_a_slot(server, "m") as chunks:
+        for _ in range(20):
+            next(chunks)
+        found = scrape(server, "m")
     busy = [s for s in ("0", "1") if value(found, "corral_slot_busy", model="m", slot=s) == 1.0]
     assert len(busy) == 1
     (slot,) = busy
@@ -167,7 +193,14 @@ def test_a_child_with_garbled_slots_and_metrics_drops_out_of_them_only(
     assert server.http.post("/admin/models/garbled/load").status_code == 200
     response = server.http.get("/metrics")
     assert response.status_code == 200
-    found = samples(server)
     m = {"model": "garbled"}
+    scrapes = []
+
+    def child_answered() -> bool:  # within the 1 s a scrape allows, which a loaded machine may not
+        scrapes.append(samples(server))
+        return value(scrapes[-1], "corral_slot_context_tokens", slot="0", **m) is not None
+
+    server.wait_for(child_answered)
+    found = scrapes[-1]
     assert value(found, "corral_slot_context_tokens", slot="0", **m) == 0.0  # "big": no number
     assert value(found, "corral_model_state", state="ready", **m) == 1.0

@@ -1,4 +1,7 @@
-"""AdmissionQueue on its own: real asyncio, no llama-server needed."""
+"""AdmissionQueue on its own: real asyncio, no llama-server needed.
+
+Each step waits until the waiters it started are queued (``until``) before it looks.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from corral.errors import (
     QueueTimeoutError,
 )
 from corral.proxy.admission import AdmissionQueue
+from tests.conftest import until
 
 
 def queue(slots: int = 1, limit: int = 2, timeout: float = 5.0) -> AdmissionQueue:
@@ -30,10 +34,10 @@ async def test_free_slots_admit_at_once_then_requests_wait_in_order() -> None:
         order.append(i)
 
     waiters = [asyncio.create_task(wait(i)) for i in range(3)]
-    await asyncio.sleep(0.01)
+    await until(lambda: q.depth == 3)
     assert (q.in_flight, q.depth, order) == (2, 3, [])
     q.release()
-    await asyncio.sleep(0.01)
+    await until(lambda: order)
     assert (q.in_flight, q.depth, order) == (2, 2, [0])
     q.release()
     q.release()
@@ -46,12 +50,12 @@ async def test_a_released_slot_goes_to_the_first_waiter_not_a_newcomer() -> None
     q = queue()
     await q.admit()
     first = asyncio.create_task(q.admit())
-    await asyncio.sleep(0.01)
+    await until(lambda: q.depth == 1)
     q.release()
     # A newcomer arriving right after the release must queue behind the waiter it passed to.
     newcomer = asyncio.create_task(q.admit())
-    await asyncio.sleep(0.01)
-    assert first.done() and not newcomer.done()
+    await until(lambda: first.done() and q.depth == 1)  # the newcomer waits in the queue
+    assert not newcomer.done()
     newcomer.cancel()
 
 
@@ -64,8 +68,8 @@ async def test_requests_waiting_for_a_load_count_against_the_limit() -> None:
         await q.admit()
     q.loading = 1
     waiting = asyncio.create_task(q.admit())
-    await asyncio.sleep(0.01)
-    assert q.depth == 2 == q.limit()
+    await until(lambda: q.depth == 2)
+    assert q.depth == q.limit()
     with pytest.raises(QueueFullError):
         await q.admit()
     waiting.cancel()
@@ -75,7 +79,7 @@ async def test_full_queue_refuses() -> None:
     q = queue(slots=1, limit=1)
     await q.admit()
     waiting = asyncio.create_task(q.admit())
-    await asyncio.sleep(0.01)
+    await until(lambda: q.depth == 1)
     with pytest.raises(QueueFullError, match="1 requests already wait"):
         await q.admit()
     waiting.cancel()
@@ -103,8 +107,7 @@ async def test_a_client_that_leaves_is_removed_at_once() -> None:
     await q.admit()
     gone = asyncio.Event()
     task = asyncio.create_task(q.admit(gone.wait))
-    await asyncio.sleep(0.01)
-    assert q.depth == 1
+    await until(lambda: q.depth == 1)
     gone.set()
     with pytest.raises(ClientGoneError):
         await task
@@ -117,7 +120,7 @@ async def test_a_cancelled_waiter_does_not_leak_its_slot() -> None:
     q = queue()
     await q.admit()
     task = asyncio.create_task(q.admit())
-    await asyncio.sleep(0.01)
+    await until(lambda: q.depth == 1)
     q.release()  # the slot is handed to the waiter ...
     task.cancel()  # ... which is cancelled before it runs
     with pytest.raises(asyncio.CancelledError):
@@ -129,7 +132,7 @@ async def test_refused_waiters_get_the_error_and_no_slot() -> None:
     q = queue(slots=1, limit=5)
     await q.admit()
     waiters = [asyncio.create_task(q.admit()) for _ in range(2)]
-    await asyncio.sleep(0.01)
+    await until(lambda: q.depth == 2)
     assert q.holding == 3
     q.refuse_waiters(lambda: ModelUnavailableError("m", "removed"))
     for waiter in waiters:

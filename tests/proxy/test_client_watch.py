@@ -9,6 +9,7 @@ import pytest
 
 from corral.errors import ClientGoneError
 from corral.proxy.handlers import _unless_client_leaves
+from tests.conftest import until
 
 
 class Sent:
@@ -49,8 +50,9 @@ async def test_a_client_that_leaves_gets_nothing_and_the_answer_is_closed() -> N
 
     with pytest.raises(ClientGoneError):
         await _unless_client_leaves(leaves, answer(0.0, sent))
-    await asyncio.sleep(0.05)  # a task that had just opened the answer closes it again
-    assert sent.released and sent.closed
+    # A task that had just opened the answer closes it again (and gives its lease back).
+    await until(lambda: sent.closed)
+    assert sent.released
 
 
 async def test_a_watch_that_fails_is_not_taken_for_a_client_gone() -> None:

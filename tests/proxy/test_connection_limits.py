@@ -67,10 +67,10 @@ def test_huge_headers_get_431_and_cost_no_memory(server: CorralProcess) -> None:
     before = peak_rss(server)
     socks = [connect(server) for _ in range(6)]
     senders = [send_in_background(sock, endless(
-        b"GET /health HTTP/1.1\r\nHost: x\r\n", b"X-Filler: " + b"a" * 1000 + b"\r\n", 10 * MiB))
+        b"GET /health HTTP/1.1\r\nHost: localhost\r\n", b"X-Filler: " + b"a" * 1000 + b"\r\n", 10 * MiB))
         for sock in socks[:5]]
     senders.append(send_in_background(socks[5], endless(
-        b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: ", b"a", 10 * MiB)))
+        b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Big: ", b"a", 10 * MiB)))
     for sock in socks:
         status, headers, body = read_response(sock)
         assert status == 431, body
@@ -88,7 +88,7 @@ def test_huge_headers_get_431_and_cost_no_memory(server: CorralProcess) -> None:
 
 
 def test_too_many_header_lines_get_431_and_ordinary_ones_pass(server: CorralProcess) -> None:
-    head = b"GET /health HTTP/1.1\r\nHost: x\r\n"
+    head = b"GET /health HTTP/1.1\r\nHost: localhost\r\n"
     with connect(server) as sock:
         sock.sendall(head + b"".join(b"X-H%d: v\r\n" % i for i in range(150)) + b"\r\n")
         status, _, body = read_response(sock)
@@ -107,7 +107,7 @@ def test_an_unread_request_body_does_not_keep_the_connection_open(
     # /health reads no body: the response goes out at once, and the rest of the declared
     # gigabyte never comes. The connection must not wait for it for ever.
     with connect(server) as sock:
-        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\n")
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000000000\r\n\r\n")
         assert read_response(sock)[0] == 200
         sock.sendall(b"x")
         took = closed_within(sock, 30)
@@ -123,7 +123,7 @@ def test_an_idle_connection_is_closed_even_when_it_trickles_blank_lines(
     # Any byte cancelled uvicorn's keep-alive timer, so blank lines sent now and then kept an
     # idle connection open for ever.
     with connect(server) as sock:
-        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
         assert read_response(sock)[0] == 200
         began = time.monotonic()
         while time.monotonic() - began < 30:
@@ -141,14 +141,14 @@ def test_a_keep_alive_connection_serves_several_requests(server: CorralProcess) 
     # The timers bound what is idle or slow, not a connection in use.
     with connect(server) as sock:
         for _ in range(3):
-            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
             assert read_response(sock)[0] == 200
-        sock.sendall(b"POST /admin/reload HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        sock.sendall(b"POST /admin/reload HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\n{}")
         assert read_response(sock)[0] == 200
-        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
         assert read_response(sock)[0] == 200
         # Pipelined: the second head arrives while the first request is served.
-        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n" * 2)
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n" * 2)
         assert read_response(sock)[0] == 200
         assert read_response(sock)[0] == 200
 

@@ -50,7 +50,7 @@ def chat(tokens: int, stream: bool) -> bytes:
 
 
 def post(path: str, body: bytes) -> bytes:
-    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    return (f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
 
@@ -93,12 +93,12 @@ def test_running_out_of_file_descriptors_gives_503_never_500_and_passes(
     socks = [connect(server) for _ in range(60)]
     try:
         server.wait_for(lambda: proc.num_fds() >= proc.rlimit(psutil.RLIMIT_NOFILE)[0] - 1)
-        requests = [b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n",
-                    b"GET /admin/status HTTP/1.1\r\nHost: x\r\n\r\n",
-                    b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
-                    b"GET /admin/models HTTP/1.1\r\nHost: x\r\n\r\n",
+        requests = [b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n",
+                    b"GET /admin/status HTTP/1.1\r\nHost: localhost\r\n\r\n",
+                    b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n",
+                    b"GET /admin/models HTTP/1.1\r\nHost: localhost\r\n\r\n",
                     post(CHAT, chat(2, False)),
-                    b"POST /admin/models/m/unload HTTP/1.1\r\nHost: x\r\n\r\n",
+                    b"POST /admin/models/m/unload HTTP/1.1\r\nHost: localhost\r\n\r\n",
                     post(CHAT, chat(2, False))]
         seen: list[int | str] = []
         for sock, request in zip(socks, requests * 3, strict=False):

@@ -156,9 +156,9 @@ def test_a_child_inherits_no_client_keys_and_no_unchecked_flags(
 
 
 def test_refuses_to_listen_beyond_loopback_without_keys(
-    tmp_path: Path, smollm2: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, smollm2_header: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    base = {"models": {"m": {"path": str(smollm2)}}}
+    base = {"models": {"m": {"path": str(smollm2_header)}}}
     for host in ("0.0.0.0", "192.168.1.5", "::"):
         with pytest.raises(ConfigError, match="no auth.keys are configured"):
             parse_config({**base, "listen": {"host": host}})

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-import time
+import socket
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from tests.conftest import CorralProcess
+from tests.conftest import ENDLESS, CorralProcess, endless_chat, holding_a_slot
 
 pytestmark = pytest.mark.integration
 
@@ -23,8 +22,9 @@ CHAT = [{"role": "user", "content": "Say hello."}]
 def two_models(smollm2: Path, **extra: Any) -> dict[str, Any]:
     return {
         "models": {
+            # ENDLESS: a test may hold a slot with a stream that ends only when it leaves.
             "smollm2": {"path": str(smollm2), "aliases": ["smol"], "slots": 2,
-                        "ctx_per_slot": 1024},
+                        "ctx_per_slot": 1024, "args": ENDLESS},
             "smollm2-wide": {"path": str(smollm2), "slots": 3, "ctx_per_slot": 512},
         },
         **extra,
@@ -69,23 +69,26 @@ def test_chat_streamed_and_not_and_completions(corral: Start, smollm2: Path) -> 
 
 def test_stream_is_passed_through_as_it_is_produced(corral: Start, smollm2: Path) -> None:
     server = corral(two_models(smollm2))
-    body = {"model": "smollm2", "messages": CHAT, "max_tokens": 300, "stream": True,
-            "ignore_eos": True}
     assert server.http.post("/admin/models/smollm2/load").status_code == 200
-    raw = b""
-    with server.http.stream("POST", "/v1/chat/completions", json=body) as response:
+    with server.http.stream("POST", "/v1/chat/completions",
+                            json=endless_chat("smollm2")) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         chunks = response.iter_raw()
+        raw = b""
         while b'"content":"' not in raw:
             raw += next(chunks)
-        # A token reached us while the child is still generating the other ~300: corral did
-        # not hold the stream back (a buffering proxy would deliver it all at the end).
+        # Tokens reached us from a generation that never ends by itself: corral did not hold
+        # the stream back (a buffering proxy would deliver nothing before the end).
         slots = server.http.get("/slots", params={"model": "smollm2"}).json()
-        decoded = [s["next_token"][0]["n_decoded"] for s in slots if s["is_processing"]]
-        assert decoded and decoded[0] < 300
-        for chunk in chunks:
-            raw += chunk
+        assert [s["is_processing"] for s in slots].count(True) == 1
+
+    # And a whole stream arrives whole, its last events included.
+    body = {"model": "smollm2", "messages": CHAT, "max_tokens": 300, "stream": True,
+            "ignore_eos": True}
+    with server.http.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200
+        raw = response.read()
     events = [line for line in raw.decode().split("\n") if line.startswith("data: ")]
     assert events[-1] == "data: [DONE]"
     # Tokens that end inside a UTF-8 character are merged, so count tokens, not events.
@@ -129,7 +132,7 @@ def test_idle_model_is_stopped_after_its_ttl_and_reloaded(corral: Start, smollm2
     oai.completions.create(model="smollm2", prompt="Hi", max_tokens=2)
     pid = server.model("smollm2")["pid"]
     assert [p.pid for p in server.children()] == [pid]
-    server.wait_for(lambda: server.model("smollm2")["state"] == "unloaded", timeout=10)
+    server.wait_for(lambda: server.model("smollm2")["state"] == "unloaded")
     info = server.model("smollm2")
     assert info["last_stop_reason"] == "idle"
     assert server.children() == []
@@ -249,24 +252,17 @@ def test_a_finished_response_has_already_released_its_slot(corral: Start, smollm
 
 def test_client_disconnect_frees_the_slot(corral: Start, smollm2: Path) -> None:
     server = corral(two_models(smollm2))
-    body = {"model": "smollm2", "messages": CHAT, "max_tokens": 4000, "stream": True,
-            "ignore_eos": True}
 
     def busy() -> bool:
         slots = server.http.get("/slots", params={"model": "smollm2"}).json()
         return any(s["is_processing"] for s in slots)
 
-    with httpx.Client(base_url=server.url, timeout=30) as http:
-        with http.stream("POST", "/v1/chat/completions", json=body) as response:
-            for _ in response.iter_raw():
-                break
-            # The first chunk (the role) can come before the slot starts; wait for it to work.
-            server.wait_for(busy, timeout=15)
-    # Leaving the block closed the client's connection mid-stream.
-    started = time.monotonic()
-    server.wait_for(lambda: not busy(), timeout=5)
-    assert time.monotonic() - started < 1.0  # the issue: "free again within a second"
-    assert server.model("smollm2")["in_flight"] == 0
+    with holding_a_slot(server, "smollm2"):
+        assert busy()
+    # Leaving the block closed the client's connection mid-stream. The generation never ends
+    # by itself: only corral closing it upstream frees the slot.
+    server.wait_for(lambda: not busy())
+    server.wait_for(lambda: server.model("smollm2")["in_flight"] == 0)
     logs = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
     assert any(e.get("event") == "request" and e.get("client_gone") for e in logs)
     assert ('corral_requests_total{code="499",endpoint="/v1/chat/completions",model="smollm2"} '
@@ -277,11 +273,10 @@ def test_a_client_that_leaves_a_non_streamed_request_frees_the_slot(
     corral: Start, smollm2: Path
 ) -> None:
     # A non-streamed answer has no headers until the generation ends; corral must not wait for
-    # them to notice the client is gone.
-    # A 4096-token slot so that the generation cannot end before the client's read timeout.
+    # them to notice the client is gone. This one never ends by itself (ENDLESS).
     server = corral({"models": {"smollm2": {"path": str(smollm2), "slots": 2,
-                                            "ctx_per_slot": 4096}}})
-    body = {"model": "smollm2", "messages": CHAT, "max_tokens": 4000, "ignore_eos": True}
+                                            "ctx_per_slot": 1024, "args": ENDLESS}}})
+    body = json.dumps(endless_chat("smollm2", stream=False)).encode()
 
     def busy() -> bool:
         slots = server.http.get("/slots", params={"model": "smollm2"}).json()
@@ -289,19 +284,16 @@ def test_a_client_that_leaves_a_non_streamed_request_frees_the_slot(
 
     server.wait_for(lambda: server.http.post("/v1/chat/completions", json={
         "model": "smollm2", "messages": CHAT, "max_tokens": 1}).status_code == 200)
-    with ThreadPoolExecutor(1) as pool:
-        leaving = pool.submit(httpx.post, f"{server.url}/v1/chat/completions", json=body,
-                              timeout=httpx.Timeout(5.0, read=3.0))
-        server.wait_for(busy, timeout=10)
-        with pytest.raises(httpx.ReadTimeout):
-            leaving.result()
-    # corral notices the closed connection on its next look at the client, well within a second.
-    server.wait_for(lambda: server.model("smollm2")["in_flight"] == 0, timeout=2.0)
+    # The client leaves (closes its connection) once its request is being generated.
+    with socket.create_connection(("127.0.0.1", server.port)) as client:
+        client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+                       b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        server.wait_for(busy)
+    # corral notices the closed connection on its next look at the client.
+    server.wait_for(lambda: server.model("smollm2")["in_flight"] == 0)
     # llama-server looks at a non-streamed request's connection only after a second without any
-    # result from any task; each /slots read is one, so polling would keep it from noticing.
-    # Without corral closing the upstream request, the 4000 tokens would run for 10+ s.
-    time.sleep(2.5)
-    assert not busy()
+    # result from any task; each /slots read is one, so the looks leave it 2 s between them.
+    server.wait_for(lambda: not busy(), interval=2.0)
     assert server.model_status("smollm2")["slots_busy"] == 0
     logs = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
     assert any(e.get("event") == "request" and e.get("status") == 499 for e in logs), \

@@ -25,7 +25,7 @@ import yaml
 
 from corral.config import parse_config
 from corral.planreport import build_report
-from tests.conftest import FAKE_LLAMA_SERVER, CorralProcess
+from tests.conftest import ENDLESS, FAKE_LLAMA_SERVER, CorralProcess, holding_a_slot
 
 pytestmark = pytest.mark.integration
 
@@ -73,14 +73,14 @@ def test_an_idle_model_is_evicted_to_make_room(corral: Start, smollm2: Path) -> 
 
 
 def test_busy_and_pinned_models_are_never_evicted(corral: Start, smollm2: Path) -> None:
-    server = corral(one_fits(smollm2, a=model(smollm2), b=model(smollm2),
+    server = corral(one_fits(smollm2, a=model(smollm2, args=ENDLESS), b=model(smollm2),
                              p=model(smollm2, pinned=True)))
     assert server.http.post("/admin/models/a/load").status_code == 200
-    with ThreadPoolExecutor(1) as pool:
-        busy = pool.submit(ask, server, "a", 300)
-        server.wait_for(lambda: server.model("a")["in_flight"] == 1)
+    # a stays busy until the test is done with b: b waits its 2 s queue timeout for memory.
+    with holding_a_slot(server, "a"):
         refused = server.http.post("/v1/completions", json={"model": "b", "prompt": "Hi"})
-        assert busy.result() == 200
+        assert server.model("a")["in_flight"] == 1
+    server.wait_for(lambda: server.model("a")["in_flight"] == 0)  # corral saw the client leave
     assert refused.status_code == 503
     message = refused.json()["error"]["message"]
     assert "not enough memory" in message and "held by a" in message
@@ -97,19 +97,18 @@ def test_busy_and_pinned_models_are_never_evicted(corral: Start, smollm2: Path) 
 def test_a_load_waits_for_a_busy_model_to_finish_then_takes_its_place(
     corral: Start, smollm2: Path
 ) -> None:
-    server = corral(one_fits(smollm2, a=model(smollm2),
-                             b=model(smollm2, queue={"timeout": "120s"})))
+    server = corral(one_fits(smollm2, a=model(smollm2, args=ENDLESS),
+                             b=model(smollm2, queue={"timeout": "300s"})))
     assert server.http.post("/admin/models/a/load").status_code == 200
-    with ThreadPoolExecutor(2) as pool:
-        busy = pool.submit(ask, server, "a", 200)
-        server.wait_for(lambda: server.model("a")["in_flight"] == 1)
-        waiting = pool.submit(ask, server, "b")
-        # b waits (a is busy, so not evictable) and is seen waiting, not refused.
-        server.wait_for(lambda: server.model_status("b")["queue_depth"] == 1)
-        # Its load has begun but waits for memory: no process is started for it yet.
-        assert not waiting.done() and server.model("b")["pid"] is None
-        assert len(server.children()) == 1
-        assert busy.result() == 200
+    with ThreadPoolExecutor(1) as pool:
+        with holding_a_slot(server, "a"):
+            waiting = pool.submit(ask, server, "b")
+            # b waits (a is busy, so not evictable) and is seen waiting, not refused.
+            server.wait_for(lambda: server.model_status("b")["queue_depth"] == 1)
+            # Its load has begun but waits for memory: no process is started for it yet.
+            assert not waiting.done() and server.model("b")["pid"] is None
+            assert len(server.children()) == 1
+        # a's request has ended: a is idle, and b takes its place.
         assert waiting.result() == 200
     assert server.model("a")["state"] == "unloaded"
     assert server.model("a")["last_stop_reason"] == "memory"

@@ -3,7 +3,7 @@
 The device reading is faked: ``read_usage`` (free memory from NVML and psutil, and what NVML
 and the kernel say each child uses) is replaced in ``corral.supervisor.placing`` by a
 ``Machine`` whose free memory each test sets. That is the I/O at the edge; the profile
-(the real SmolLM2 file), the plan, the ledger and the eviction loop are the real code.
+(SmolLM2's, from its header), the plan, the ledger and the eviction loop are the real code.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ from corral.planreport import build_report, render
 from corral.probe import host as host_io
 from corral.probe.gguf import read_profile
 from corral.probe.host import make_ledger
+from corral.supervisor import placing
 from corral.supervisor.placing import Candidate, place
+from tests.conftest import until
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -68,8 +70,8 @@ def machine(monkeypatch: pytest.MonkeyPatch) -> Machine:
     return fake
 
 
-def config(smollm2: Path, *names: str, **extra: Any) -> Config:
-    model = {"path": str(smollm2), "slots": 1, "ctx_per_slot": 512}
+def config(path: Path, *names: str, **extra: Any) -> Config:
+    model = {"path": str(path), "slots": 1, "ctx_per_slot": 512}
     return parse_config({"models": {n: model for n in names}, "reserve": {"gpu": 0, "ram": 0},
                          **extra})
 
@@ -90,9 +92,9 @@ async def no_eviction(name: str) -> None:
 
 
 async def test_other_programs_memory_refuses_a_load_and_the_503_says_how_much(
-    smollm2: Path, machine: Machine
+    smollm2_header: Path, machine: Machine
 ) -> None:
-    cfg = config(smollm2, "a")
+    cfg = config(smollm2_header, "a")
     n = need(cfg, "a", [host(8 * GiB)])["cpu"]
     ledger = make_ledger(cfg)
     assert ledger.fits({"cpu": n})  # by total minus reserve alone it would fit
@@ -105,9 +107,9 @@ async def test_other_programs_memory_refuses_a_load_and_the_503_says_how_much(
 
 
 async def test_corrals_own_children_are_not_other_programs(
-    smollm2: Path, machine: Machine
+    smollm2_header: Path, machine: Machine
 ) -> None:
-    cfg = config(smollm2, "a", "b")
+    cfg = config(smollm2_header, "a", "b")
     a, b = need(cfg, "a", [host(8 * GiB)])["cpu"], need(cfg, "b", [host(8 * GiB)])["cpu"]
     other = 8 * GiB - a - b - 16 * MiB  # room for b only if a's memory is not counted twice
     ledger = make_ledger(cfg)
@@ -118,10 +120,10 @@ async def test_corrals_own_children_are_not_other_programs(
 
 
 async def test_a_loading_gpu_child_counts_with_what_nvml_measures(
-    smollm2: Path, machine: Machine
+    smollm2_header: Path, machine: Machine
 ) -> None:
     machine.devices = {d.id: d for d in [gpu(0, 8 * GiB, free=8 * GiB), host(8 * GiB, 8 * GiB)]}
-    cfg = config(smollm2, "a", "b")
+    cfg = config(smollm2_header, "a", "b")
     ledger = make_ledger(cfg)
     ledger.reserve("a", {"cuda:0": 4 * GiB})
     # a has allocated 1 of its 4 GiB so far; other programs hold 2 GiB.
@@ -135,9 +137,9 @@ async def test_a_loading_gpu_child_counts_with_what_nvml_measures(
 
 
 async def test_a_cpu_child_counts_with_what_it_uses_not_its_mapped_weights(
-    smollm2: Path, machine: Machine
+    smollm2_header: Path, machine: Machine
 ) -> None:
-    cfg = config(smollm2, "a", "b")
+    cfg = config(smollm2_header, "a", "b")
     ledger = make_ledger(cfg)
     # a reserved 3 GiB, mostly weights mapped from the file: page cache the kernel reports as
     # available. Only its 512 MiB of KV cache and buffers are in use to the kernel.
@@ -151,17 +153,19 @@ async def test_a_cpu_child_counts_with_what_it_uses_not_its_mapped_weights(
 
 
 async def test_declared_devices_are_a_budget_and_never_read(
-    smollm2: Path, machine: Machine
+    smollm2_header: Path, machine: Machine
 ) -> None:
     machine.set_free("cpu", 0)  # were it read, nothing would fit
-    cfg = config(smollm2, "a", devices=[{"id": "cpu", "memory": "8GiB"}])
+    cfg = config(smollm2_header, "a", devices=[{"id": "cpu", "memory": "8GiB"}])
     ledger = make_ledger(cfg)
     await place(cfg.models["a"], cfg, ledger, nobody, no_eviction, wait=0.0)
     assert machine.reads == 0 and ledger.external("cpu") == 0
 
 
-async def test_devices_are_read_again_after_an_eviction(smollm2: Path, machine: Machine) -> None:
-    cfg = config(smollm2, "a", "b")
+async def test_devices_are_read_again_after_an_eviction(
+    smollm2_header: Path, machine: Machine
+) -> None:
+    cfg = config(smollm2_header, "a", "b")
     a, b = need(cfg, "a", [host(8 * GiB)])["cpu"], need(cfg, "b", [host(8 * GiB)])["cpu"]
     other = 8 * GiB - a - b // 2  # b fits only once a has gone
     ledger = make_ledger(cfg)
@@ -183,8 +187,10 @@ async def test_devices_are_read_again_after_an_eviction(smollm2: Path, machine: 
     assert ledger.external("cpu") == other and ledger.holdings("b") == {"cpu": b}
 
 
-async def test_a_failed_reading_keeps_the_last_values(smollm2: Path, machine: Machine) -> None:
-    cfg = config(smollm2, "a")
+async def test_a_failed_reading_keeps_the_last_values(
+    smollm2_header: Path, machine: Machine
+) -> None:
+    cfg = config(smollm2_header, "a")
     ledger = make_ledger(cfg)
     ledger.set_external("cpu", 1 * GiB)
     machine.broken = True
@@ -194,13 +200,13 @@ async def test_a_failed_reading_keeps_the_last_values(smollm2: Path, machine: Ma
 
 @pytest.mark.parametrize("allocated", [False, True])
 async def test_a_load_during_the_reading_never_counts_as_other_programs(
-    smollm2: Path, machine: Machine, allocated: bool
+    smollm2_header: Path, machine: Machine, allocated: bool
 ) -> None:
     # Another load reserves while the devices are read. Mostly its child has not started: the
     # reading shows none of it used, and none of it may be subtracted either. But its child may
     # have allocated already (found by the concurrent property test): that memory is corral's,
     # not other programs', or the budget would shrink under the reservation.
-    cfg = config(smollm2, "a")
+    cfg = config(smollm2_header, "a")
     ledger = make_ledger(cfg)
     other = 2 * GiB
     machine.set_free("cpu", 8 * GiB - other)
@@ -218,9 +224,9 @@ async def test_a_load_during_the_reading_never_counts_as_other_programs(
 
 
 async def test_a_child_that_exits_during_the_reading_makes_it_read_again(
-    smollm2: Path, machine: Machine
+    smollm2_header: Path, machine: Machine
 ) -> None:
-    cfg = config(smollm2, "a")
+    cfg = config(smollm2_header, "a")
     ledger = make_ledger(cfg)
     ledger.reserve("gone", {"cpu": 3 * GiB})
     other = 2 * GiB
@@ -239,36 +245,43 @@ async def test_a_child_that_exits_during_the_reading_makes_it_read_again(
 
 
 async def test_a_waiting_load_reads_the_devices_at_most_once_a_second(
-    smollm2: Path, machine: Machine
+    smollm2_header: Path, machine: Machine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cfg = config(smollm2, "a", "b")
+    cfg = config(smollm2_header, "a", "b")
     b = need(cfg, "b", [host(8 * GiB)])["cpu"]
     ledger = make_ledger(cfg)
     ledger.reserve("a", {"cpu": 8 * GiB - b // 2})  # a busy model's child holds all but that
     machine.set_free("cpu", b // 2)
+    began: list[float] = []  # when each reading of the devices began
+    refresh = placing.refresh_external
+
+    async def timed(ledger: Ledger) -> None:
+        began.append(time.monotonic())
+        await refresh(ledger)
+
+    monkeypatch.setattr(placing, "refresh_external", timed)
 
     def busy_a() -> list[Candidate]:
         return [Candidate("a", 0.0, busy=True, pinned=False)] if ledger.holdings("a") else []
 
     async def a_finishes_and_stops() -> None:
-        await asyncio.sleep(1.3)
+        await until(lambda: len(began) >= 3)  # the load read the devices again as it waited
         ledger.release("a")
         machine.set_free("cpu", 8 * GiB)
 
     stopping = asyncio.create_task(a_finishes_and_stops())
-    reads, started = machine.reads, time.monotonic()
-    plan = await place(cfg.models["b"], cfg, ledger, busy_a, no_eviction, wait=10.0)
+    plan = await place(cfg.models["b"], cfg, ledger, busy_a, no_eviction, wait=60.0)
     await stopping
-    # The ledger is looked at every 0.25 s, the devices read at 0 s and 1 s only.
-    assert machine.reads == reads + 2
-    assert time.monotonic() - started >= 1.3
+    # The ledger is looked at every 0.25 s; the devices are read a second apart at least.
+    gaps = [later - earlier for earlier, later in zip(began, began[1:], strict=False)]
+    assert gaps and min(gaps) >= placing._REREAD_INTERVAL - 0.01, gaps
     assert plan.reservation == {"cpu": b} and ledger.holdings("b") == {"cpu": b}
 
 
 async def test_a_load_waits_for_other_programs_to_free_memory(
-    smollm2: Path, machine: Machine
+    smollm2_header: Path, machine: Machine
 ) -> None:
-    cfg = config(smollm2, "a")
+    cfg = config(smollm2_header, "a")
     ledger = make_ledger(cfg)
     machine.set_free("cpu", 16 * MiB)  # another program holds nearly everything, for a while
 
@@ -291,9 +304,9 @@ async def test_a_load_waits_for_other_programs_to_free_memory(
 
 
 def test_corral_plan_counts_what_other_programs_use_now_as_serve_does(
-    smollm2: Path, machine: Machine
+    smollm2_header: Path, machine: Machine
 ) -> None:
-    cfg = config(smollm2, "a")
+    cfg = config(smollm2_header, "a")
     n = need(cfg, "a", [host(8 * GiB)])["cpu"]
     machine.set_free("cpu", n // 2)  # another program holds all but half of what a needs
     report = build_report(cfg)

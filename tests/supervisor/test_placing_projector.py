@@ -25,13 +25,13 @@ async def no_eviction(name: str) -> None:
 
 
 async def test_the_projectors_tensors_are_reserved_with_the_model(
-    smollm2: Path, tmp_path: Path
+    smollm2_header: Path, tmp_path: Path
 ) -> None:
     # A stand-in projector: 8 MiB of f32 tensors in a GGUF (the real ones are CLIP models).
     projector = write(tmp_path / "mmproj.gguf", "clip", {"clip.has_vision_encoder": True},
                       [(f"v.blk.{i}.w", (1024, 512), F32) for i in range(4)])
     size = 4 * 1024 * 512 * 4
-    model = {"path": str(smollm2), "slots": 1, "ctx_per_slot": 512}
+    model = {"path": str(smollm2_header), "slots": 1, "ctx_per_slot": 512}
     cfg = parse_config({
         "models": {"text": model, "vision": {**model, "args": ["--mmproj", str(projector)]}},
         "devices": [{"id": "cpu", "memory": "8GiB"}]})
@@ -46,10 +46,10 @@ async def test_the_projectors_tensors_are_reserved_with_the_model(
 
 
 async def test_a_projector_that_cannot_be_read_fails_the_load_with_its_reason(
-    smollm2: Path, tmp_path: Path
+    smollm2_header: Path, tmp_path: Path
 ) -> None:
     cfg = parse_config({
-        "models": {"vision": {"path": str(smollm2), "slots": 1, "ctx_per_slot": 512,
+        "models": {"vision": {"path": str(smollm2_header), "slots": 1, "ctx_per_slot": 512,
                               "args": ["-mm", str(tmp_path / "missing.gguf")]}},
         "devices": [{"id": "cpu", "memory": "8GiB"}]})
     with pytest.raises(ModelLoadError, match=r"cannot read the model file: .*missing\.gguf"):

@@ -7,7 +7,6 @@ shows as a ``ModelLoadError`` (and a counted load) instead of the refusal.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from corral.errors import ModelLoadError, ModelUnavailableError
 from corral.supervisor import ManagedModel, ModelState, Supervisor
 from corral.supervisor import supervisor as supervisor_module
 from corral.supervisor.events import SupervisorEvents
+from tests.conftest import until
 
 
 def config(tmp_path: Path, *names: str) -> Config:
@@ -44,13 +44,6 @@ class Held(SupervisorEvents):
 
     def model_retired(self, model: str) -> None:
         self.retired.append(model)
-
-
-async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 async def test_a_request_that_waited_across_the_removal_starts_nothing(tmp_path: Path) -> None:
@@ -144,7 +137,8 @@ async def test_a_preload_for_a_model_removed_before_it_ran_is_dropped_quietly(
     with capture_logs() as logs:
         supervisor.reconfigure(_with(tmp_path, {"kept": {}, "new": {"preload": True}}))
         supervisor.reconfigure(_with(tmp_path, {"kept": {}}))
-        await asyncio.sleep(0.2)
+        # The preload and the retire the reloads started have ended (and been logged).
+        await until(lambda: not supervisor._tasks)
     assert [e for e in logs if e.get("log_level") == "error"] == []
     assert "new" not in supervisor.models
     await supervisor.shutdown()
@@ -166,7 +160,6 @@ async def test_preloads_are_placed_one_after_another_in_config_order(
     monkeypatch.setattr(supervisor_module, "place", place)
     supervisor = Supervisor(_with(tmp_path, {n: {"preload": True} for n in ("a", "b", "c")}))
     await supervisor.start()
-    while len(placed) < 3:
-        await asyncio.sleep(0.01)
+    await until(lambda: len(placed) == 3)
     assert placed == ["a", "b", "c"]
     await supervisor.shutdown()

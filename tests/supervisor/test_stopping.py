@@ -17,15 +17,16 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.conftest import FAKE_LLAMA_SERVER, CorralProcess
+from tests.conftest import FAKE_LLAMA_SERVER, CorralProcess, wait_until
 
 pytestmark = pytest.mark.integration
 
 Start = Callable[..., CorralProcess]
 STOP_TIMEOUT = 1.0
 # What a loaded machine may add on top of a timeout (starting the fake, the last metrics read,
-# the kill and its reaping); far below the defaults (10 s, 120 s), so an ignored setting shows.
-SLACK = 4.0
+# the kill and its reaping); still below the defaults (10 s, 120 s) less the timeout, so an
+# ignored setting shows.
+SLACK = 7.0
 
 
 def fake(smollm2: Path, mode: str, record: Record) -> dict[str, Any]:
@@ -123,10 +124,7 @@ def test_a_helper_left_in_the_group_goes_with_a_child_that_stopped_at_once(
     assert server.http.post("/admin/models/wrapped/unload").status_code == 200
     assert time.monotonic() - began < SLACK
     assert gone(child)
-    deadline = time.monotonic() + 2
-    while not gone(helper) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert gone(helper)
+    wait_until(lambda: gone(helper))
 
 
 def test_corrals_shutdown_kills_a_child_that_ignores_sigterm_and_its_group(
