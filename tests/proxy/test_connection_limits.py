@@ -67,7 +67,8 @@ def test_huge_headers_get_431_and_cost_no_memory(server: CorralProcess) -> None:
     before = peak_rss(server)
     socks = [connect(server) for _ in range(6)]
     senders = [send_in_background(sock, endless(
-        b"GET /health HTTP/1.1\r\nHost: localhost\r\n", b"X-Filler: " + b"a" * 1000 + b"\r\n", 10 * MiB))
+        b"GET /health HTTP/1.1\r\nHost: localhost\r\n", b"X-Filler: " + b"a" * 1000 + b"\r\n",
+        10 * MiB))
         for sock in socks[:5]]
     senders.append(send_in_background(socks[5], endless(
         b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Big: ", b"a", 10 * MiB)))
@@ -107,7 +108,8 @@ def test_an_unread_request_body_does_not_keep_the_connection_open(
     # /health reads no body: the response goes out at once, and the rest of the declared
     # gigabyte never comes. The connection must not wait for it for ever.
     with connect(server) as sock:
-        sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000000000\r\n\r\n")
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n"
+                     b"Content-Length: 1000000000\r\n\r\n")
         assert read_response(sock)[0] == 200
         sock.sendall(b"x")
         took = closed_within(sock, 30)
@@ -143,7 +145,8 @@ def test_a_keep_alive_connection_serves_several_requests(server: CorralProcess) 
         for _ in range(3):
             sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
             assert read_response(sock)[0] == 200
-        sock.sendall(b"POST /admin/reload HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\n{}")
+        sock.sendall(b"POST /admin/reload HTTP/1.1\r\nHost: localhost\r\n"
+                     b"Content-Length: 2\r\n\r\n{}")
         assert read_response(sock)[0] == 200
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
         assert read_response(sock)[0] == 200
