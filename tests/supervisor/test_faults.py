@@ -321,6 +321,8 @@ def test_a_client_that_leaves_mid_stream_frees_the_fake_slot_quickly(
             "max_tokens": 6000, "stream": True}
     with httpx.Client(base_url=server.url) as http:
         with http.stream("POST", "/v1/chat/completions", json=body) as response:
-            next(response.iter_raw())
+            # Kept: an iterator dropped here would close the connection when it is collected.
+            chunks = response.iter_raw()
+            next(chunks)
             assert server.model_status("m")["slots_busy"] == 1
     server.wait_for(lambda: server.model_status("m")["slots_busy"] == 0)
