@@ -15,7 +15,7 @@ import structlog
 
 from corral import __version__
 from corral.config import Config, config_path, load_config
-from corral.errors import AlreadyRunningError, ConfigError
+from corral.errors import AlreadyRunningError, ConfigError, UnsafeDirectoryError
 from corral.logs import configure_logging
 from corral.probe.host import check_model_files
 
@@ -117,6 +117,10 @@ def serve(config: Config) -> int:
     except AlreadyRunningError as exc:
         log.error("corral_already_running", state_file=exc.state_file, lock=exc.lock_file,
                   owner_pid=exc.owner)
+        print(f"corral: {exc}", file=sys.stderr)
+        return 1
+    except UnsafeDirectoryError as exc:
+        log.error("socket_directory_unsafe", error=str(exc))
         print(f"corral: {exc}", file=sys.stderr)
         return 1
     return 0

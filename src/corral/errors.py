@@ -39,7 +39,9 @@ lookup; a class without its own values answers 500 ``server_error``/``internal_e
 - ``ShuttingDownError`` (503 ``shutting_down``): corral is draining on SIGTERM.
 - ``RequestTooLargeError`` / ``RequestTimeoutError``: body over ``limits.max_body`` (413) or
   not sent within ``limits.body_timeout`` (408).
-- Not answered over HTTP (500 if they ever were): ``AlreadyRunningError``, another corral holds
+- Not answered over HTTP (500 if they ever were): ``UnsafeDirectoryError``, the children's
+  socket directory is not private to corral's user (``corral serve`` exits 1);
+  ``AlreadyRunningError``, another corral holds
   the lock of the same state file, so this one must not start (it would kill that one's
   children as leftovers), ``.owner`` is its pid; ``InvalidTransition``, a bug, a model state
   change the state machine forbids (``corral.supervisor.state`` re-exports it);
@@ -274,6 +276,12 @@ class ShuttingDownError(CorralError):
     type = "service_unavailable"
     code = "shutting_down"
     retry_after = 5.0
+
+
+class UnsafeDirectoryError(CorralError):
+    """The directory for the children's sockets is not private to corral's user (another user
+    owns it, it is a link, or others may enter it): someone may have prepared it to take a
+    child's socket, so corral does not start."""
 
 
 class AlreadyRunningError(CorralError):

@@ -25,6 +25,7 @@ import uvicorn
 from corral.config import Config
 from corral.connection import guarded_protocol
 from corral.errors import ConfigError
+from corral.probe.host import prepare_socket_dir
 from corral.root import Corral, create_app
 from corral.supervisor.children import StateFileLock
 
@@ -101,13 +102,17 @@ class CorralServer(uvicorn.Server):
 def serve(config: Config) -> None:
     """Run corral in the foreground until SIGTERM or SIGINT.
 
-    Raises ``AlreadyRunningError`` at once if another corral uses the same state file.
+    Raises ``AlreadyRunningError`` at once if another corral uses the same state file, and
+    ``UnsafeDirectoryError`` if the children's socket directory is not private to this user.
     """
     corral = Corral(config)
     # Taken before uvicorn runs the lifespan, which reaps the state file's children: uvicorn
     # binds its socket only after that, so "address in use" would come too late to protect a
     # running corral's children. Held until this process ends.
     with StateFileLock(corral.supervisor.registry.path):
+        # Checked here, not only when the supervisor starts in the lifespan: there a refusal
+        # would come out as uvicorn's traceback.
+        prepare_socket_dir(corral.supervisor.socket_dir)
         _run(config, corral)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 
 from tests.conftest import FAKE_LLAMA_SERVER, CorralProcess
 
@@ -104,3 +105,29 @@ def test_a_socket_held_by_another_process_is_never_taken_for_the_child(
     info = server.model("m")
     assert info["state"] == "failed" and info["pid"] is None
     assert server.children(None) == []  # the child that let it in was stopped
+
+
+@pytest.mark.parametrize("prepared", ["open to others", "a link"])
+def test_corral_refuses_a_socket_directory_someone_prepared(
+    tmp_path: Path, smollm2: Path, prepared: str
+) -> None:
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    ours = tmp / f"corral-{os.getuid()}"
+    if prepared == "a link":
+        (tmp_path / "elsewhere").mkdir(mode=0o700)
+        ours.symlink_to(tmp_path / "elsewhere")
+    else:
+        ours.mkdir()
+        ours.chmod(0o777)
+    config = tmp_path / "corral.yaml"
+    config.write_text(yaml.safe_dump({
+        "listen": {"port": 0}, "state_file": str(tmp_path / "children.json"),
+        "models": {"m": {"path": str(smollm2)}}}))
+    env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"} | {"TMPDIR": str(tmp)}
+    done = subprocess.run([sys.executable, "-m", "corral", "serve", "-c", str(config)],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert f"corral: {ours}: the children's socket directory must be a directory of this user" \
+        in done.stderr
+    assert "Traceback" not in done.stderr

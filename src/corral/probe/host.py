@@ -17,7 +17,7 @@ from pathlib import Path
 import structlog
 
 from corral.config import Config, ModelSpec
-from corral.errors import ConfigError
+from corral.errors import UnsafeDirectoryError
 from corral.placement.devices import Device
 from corral.placement.ledger import Ledger, corral_usage
 from corral.placement.profile import ModelProfile
@@ -198,8 +198,9 @@ def prepare_socket_dir(directory: Path) -> Path:
     """Create ``directory`` (and its parent) for this user alone, or refuse one that is not.
 
     Only corral's user may enter it, so no other local user can bind a socket where a child is
-    about to listen, or connect to a child around corral. Raises ``ConfigError`` for a path
+    about to listen, or connect to a child around corral. Refuses a path
     that another user owns, that is a link, or that others may enter: someone prepared it.
+    Raises ``UnsafeDirectoryError`` then.
     """
     for path in (directory.parent, directory):
         try:
@@ -209,9 +210,10 @@ def prepare_socket_dir(directory: Path) -> Path:
         info = os.lstat(path)
         if (not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid()
                 or stat.S_IMODE(info.st_mode) & 0o077):
-            raise ConfigError(str(path), [
+            kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a directory"
+            raise UnsafeDirectoryError(
                 f"{path}: the children's socket directory must be a directory of this user "
-                f"(uid {os.getuid()}) that nobody else may enter; it is owned by uid "
+                f"(uid {os.getuid()}) that nobody else may enter; it is {kind} owned by uid "
                 f"{info.st_uid} with mode {stat.S_IMODE(info.st_mode):o} (remove it, or set "
-                "XDG_RUNTIME_DIR)"])
+                "XDG_RUNTIME_DIR to a private directory)")
     return directory
