@@ -132,7 +132,7 @@ def test_sigterm_lets_five_streams_finish_and_refuses_new_requests(
         # m's child is frozen while corral begins to drain: however fast it answers, all five
         # streams are in flight when SIGTERM comes, and finish during the drain.
         with frozen(server.model("m")["pid"]):
-            streams = [pool.submit(stream, server.url, "m", 120, []) for _ in range(5)]
+            streams = [pool.submit(stream, server.url, "m", 16, []) for _ in range(5)]
             server.wait_for(lambda: server.model("m")["in_flight"] == 5)
             server.proc.send_signal(signal.SIGTERM)
             server.wait_for(lambda: server.http.get("/health").status_code == 503)

@@ -56,7 +56,7 @@ def test_ten_streams_on_two_slots_never_exceed_two_upstream(
             time.sleep(0.02)
 
     def stream(_: int) -> str:
-        with server.http.stream("POST", "/v1/chat/completions", json=long_body(24)) as r:
+        with server.http.stream("POST", "/v1/chat/completions", json=long_body(8)) as r:
             assert r.status_code == 200
             return "".join(r.iter_text())
 

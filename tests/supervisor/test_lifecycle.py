@@ -42,7 +42,7 @@ def test_sigterm_finishes_requests_stops_children_and_exits_0(
     assert len(children) == 2
 
     def generate(_: int) -> tuple[int, str]:
-        body = {"model": "a", "prompt": "Count:", "max_tokens": 60, "ignore_eos": True}
+        body = {"model": "a", "prompt": "Count:", "max_tokens": 10, "ignore_eos": True}
         response = server.http.post("/v1/completions", json=body)
         return response.status_code, response.json()["choices"][0]["text"]
 
