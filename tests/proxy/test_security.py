@@ -116,10 +116,10 @@ def test_a_child_answers_only_corral(corral: Start, smollm2: Path) -> None:
     assert server.http.post("/admin/models/m/load").status_code == 200
     info = server.model("m")
     child = f"http://127.0.0.1:{info['port']}"
-    assert httpx.get(child + "/health").status_code == 200  # llama-server keeps it open
+    assert httpx.get(child + "/health", timeout=60).status_code == 200  # llama-server keeps it open
     for path in ("/v1/models", "/slots", "/metrics", "/props"):
-        assert httpx.get(child + path).status_code == 401, path
-    bypass = httpx.post(child + "/v1/completions", json=ask("m"))
+        assert httpx.get(child + path, timeout=60).status_code == 401, path
+    bypass = httpx.post(child + "/v1/completions", json=ask("m"), timeout=60)
     assert bypass.status_code == 401
     # The key is in the child's environment (readable by its owner only), never in argv.
     proc = psutil.Process(info["pid"])
@@ -127,7 +127,7 @@ def test_a_child_answers_only_corral(corral: Start, smollm2: Path) -> None:
     assert len(key) >= 24
     assert not any(key in arg for arg in proc.cmdline())
     assert key not in server.log()
-    assert httpx.get(child + "/slots", headers=bearer(key)).status_code == 200
+    assert httpx.get(child + "/slots", headers=bearer(key), timeout=60).status_code == 200
 
 
 @pytest.mark.integration

@@ -20,12 +20,15 @@ CHAT = [{"role": "user", "content": "Say hello."}]
 
 
 def two_models(smollm2: Path, **extra: Any) -> dict[str, Any]:
+    # Requests queued behind others may wait long on a loaded machine: not the default 60 s.
+    queue = {"timeout": "5m"}
     return {
         "models": {
             # ENDLESS: a test may hold a slot with a stream that ends only when it leaves.
             "smollm2": {"path": str(smollm2), "aliases": ["smol"], "slots": 2,
-                        "ctx_per_slot": 1024, "args": ENDLESS},
-            "smollm2-wide": {"path": str(smollm2), "slots": 3, "ctx_per_slot": 512},
+                        "ctx_per_slot": 1024, "args": ENDLESS, "queue": queue},
+            "smollm2-wide": {"path": str(smollm2), "slots": 3, "ctx_per_slot": 512,
+                             "queue": queue},
         },
         **extra,
     }
@@ -243,7 +246,7 @@ def test_a_finished_response_has_already_released_its_slot(corral: Start, smollm
     # A client that sends its next request the moment a response ends must find the counts free.
     server = corral(two_models(smollm2))
     body = {"model": "smollm2", "messages": CHAT, "max_tokens": 2}
-    for _ in range(30):
+    for _ in range(10):
         assert server.http.post("/v1/chat/completions", json=body).status_code == 200
         assert server.model("smollm2")["in_flight"] == 0
         assert server.http.get("/slots", params={"model": "smollm2"}).status_code == 200
