@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.metadata
+import math
 import os
 import shutil
 import signal
@@ -139,7 +140,7 @@ def smollm2_header(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tensors.append(("output_norm.weight", (576,), f32))
     for name, shape, qtype in tensors:
         block, type_size = gguf.GGML_QUANT_SIZES[qtype]
-        nbytes = (shape[0] * (shape[1] if len(shape) > 1 else 1)) // block * type_size
+        nbytes = math.prod(shape) // block * type_size
         # Shapes as numpy has them (rows first): the writer stores them reversed, as GGUF does.
         writer.add_tensor_info(name, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
     writer.write_header_to_file()
@@ -188,7 +189,9 @@ class CorralProcess:
             [sys.executable, "-m", "corral", "serve", "-c", str(config_path)],
             stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
-        self.http = httpx.Client(base_url=self.url, timeout=60.0)
+        # Generous: on a loaded two-core machine a request queued behind others can take
+        # minutes; a hang is caught by the per-test timeout.
+        self.http = httpx.Client(base_url=self.url, timeout=240.0)
         self._seen: set[psutil.Process] = set()
         self._clients: list[openai.OpenAI] = []
 
@@ -289,7 +292,7 @@ def holding_a_slot(server: CorralProcess, model: str) -> Iterator[Iterator[bytes
     An endless stream (``endless_chat``), read until its first token; the test may read on from
     the chunks this yields. Leaving the block closes the connection, as a client that leaves.
     """
-    with httpx.Client(base_url=server.url, timeout=60) as http:
+    with httpx.Client(base_url=server.url, timeout=240) as http:
         with http.stream("POST", "/v1/chat/completions", json=endless_chat(model)) as response:
             assert response.status_code == 200, response.read()
             chunks = response.iter_raw()
@@ -304,7 +307,8 @@ def frozen(pid: int) -> Iterator[None]:
     """The process stopped (SIGSTOP) until the block ends, then continued.
 
     Requests sent to a frozen llama-server stay in flight, however fast it would answer them,
-    until the test lets it go on. Shorter than its health checks allow (3 x 5 s by default).
+    until the test lets it go on. Keep it shorter than the health checks tolerate (3 misses
+    of 5 s by default), or corral kills the child as hung.
     """
     os.kill(pid, signal.SIGSTOP)
     try:

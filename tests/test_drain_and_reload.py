@@ -45,7 +45,7 @@ def sigterm_during_an_endless_stream(server: CorralProcess) -> tuple[float, str]
     """SIGTERM corral while model "m" (started with ``ENDLESS``) streams an answer that never
     ends by itself; the seconds corral took to exit (0 asserted), and what the client got."""
     received: list[str] = []
-    with ThreadPoolExecutor(1) as pool, httpx.Client(base_url=server.url, timeout=60) as http:
+    with ThreadPoolExecutor(1) as pool, httpx.Client(base_url=server.url, timeout=240) as http:
         def stream() -> None:
             with http.stream("POST", "/v1/chat/completions", json=endless_chat("m")) as r:
                 for chunk in r.iter_text():
@@ -81,7 +81,7 @@ def stream(url: str, model: str, tokens: int | None, received: list[str]) -> str
     ``tokens=None``: an endless one (the model needs ``ENDLESS``), which only a drain ends.
     """
     body = endless_chat(model) if tokens is None else chat(model, tokens, True)
-    with httpx.Client(base_url=url, timeout=60) as http:
+    with httpx.Client(base_url=url, timeout=240) as http:
         with http.stream("POST", "/v1/chat/completions", json=body) as r:
             for chunk in r.iter_text():
                 received.append(chunk)
@@ -89,7 +89,7 @@ def stream(url: str, model: str, tokens: int | None, received: list[str]) -> str
 
 
 def ask(url: str, model: str) -> httpx.Response:
-    with httpx.Client(base_url=url, timeout=60) as http:
+    with httpx.Client(base_url=url, timeout=240) as http:
         return http.post("/v1/chat/completions", json=chat(model, 2, False))
 
 
@@ -132,7 +132,7 @@ def test_sigterm_lets_five_streams_finish_and_refuses_new_requests(
         # m's child is frozen while corral begins to drain: however fast it answers, all five
         # streams are in flight when SIGTERM comes, and finish during the drain.
         with frozen(server.model("m")["pid"]):
-            streams = [pool.submit(stream, server.url, "m", 120, []) for _ in range(5)]
+            streams = [pool.submit(stream, server.url, "m", 16, []) for _ in range(5)]
             server.wait_for(lambda: server.model("m")["in_flight"] == 5)
             server.proc.send_signal(signal.SIGTERM)
             server.wait_for(lambda: server.http.get("/health").status_code == 503)
@@ -221,7 +221,7 @@ def test_reload_changes_adds_and_removes_models_without_dropping_requests(
     stop = threading.Event()
 
     def traffic(name: str) -> None:
-        with httpx.Client(base_url=server.url, timeout=60) as http:
+        with httpx.Client(base_url=server.url, timeout=240) as http:
             while not stop.is_set():
                 r = http.post("/v1/chat/completions", json=chat(name, 6, name != "drop"))
                 codes.append((name, r.status_code, time.monotonic()))

@@ -135,7 +135,7 @@ def drive_traffic(server: CorralProcess) -> int:
     with ThreadPoolExecutor(2) as pool, contextlib.ExitStack() as holders:
         for _ in range(2):
             holders.enter_context(holding_a_slot(server, MODEL))
-        queued = [pool.submit(post_chat, server, 16) for _ in range(2)]
+        queued = [pool.submit(post_chat, server, 8) for _ in range(2)]
         server.wait_for(lambda: server.model_status(MODEL)["queue_depth"] == 2, timeout=SLOW)
         assert post_chat(server, 4) == 429
         holders.close()  # the two streams' clients leave (499): the queued two go through

@@ -118,7 +118,7 @@ def test_a_child_answers_only_corral(corral: Start, smollm2: Path) -> None:
     info = server.model("m")
     # Even a process of corral's own user, who may enter the socket's directory, needs the key.
     child = httpx.Client(transport=httpx.HTTPTransport(uds=info["socket"]),
-                         base_url="http://llama-server")
+                         base_url="http://llama-server", timeout=60)
     with child:
         assert child.get("/health").status_code == 200  # llama-server keeps it open
         for path in ("/v1/models", "/slots", "/metrics", "/props"):

@@ -20,12 +20,15 @@ CHAT = [{"role": "user", "content": "Say hello."}]
 
 
 def two_models(smollm2: Path, **extra: Any) -> dict[str, Any]:
+    # Requests queued behind others may wait long on a loaded machine: not the default 60 s.
+    queue = {"timeout": "5m"}
     return {
         "models": {
             # ENDLESS: a test may hold a slot with a stream that ends only when it leaves.
             "smollm2": {"path": str(smollm2), "aliases": ["smol"], "slots": 2,
-                        "ctx_per_slot": 1024, "args": ENDLESS},
-            "smollm2-wide": {"path": str(smollm2), "slots": 3, "ctx_per_slot": 512},
+                        "ctx_per_slot": 1024, "args": ENDLESS, "queue": queue},
+            "smollm2-wide": {"path": str(smollm2), "slots": 3, "ctx_per_slot": 512,
+                             "queue": queue},
         },
         **extra,
     }
@@ -84,7 +87,7 @@ def test_stream_is_passed_through_as_it_is_produced(corral: Start, smollm2: Path
         assert [s["is_processing"] for s in slots].count(True) == 1
 
     # And a whole stream arrives whole, its last events included.
-    body = {"model": "smollm2", "messages": CHAT, "max_tokens": 300, "stream": True,
+    body = {"model": "smollm2", "messages": CHAT, "max_tokens": 16, "stream": True,
             "ignore_eos": True}
     with server.http.stream("POST", "/v1/chat/completions", json=body) as response:
         assert response.status_code == 200
@@ -93,7 +96,7 @@ def test_stream_is_passed_through_as_it_is_produced(corral: Start, smollm2: Path
     assert events[-1] == "data: [DONE]"
     # Tokens that end inside a UTF-8 character are merged, so count tokens, not events.
     final = json.loads(events[-2][len("data: "):])
-    assert final["timings"]["predicted_n"] == 300
+    assert final["timings"]["predicted_n"] == 16
     assert final["choices"][0]["finish_reason"] == "length"
 
 
@@ -243,7 +246,7 @@ def test_a_finished_response_has_already_released_its_slot(corral: Start, smollm
     # A client that sends its next request the moment a response ends must find the counts free.
     server = corral(two_models(smollm2))
     body = {"model": "smollm2", "messages": CHAT, "max_tokens": 2}
-    for _ in range(30):
+    for _ in range(10):
         assert server.http.post("/v1/chat/completions", json=body).status_code == 200
         assert server.model("smollm2")["in_flight"] == 0
         assert server.http.get("/slots", params={"model": "smollm2"}).status_code == 200

@@ -319,7 +319,7 @@ def test_a_client_that_leaves_mid_stream_frees_the_fake_slot_quickly(
     # 10 minutes of tokens: only the client leaving can free the slot before the deadline.
     body = {"model": "m", "messages": [{"role": "user", "content": "Hi"}],
             "max_tokens": 6000, "stream": True}
-    with httpx.Client(base_url=server.url) as http:
+    with httpx.Client(base_url=server.url, timeout=240) as http:
         with http.stream("POST", "/v1/chat/completions", json=body) as response:
             # Kept: an iterator dropped here would close the connection when it is collected.
             chunks = response.iter_raw()

@@ -89,8 +89,15 @@ def test_busy_and_pinned_models_are_never_evicted(corral: Start, smollm2: Path) 
     # Now a is idle: loading the pinned model evicts it; nothing can evict the pinned one.
     assert ask(server, "p") == 200
     assert server.model("a")["last_stop_reason"] == "memory"
-    refused = server.http.post("/v1/completions", json={"model": "b", "prompt": "Hi"})
-    assert refused.status_code == 503 and "held by p" in refused.json()["error"]["message"]
+
+    def refused_for_p() -> bool:
+        refused = server.http.post("/v1/completions", json={"model": "b", "prompt": "Hi"})
+        assert refused.status_code == 503, refused.text
+        return "held by p" in refused.json()["error"]["message"]
+
+    # Within the back-off of b's failed load (up to 1 s) a request hears that failure again;
+    # the next load finds p in the way.
+    server.wait_for(refused_for_p)
     assert server.model("p")["state"] == "ready"
 
 
