@@ -79,7 +79,11 @@ def test_ten_streams_on_two_slots_never_exceed_two_upstream(
         watcher.join()
     assert all(b.rstrip().endswith("data: [DONE]") for b in bodies)
     assert busiest == 2  # both slots worked, never more
-    assert scrapes > 0 and deferred == 0  # never a third request upstream
+    # Never a third request upstream: ten at once would leave eight deferred in llama-server.
+    # A slot's end is seen by corral with the answer's last byte, a moment before llama-server
+    # frees it, so the request corral admits then may be counted deferred for that moment
+    # (seen once in a fresh-clone run with both cores busy): one, never more.
+    assert scrapes > 0 and deferred <= 1
     metrics = server.http.get("/metrics").text
     assert 'corral_queue_wait_seconds_count{model="m"} 10.0' in metrics
     assert 'corral_requests_total{code="200",endpoint="/v1/chat/completions",model="m"} 8.0' \
