@@ -77,7 +77,8 @@ async def test_a_removed_model_put_back_while_it_serves_stays_until_removed_agai
     assert supervisor.reconfigure(config(tmp_path, "m", "kept"))["added"] == ["m"]
     assert model.state == ModelState.READY and supervisor.get("m") is model
     proxy.held["m"] = 0
-    await asyncio.sleep(0.2)  # a retire called off stops nothing once its requests are done
+    # A retire called off stops nothing once its requests are done: its task ends untouched.
+    await until(lambda: not supervisor._tasks)
     assert model.state == ModelState.READY and proxy.retired == []
     supervisor.reconfigure(config(tmp_path, "kept"))
     await until(lambda: "m" not in supervisor.models)
