@@ -19,6 +19,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from corral.supervisor import ManagedModel, ModelState
 
 SCRAPE_TIMEOUT = 1.0
+# A stopping child's counters are read once more before they go: worth a longer wait than a
+# scrape, which is retried every interval; the stop waits for it at most a little longer.
+FINAL_READ_TIMEOUT = 5.0
 
 
 @dataclass

@@ -16,14 +16,22 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+import structlog
 from prometheus_client import CollectorRegistry, disable_created_metrics, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from corral.metrics.children import ChildSnapshot, read_child, read_children
+from corral.metrics.children import (
+    FINAL_READ_TIMEOUT,
+    ChildSnapshot,
+    read_child,
+    read_children,
+)
 from corral.metrics.instruments import Instruments
 from corral.supervisor import ManagedModel, ModelProcess, ModelState, Supervisor
 from corral.supervisor.events import SupervisorEvents
+
+log = structlog.get_logger(__name__)
 
 
 class QueueReading(Protocol):
@@ -106,8 +114,13 @@ class CorralMetrics(SupervisorEvents, Collector):
         # The child's token counters die with it: read them one last time.
         if self._supervisor is not None:
             managed = self._supervisor.models[model]
+            snapshot = ChildSnapshot(model, process.pid)
             with contextlib.suppress(Exception):
-                self._observe_tokens(await read_child(managed, stopping=True))
+                snapshot = await read_child(managed, FINAL_READ_TIMEOUT, stopping=True)
+            if not snapshot.metrics:
+                # Its tokens since the last scrape are not counted: say so, not silently.
+                log.warning("final_token_count_missed", model=model, pid=process.pid)
+            self._observe_tokens(snapshot)
 
     # -- scrape-time metrics -----------------------------------------------------------------
 

@@ -48,6 +48,9 @@ log = structlog.get_logger("corral.supervisor")
 StopReason = Literal["idle", "memory", "manual", "shutdown", "crash", "reload", "removed"]
 _POLL = 0.05
 
+# An observer's last look at a stopping child (its final token counts) is bounded by this.
+_FINAL_READ_CAP = 6.0
+
 
 class ModelHost(Protocol):
     """What a model uses of the supervisor around it."""
@@ -393,7 +396,7 @@ class ManagedModel:
             if proc.returncode is None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self.host.observers.child_stopping(self.name, proc),
-                                           2.0)
+                                           _FINAL_READ_CAP)
             code = await proc.stop(self.host.config.file.llama_server.stop_timeout)
             await self._after_exit(proc)
             log.info("model_stopped", model=self.name, pid=proc.pid, reason=reason,
