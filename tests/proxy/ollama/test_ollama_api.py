@@ -213,20 +213,22 @@ def test_keep_alive_zero_unloads_after_the_answer(server: CorralProcess) -> None
 
 
 def test_keep_alive_load_for_ever_then_unload_now(server: CorralProcess) -> None:
+    client(server).generate(model="smol", keep_alive=0)  # unloaded, whatever ran before
     loading = client(server).generate(model="smol", keep_alive=-1)
     assert loading.done and loading.done_reason == "load" and loading.response == ""
+    assert loading.load_duration and loading.load_duration > 0
     assert server.model("smol")["state"] == "ready"
     ps = {m.model: m for m in client(server).ps().models}
     assert ps["smol:latest"].context_length == 512
     expires = ps["smol:latest"].expires_at
     assert expires is not None and expires.year > 2200  # for ever
-    ten = client(server).chat(model="smol", messages=HI, options=FEW, keep_alive="10m")
-    assert ten.done
+    five = client(server).chat(model="smol", messages=HI, options=FEW, keep_alive="5m")
+    assert five.done and five.load_duration == 0  # it was loaded already
     ps = {m.model: m for m in client(server).ps().models}
     left = ps["smol:latest"].expires_at
     assert left is not None
     seconds = (left - datetime.now(UTC)).total_seconds()
-    assert 500 < seconds <= 600
+    assert 250 < seconds <= 300  # 5m, not the configured ttl (10 minutes)
     running = pid(server, "smol")
     unloading = client(server).chat(model="smol", messages=[], keep_alive=0)
     assert unloading.done_reason == "unload"

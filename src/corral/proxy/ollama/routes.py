@@ -251,6 +251,10 @@ def _check_capability(translated: translate.Translated, about: Description) -> N
         raise BadRequestError(
             "this model does not support embeddings: corral starts it without --embeddings "
             "(add it to the model's args for an embedding model)", code="embeddings_unsupported")
+    if translated.path == "/infill" and "insert" not in about.capabilities:
+        raise BadRequestError(
+            "this model does not support insert (\"suffix\"): its GGUF has no fill-in-the-"
+            "middle tokens", code="insert_unsupported")
     if translated.mode in ("chat", "generate") and embeds:
         raise BadRequestError(
             f"this model does not support {translated.mode}: it is an embedding model "
