@@ -141,6 +141,9 @@ def test_format_schema_gives_json(server: CorralProcess) -> None:
                                  format=schema, options={"num_predict": 32})
     assert isinstance(json.loads(answer.message.content or "")["ok"], bool)
     assert answer.done_reason == "stop"
+    raw = client(server).generate(model="smol", prompt="Answer: ", raw=True, format=schema,
+                                  options={"num_predict": 32})
+    assert isinstance(json.loads(raw.response or "")["ok"], bool)
 
 
 def test_tools_are_forwarded_and_answered(server: CorralProcess) -> None:

@@ -80,7 +80,8 @@ def test_chat_maps_images_tools_thinking_format_and_think() -> None:
     call = assistant["tool_calls"][0]
     assert call["type"] == "function" and json.loads(call["function"]["arguments"]) == {
         "at": "it"}
-    assert tool == {"role": "tool", "content": "a cat", "name": "look"}
+    assert tool == {"role": "tool", "content": "a cat", "name": "look",
+                    "tool_call_id": call["id"]}
     assert done.body["tools"] == [{"type": "function", "function": {"name": "look"}}]
     assert done.body["response_format"] == {
         "type": "json_schema", "json_schema": {"name": "format", "schema": {"type": "object"}}}
@@ -110,8 +111,9 @@ def test_generate_as_chat_raw_and_infill() -> None:
     assert chat.path == "/v1/chat/completions" and chat.body["max_tokens"] == 3
     assert chat.body["messages"] == [{"role": "system", "content": "Be brief."},
                                      {"role": "user", "content": "Hi"}]
-    raw = translate.generate({"prompt": "Once", "raw": True}, TEXT)
+    raw = translate.generate({"prompt": "Once", "raw": True, "format": "json"}, TEXT)
     assert raw.path == "/v1/completions" and raw.body["prompt"] == "Once"
+    assert raw.body["json_schema"] == {"type": "object"}  # what /v1/completions reads
     infill = translate.generate({"prompt": "def f(", "suffix": "return x",
                                  "options": {"num_predict": 5}}, TEXT)
     assert infill.path == "/infill" and infill.native

@@ -117,10 +117,10 @@ class OllamaApi:
             about = self._describe(model)
             translated = convert(data, translate.Model(
                 model.ctx_per_slot, model.spec.multimodal, "thinking" in about.capabilities))
-            _check_capability(translated, about)
-            if translated.empty:
+            if translated.empty:  # loading or unloading asks nothing the model cannot do
                 return await self._load_or_unload(request, model, asked, translated,
                                                   request_id, started)
+            _check_capability(translated, about)
             was_serving = model.state.serving
 
             def answer(upstream: httpx.Response, finish: Callable[[], None],
@@ -134,7 +134,10 @@ class OllamaApi:
 
             return await proxy.forward(
                 request, model, json.dumps(translated.body).encode(), request_id, started,
-                True, upstream_path=translated.path, respond=answer)
+                True, upstream_path=translated.path, respond=answer,
+                # Embeddings come back whole: bounded by the generation timeout, not as a
+                # stream's silence between chunks.
+                streams=translated.mode in ("chat", "generate"))
         except CorralError as exc:
             return ollama_error(proxy.answer_error(request, name, exc, request_id, started))
 

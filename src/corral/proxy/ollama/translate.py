@@ -141,15 +141,20 @@ def _stream(data: dict[str, Any]) -> bool:
     return stream
 
 
-def _format(data: dict[str, Any]) -> dict[str, Any]:
+def _format(data: dict[str, Any], chat: bool = True) -> dict[str, Any]:
+    """``format`` as a chat's ``response_format``, or (``raw``, ``suffix``) as llama-server's
+    own ``json_schema``, which its completion endpoints read."""
     fmt = data.get("format")
     if fmt is None or fmt == "":
         return {}
-    if fmt == "json":
-        return {"response_format": {"type": "json_object"}}
-    if isinstance(fmt, dict):
+    if fmt == "json" or isinstance(fmt, dict):
+        schema = fmt if isinstance(fmt, dict) else {"type": "object"}
+        if not chat:
+            return {"json_schema": schema}
+        if fmt == "json":
+            return {"response_format": {"type": "json_object"}}
         return {"response_format": {"type": "json_schema",
-                                     "json_schema": {"name": "format", "schema": fmt}}}
+                                     "json_schema": {"name": "format", "schema": schema}}}
     raise BadRequestError("\"format\" must be \"json\" or a JSON schema object",
                           code="invalid_format")
 
@@ -225,6 +230,21 @@ def _tool_call(call: object, i: int, n: int) -> dict[str, Any]:
                          else json.dumps(arguments)}}
 
 
+def _link_tool_results(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Give each tool result the id of the call it answers (OpenAI's ``tool_call_id``, which
+    some chat templates read): Ollama names the tool, or relies on the order of the calls."""
+    waiting: list[tuple[str, str]] = []  # (id, name) of calls not answered yet
+    for message in messages:
+        if message.get("tool_calls"):
+            waiting = [(c["id"], c["function"]["name"]) for c in message["tool_calls"]]
+        elif message["role"] == "tool" and waiting:
+            name = message.get("name")
+            match = next((w for w in waiting if w[1] == name), waiting[0])
+            waiting.remove(match)
+            message["tool_call_id"] = match[0]
+    return messages
+
+
 def _refuse(data: dict[str, Any], *names: str) -> None:
     for name in names:
         if data.get(name):
@@ -250,7 +270,8 @@ def chat(data: dict[str, Any], model: Model) -> Translated:
     if not isinstance(messages, list):
         raise BadRequestError("\"messages\" must be an array", code="invalid_messages")
     body: dict[str, Any] = {
-        "messages": [_message(m, i, model.vision) for i, m in enumerate(messages)],
+        "messages": _link_tool_results([_message(m, i, model.vision)
+                                        for i, m in enumerate(messages)]),
         "stream": True, "stream_options": {"include_usage": True},
         **options(data, model.ctx_per_slot), **_format(data), **_think(data, model.thinks),
     }
@@ -271,7 +292,8 @@ def generate(data: dict[str, Any], model: Model) -> Translated:
     images = _images(data.get("images"), model.vision)
     suffix = data.get("suffix")
     system = data.get("system")
-    sampling = {**options(data, model.ctx_per_slot), **_format(data)}
+    chat = not suffix and not data.get("raw")
+    sampling = {**options(data, model.ctx_per_slot), **_format(data, chat)}
     alive = keep_alive(data.get("keep_alive"))
     stream = _stream(data)
     empty = not prompt and not images and not suffix
