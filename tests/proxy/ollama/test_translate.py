@@ -21,14 +21,15 @@ PNG = "iVBORw0KGgoAAAANSUhEUg=="
 
 @pytest.mark.parametrize(("given", "seconds"), [
     ("10m", 600.0), ("1h30m", 5400.0), ("30s", 30.0), ("1.5h", 5400.0), ("0", 0.0), (0, 0.0),
-    ("0s", 0.0), (300, 300.0), (2.5, 2.5), ("-1", math.inf), (-1, math.inf), ("-5m", math.inf),
+    ("0s", 0.0), ("5m0s", 300.0), ("10 minutes", 600.0), (300, 300.0), (2.5, 2.5),
+    ("-1", math.inf), (-1, math.inf), ("-5m", math.inf),
     (None, None),
 ])
 def test_keep_alive(given: object, seconds: float | None) -> None:
     assert translate.keep_alive(given) == seconds
 
 
-@pytest.mark.parametrize("given", ["soon", "10 minutes", "5m3", True, [], "", "nan"])
+@pytest.mark.parametrize("given", ["soon", "5m3x", True, [], "", "nan"])
 def test_keep_alive_refuses_what_is_no_duration(given: object) -> None:
     with pytest.raises(BadRequestError, match="keep_alive"):
         translate.keep_alive(given)

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from corral.config.units import parse_duration
+from corral.echo import clip
 from corral.proxy.errors import BadRequestError
 
 Mode = Literal["chat", "generate", "embed", "embeddings"]
@@ -34,8 +35,6 @@ _LOADING = {
     "logits_all": "-", "embedding_only": "args (--embeddings)",
 }
 _REMOVED = frozenset({"tfs_z", "penalize_newline"})  # gone from llama.cpp's samplers
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
-_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 # Ollama's bare base64 images, by their first bytes, for the data URI llama-server reads.
 _IMAGE_TYPES = (("iVBOR", "image/png"), ("/9j/", "image/jpeg"), ("R0lGOD", "image/gif"),
                 ("UklGR", "image/webp"), ("Qk", "image/bmp"))
@@ -57,33 +56,26 @@ class Translated:
 
 def keep_alive(value: object) -> float | None:
     """Ollama's ``keep_alive`` in seconds: a number of seconds or a duration ("10m", "1h30m",
-    "-1"); negative: for ever (``inf``); absent: None."""
+    as corral's config reads them); negative ("-1", -1, "-5m"): for ever (``inf``); absent:
+    None."""
     if value is None:
         return None
-    if isinstance(value, bool):
-        raise BadRequestError("\"keep_alive\" must be a duration (\"5m\") or seconds",
-                              code="invalid_keep_alive")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str):
-        text = value.strip()
-        try:
-            seconds = float(text)
-        except ValueError:
-            sign = -1.0 if text.startswith("-") else 1.0
-            body = text.lstrip("+-")
-            parts = _DURATION.findall(body)
-            if not parts or "".join(n + u for n, u in parts) != body:
-                raise BadRequestError(
-                    f"\"keep_alive\" {value!r} is not a duration (\"30s\", \"10m\", \"1h\", "
-                    "\"-1\") or a number of seconds", code="invalid_keep_alive") from None
-            seconds = sign * sum(float(n) * _UNITS[u] for n, u in parts)
+    if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
+        return math.inf
+    if isinstance(value, str) and value.strip().startswith("-"):
+        value = value.strip()[1:]
+        forever = True
     else:
-        raise BadRequestError("\"keep_alive\" must be a duration (\"5m\") or seconds",
-                              code="invalid_keep_alive")
+        forever = False
+    try:
+        seconds = parse_duration(value)
+    except ValueError:
+        raise BadRequestError(
+            f"\"keep_alive\" {clip(repr(value))} is not a duration (\"30s\", \"10m\", "
+            "\"1h\", \"-1\") or a number of seconds", code="invalid_keep_alive") from None
     if math.isnan(seconds):
         raise BadRequestError("\"keep_alive\" must be a number", code="invalid_keep_alive")
-    return math.inf if seconds < 0 else seconds
+    return math.inf if forever else seconds
 
 
 def options(data: dict[str, Any], ctx_per_slot: int | None) -> dict[str, Any]:
