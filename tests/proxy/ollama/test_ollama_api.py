@@ -186,6 +186,9 @@ def test_images_are_refused_without_a_projector(server: CorralProcess) -> None:
         client(server).chat(model="smol", messages=[
             {"role": "user", "content": "What is it?", "images": ["iVBORw0KGgo="]}])
     assert refused.value.status_code == 400 and "projector" in refused.value.error
+    with pytest.raises(ollama.ResponseError) as insert:
+        client(server).generate(model="smol", prompt="def f(", suffix="return 1")
+    assert insert.value.status_code == 400 and "fill-in-the-middle" in insert.value.error
 
 
 def test_embeddings(server: CorralProcess) -> None:
@@ -257,6 +260,11 @@ def test_errors_before_the_stream_are_ollama_shaped(server: CorralProcess) -> No
     with pytest.raises(ollama.ResponseError) as pull:
         client(server).pull("llama3")
     assert pull.value.status_code == 501 and "config" in pull.value.error
+    # The child's own refusal, before any token: its status, in Ollama's shape.
+    with pytest.raises(ollama.ResponseError) as too_long:
+        client(server).chat(model="smol", stream=True, options=FEW, messages=[
+            {"role": "user", "content": "word " * 2000}]).__next__()
+    assert too_long.value.status_code == 400 and "context" in too_long.value.error
     bad = server.http.post("/api/generate", json={"model": "smol", "keep_alive": "soon"})
     assert bad.status_code == 400 and "keep_alive" in bad.json()["error"]
 
