@@ -30,6 +30,7 @@ from starlette.routing import Route
 from corral.config.schema import ResolvedKey
 from corral.echo import clip
 from corral.errors import CorralError, ModelNotFoundError
+from corral.placement.devices import CPU
 from corral.proxy.auth import may_use
 from corral.proxy.body import read_body
 from corral.proxy.errors import BadRequestError
@@ -213,7 +214,7 @@ class OllamaApi:
                 "size": sum(memory.values()) or about.size,
                 "digest": about.digest, "details": about.details(),
                 "expires_at": _iso(min(wall, 253402300799.0)),
-                "size_vram": sum(v for d, v in memory.items() if d != "cpu"),
+                "size_vram": sum(v for d, v in memory.items() if d != CPU),
                 "context_length": model.ctx_per_slot or about.context_length,
             })
         return JSONResponse({"models": running})
