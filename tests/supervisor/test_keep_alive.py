@@ -31,22 +31,22 @@ def ready_model(ttl: str) -> tuple[ManagedModel, list[str]]:
 def test_keep_alive_replaces_the_ttl() -> None:
     model, _ = ready_model("10m")
     assert model.idle_limit == 600.0
-    model.keep_alive = 30.0
+    model.keep_for(30.0)
     assert model.idle_limit == 30.0
-    model.keep_alive = math.inf
+    model.keep_for(math.inf)
     assert model.idle_limit is None and model.expires_at() is None
-    model.keep_alive = None
+    model.keep_for(None)
     expires = model.expires_at()
     assert expires is not None and abs(expires - (model.last_used + 600.0)) < 1e-6
     never, _ = ready_model("0")
     assert never.idle_limit is None
-    never.keep_alive = 5.0
+    never.keep_for(5.0)
     assert never.idle_limit == 5.0  # a client may bound what the config leaves unbounded
 
 
 def test_keep_alive_zero_stops_once_idle_and_is_forgotten_with_the_stop() -> None:
     model, stops = ready_model("10m")
-    model.keep_alive = 0.0
+    model.keep_for(0.0)
     model.in_flight = 1
     model.stop_if_idle(time.monotonic())
     assert stops == []  # never under a request
@@ -58,9 +58,9 @@ def test_keep_alive_zero_stops_once_idle_and_is_forgotten_with_the_stop() -> Non
 
 def test_keep_alive_for_ever_outlasts_the_ttl() -> None:
     model, stops = ready_model("1s")
-    model.keep_alive = math.inf
+    model.keep_for(math.inf)
     model.stop_if_idle(time.monotonic() + 3600)
     assert stops == []
-    model.keep_alive = None
+    model.keep_for(None)
     model.stop_if_idle(time.monotonic() + 3600)
     assert stops == ["_stop"]

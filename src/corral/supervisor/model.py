@@ -223,6 +223,11 @@ class ManagedModel:
             return None if math.isinf(self.keep_alive) else self.keep_alive
         return self.spec.ttl or None
 
+    def keep_for(self, seconds: float | None) -> None:
+        """How long to stay loaded once idle, as a client asked (Ollama's ``keep_alive``):
+        ``inf`` for ever, 0 stop once idle, None back to ``ttl``. Forgotten when it stops."""
+        self.keep_alive = seconds
+
     def expires_at(self) -> float | None:
         """When (monotonic) the idle reaper will stop it if nothing uses it; None: never."""
         limit = self.idle_limit

@@ -6,7 +6,7 @@ metrics (``endpoint`` is the route, ``/api/chat``) and log line; only the body g
 answer coming back are translated (``translate``, ``stream``). Errors are Ollama's
 ``{"error": "..."}`` with corral's status codes.
 
-``keep_alive`` sets how long the model stays loaded once idle (``ManagedModel.keep_alive``,
+``keep_alive`` sets how long the model stays loaded once idle (``ManagedModel.keep_for``,
 which the idle reaper reads instead of its ``ttl``), when the answer ends; a request without it
 puts the configured ``ttl`` back. A request with nothing to generate loads the model
 (``done_reason: "load"``), or with ``keep_alive: 0`` unloads it now through the supervisor, as
@@ -127,7 +127,7 @@ class OllamaApi:
             def answer(upstream: httpx.Response, finish: Callable[[], None],
                        headers: list[tuple[bytes, bytes]]) -> Answer:
                 def done() -> None:
-                    model.keep_alive = translated.keep_alive  # before the lease's release
+                    model.keep_for(translated.keep_alive)  # before the lease's release
                     finish()
                 return Answer(upstream, done, headers, translated=translated, model=asked,
                               started=started,
@@ -153,7 +153,7 @@ class OllamaApi:
         else:
             was_serving = model.state.serving
             (await supervisor.acquire(model)).release()
-            model.keep_alive = translated.keep_alive
+            model.keep_for(translated.keep_alive)
             reason = "load"
         seconds = time.perf_counter() - started
         self.proxy.instruments.request_done(model.name, endpoint(request), 200, seconds, None)
