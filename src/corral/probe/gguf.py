@@ -21,6 +21,9 @@ from corral.placement.profile import ModelProfile, profile_from_fields
 # would cost a second per read.
 _LENGTH_ONLY = {"tokenizer.ggml.tokens"}
 _SKIPPED_PREFIX = "tokenizer."
+# Tokenizer keys that are small and describe the model (the Ollama API shows them): kept.
+_KEPT = frozenset({"tokenizer.chat_template", "tokenizer.ggml.fim_pre_token_id",
+                   "tokenizer.ggml.model"})
 
 
 def read_profile(path: str | os.PathLike[str]) -> ModelProfile:
@@ -168,7 +171,8 @@ def _scan_header(path: str) -> tuple[dict[str, object], list[tuple[str, int]]]:
         for _ in range(n_kv):
             key = scan.string()
             kind = scan.unpack("<I")
-            keep = key in _LENGTH_ONLY or not key.startswith((_SKIPPED_PREFIX, "GGUF."))
+            keep = (key in _LENGTH_ONLY or key in _KEPT
+                    or not key.startswith((_SKIPPED_PREFIX, "GGUF.")))
             value = scan.value(kind, keep=keep)
             if key in _LENGTH_ONLY and isinstance(value, int):
                 fields[key] = range(value)

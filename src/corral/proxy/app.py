@@ -23,6 +23,7 @@ from corral.errors import out_of_files
 from corral.proxy.drain import DrainGuard
 from corral.proxy.errors import BadRequestError, error_response, response_for
 from corral.proxy.handlers import Proxy
+from corral.proxy.ollama import routes as ollama_routes
 from corral.proxy.routing import INFERENCE_PATHS
 from corral.proxy.websafety import WebGuard
 
@@ -85,6 +86,7 @@ def build_app(
               methods=["GET"]),
         *admin_routes,
     ]
+    routes += ollama_routes(proxy)  # the Ollama API, through the same handlers
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: _http_error, OSError: _os_error})
     # Starlette would answer a trailing slash with a redirect to a URL built from the client's

@@ -42,6 +42,10 @@ from corral.supervisor import Lease, ManagedModel, Supervisor
 log = structlog.get_logger("corral.proxy")
 
 Handler = Callable[[Request], Awaitable[Response]]
+# Makes the client's answer from the child's open response: ``UpstreamResponse`` passes it
+# through; another API's translation (``corral.proxy.ollama``) subclasses it.
+Responder = Callable[[httpx.Response, Callable[[], None], list[tuple[bytes, bytes]]],
+                     UpstreamResponse]
 
 
 class Proxy:
@@ -154,7 +158,12 @@ class Proxy:
         uses_slot: bool,
         touch: bool = True,
         streams: bool = True,
+        upstream_path: str | None = None,
+        respond: Responder = UpstreamResponse,
     ) -> Response:
+        """Admit (when it ``uses_slot``), lease, send ``body`` to the child at ``upstream_path``
+        (default: the request's own path) and answer with ``respond``; counted and logged once
+        when the answer ends. Raises corral's errors before the answer starts."""
         queue = self.queues.get(model.name)
         if queue is None:  # a reload removed the model while this request was being read
             raise ModelUnavailableError.removed(model.name)
@@ -169,7 +178,7 @@ class Proxy:
             self.instruments.queue_wait.labels(model.name).observe(waited)
         try:
             sending = self._send(request, model, body, queue if uses_slot else None, touch,
-                                 streams)
+                                 streams, upstream_path)
             if uses_slot:
                 # A non-streamed answer has no headers until it is complete: a client that
                 # leaves meanwhile must free the child's slot now, not after the generation.
@@ -202,7 +211,7 @@ class Proxy:
                      status=upstream.status_code, client_gone=response.client_gone,
                      upstream_error=response.upstream_error, seconds=round(seconds, 4))
 
-        response = UpstreamResponse(upstream, finish, [(b"x-request-id", request_id.encode())])
+        response = respond(upstream, finish, [(b"x-request-id", request_id.encode())])
         return response  # type: ignore[return-value]
 
     async def _send(
@@ -213,6 +222,7 @@ class Proxy:
         queue: AdmissionQueue | None,
         touch: bool = True,
         streams: bool = True,
+        upstream_path: str | None = None,
     ) -> tuple[Lease, httpx.Response]:
         """A lease and the child's open response; waits for a load or restart if needed.
 
@@ -228,7 +238,8 @@ class Proxy:
                     queue.loading -= 1
             try:
                 upstream = await send_upstream(
-                    lease.client, model.name, request.method, request.url.path,
+                    lease.client, model.name, request.method,
+                    upstream_path or request.url.path,
                     request.scope["query_string"], request.headers.raw, body,
                     # The read timeout bounds the silence between chunks of a stream. A
                     # non-streamed answer is silent until done: it gets the (long) generation
@@ -270,6 +281,10 @@ class Proxy:
                  client=_client(request), method=request.method, path=clip(request.url.path),
                  status=response.status_code, error=str(exc), seconds=round(seconds, 4))
         return response
+
+    # For the handlers of other APIs (corral.proxy.ollama): the same admission, counts, logs.
+    forward = _forward
+    answer_error = _error
 
     def guarded(
         self, handler: Handler, scope: str, public: Callable[[], bool] = lambda: False

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections import deque
 from collections.abc import Coroutine
@@ -96,6 +97,10 @@ class ManagedModel:
         self.last_error: str | None = None
         self.last_stop_reason: StopReason | None = None
         self.slot_ctx: int | None = None  # what the child reports per slot, not what was asked
+        self.load_seconds = 0.0  # how long its last successful load took
+        # How long it may stay idle, as an Ollama client's keep_alive asked (inf: for ever,
+        # 0: stop once idle); None: its configured ttl. Forgotten when it stops.
+        self.keep_alive: float | None = None
         restart = host.config.file.restart
         self.restarts = RestartPolicy(restart.max_failures, restart.window)
         self.retry_at = 0.0
@@ -213,13 +218,31 @@ class ManagedModel:
             self.last_stop_reason = reason
             self._enter(ModelState.UNLOADED)
 
+    @property
+    def idle_limit(self) -> float | None:
+        """How long it may stay idle before it is stopped: ``keep_alive`` if a client set one,
+        else ``ttl``; None: never (``ttl: 0``, or a negative keep_alive)."""
+        if self.keep_alive is not None:
+            return None if math.isinf(self.keep_alive) else self.keep_alive
+        return self.spec.ttl or None
+
+    def keep_for(self, seconds: float | None) -> None:
+        """How long to stay loaded once idle, as a client asked (Ollama's ``keep_alive``):
+        ``inf`` for ever, 0 stop once idle, None back to ``ttl``. Forgotten when it stops."""
+        self.keep_alive = seconds
+
+    def expires_at(self) -> float | None:
+        """When (monotonic) the idle reaper will stop it if nothing uses it; None: never."""
+        limit = self.idle_limit
+        return None if limit is None else self.last_used + limit
+
     def stop_if_idle(self, now: float) -> None:
-        """Stop a ready child that served nothing for ``ttl`` (0: never)."""
-        ttl = self.spec.ttl
-        if (self.state == ModelState.READY and ttl > 0 and self.in_flight == 0
-                and now - self.last_used >= ttl):
+        """Stop a ready child that served nothing for its ``idle_limit``."""
+        limit = self.idle_limit
+        if (self.state == ModelState.READY and limit is not None and self.in_flight == 0
+                and now - self.last_used >= limit):
             log.info("model_idle", model=self.name, idle_seconds=round(now - self.last_used, 1),
-                     ttl=ttl)
+                     ttl=limit, keep_alive=self.keep_alive is not None)
             self._begin_stop("idle")
 
     @property
@@ -312,6 +335,7 @@ class ManagedModel:
 
     def _begin_stop(self, reason: StopReason) -> None:
         self._enter(ModelState.STOPPING)
+        self.keep_alive = None  # the next load starts with the configured ttl
         self._transition = self.host.spawn(self._stop(reason))
 
     async def _load(self) -> None:
@@ -342,6 +366,7 @@ class ManagedModel:
                 self._fail("load interrupted", "load")
             raise
         self._enter(ModelState.READY)
+        self.load_seconds = time.monotonic() - started
         self.ready_at = time.time()
         self.last_used = time.monotonic()
         self.last_error = None
