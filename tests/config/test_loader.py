@@ -81,8 +81,11 @@ models:
         ({}, "models: required key is missing"),
         ({"models": {"m": {"path": "x"}}, "devices": [{"id": "cpu", "memory": "512MiB"}]},
          "devices.0.memory: 512.0 MiB leaves nothing once reserve.ram (1.0 GiB) is set aside"),
-        ({"models": {"m": {"path": "x", "args": ["-np", "8"]}}},
-         "models.m.args: '-np' is set by corral (use `slots`), got ['-np', '8']"),
+        ({"models": {"m": {"path": "x", "args": ["--host", "0.0.0.0"]}}},
+         "models.m.args: '--host' is set by corral (corral gives each child a private socket), "
+         "got ['--host', '0.0.0.0']"),
+        ({"models": {"m": {"path": "x", "slots": 4, "args": ["-np", "8"]}}},
+         "models.m.args: '-np 8' and models.m.slots: 4 disagree; give one of them"),
         ({"models": {"m": {"path": "x"}}, "llama_server": {"args": ["--port=1"]}},
          "llama_server.args: '--port' is set by corral (corral gives each child a private socket), "
          "got ['--port=1']"),

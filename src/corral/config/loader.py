@@ -94,11 +94,15 @@ def parse_config(data: Any, *, source: str = "<memory>", base_dir: Path | None =
     models: dict[str, ModelSpec] = {}
     names: dict[str, str] = {}
     for name, model in file.models.items():
-        path = Path(os.path.expanduser(model.path))
+        settings = resolve_settings(file.defaults, model)
+        if settings.draft is not None:
+            draft = settings.draft.model_copy(update={"path": str(_file(settings.draft.path,
+                                                                          base))})
+            settings = settings.model_copy(update={"draft": draft})
         models[name] = ModelSpec(
-            **dict(resolve_settings(file.defaults, model)),
+            **dict(settings),
             name=name,
-            path=path if path.is_absolute() else (base / path).resolve(),
+            path=_file(model.path, base),
             aliases=tuple(model.aliases),
             binary=model.binary,
             devices=None if model.devices is None else tuple(model.devices),
@@ -115,6 +119,12 @@ def parse_config(data: Any, *, source: str = "<memory>", base_dir: Path | None =
     if problems:
         raise ConfigError(source, problems)
     return Config(file=file, source=source, models=models, _names=names, api_keys=keys)
+
+
+def _file(given: str, base: Path) -> Path:
+    """A model file's absolute path: ``~`` expanded, relative paths taken from ``base``."""
+    path = Path(os.path.expanduser(given))
+    return path if path.is_absolute() else (base / path).resolve()
 
 
 def _resolve_keys(

@@ -19,13 +19,23 @@ from pydantic import (
     Field,
     PlainValidator,
     StringConstraints,
+    ValidationError,
     field_validator,
     model_validator,
 )
 
+from corral.config.tuning import (
+    CpuMoe,
+    DraftSettings,
+    FlashAttn,
+    SplitMode,
+    TensorOverride,
+    TensorSplit,
+)
 from corral.config.units import Duration, PositiveDuration, Size
 from corral.config.web import AllowedHost, CorsSettings
 from corral.llamacpp.flags import MMPROJ_FLAGS, check_args, check_env
+from corral.llamacpp.tuning import merge_tuning, read_tuning_flags
 
 
 def _gpu_layers(value: object) -> int | Literal["auto", "all"]:
@@ -144,6 +154,20 @@ class ModelSettings(StrictModel):
     gpu_layers: GpuLayers = "auto"
     cache_type_k: CacheType = "f16"
     cache_type_v: CacheType = "f16"
+    # llama-server's tuning (corral.config.tuning); each also read from its flag in `args`.
+    batch_size: Annotated[int, Field(ge=1)] = 2048
+    ubatch_size: Annotated[int, Field(ge=1)] = 512
+    flash_attn: FlashAttn = "auto"
+    cpu_moe: CpuMoe = 0
+    tensor_overrides: tuple[TensorOverride, ...] = ()
+    draft: DraftSettings | None = None
+    kv_unified: bool = False
+    kv_offload: bool = True
+    swa_full: bool = False
+    ctx_checkpoints: Annotated[int, Field(ge=0)] = 2
+    prompt_cache: Size = Field(default=ByteSize(0))
+    tensor_split: TensorSplit = None
+    split_mode: SplitMode = "layer"
 
 
 def _group(settings: type[BaseModel], key: str) -> type[BaseModel] | None:
@@ -323,6 +347,11 @@ class ConfigFile(StrictModel):
     reserve: ReserveSettings = Field(default_factory=ReserveSettings)
     placement: Placement = DEFAULT_PLACEMENT
 
+    @model_validator(mode="before")
+    @classmethod
+    def _tuning_flags_are_settings(cls, data: object) -> object:
+        return _lift_tuning_flags(data)
+
     @model_validator(mode="after")
     def _names_are_unique(self) -> ConfigFile:
         owner: dict[str, str] = {name: name for name in self.models}
@@ -364,6 +393,52 @@ class ConfigFile(StrictModel):
                         f"auth.keys.{i}.models: {name!r} is not a configured model or alias"
                     )
         return self
+
+
+def _normalize(dotted: str, value: object) -> object:
+    """A tuning setting's validated value, for comparing a flag with its setting."""
+    group, _, name = dotted.rpartition(".")
+    try:
+        if group:
+            return getattr(DraftSettings.model_validate({"path": "-", name: value}), name)
+        return getattr(ModelSettings.model_validate({name: value}), name)
+    except ValidationError as exc:
+        raise ValueError(exc.errors(include_url=False)[0]["msg"].removeprefix("Value error, "))\
+            from None
+
+
+def _lift_tuning_flags(data: object) -> object:
+    """The raw file with the tuning flags of ``llama_server.args`` moved into ``defaults:``
+    and those of each model's ``args`` into its settings (``corral.llamacpp.tuning``)."""
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    server = data.get("llama_server")
+    if isinstance(server, dict) and isinstance(server.get("args"), list):
+        args, found, spelled = read_tuning_flags(_args_list(server["args"]), "llama_server.args")
+        data["llama_server"] = {**server, "args": args}
+        defaults = data.get("defaults")
+        if found:
+            data["defaults"] = merge_tuning(defaults if isinstance(defaults, dict) else {},
+                                            found, spelled, "llama_server.args", "defaults",
+                                            _normalize)
+    models = data.get("models")
+    if isinstance(models, dict):
+        data["models"] = models = dict(models)
+        for name, model in models.items():
+            if not (isinstance(model, dict) and isinstance(model.get("args"), list)):
+                continue
+            where = f"models.{name}.args"
+            args, found, spelled = read_tuning_flags(_args_list(model["args"]), where)
+            models[name] = merge_tuning({**model, "args": args}, found, spelled, where,
+                                        f"models.{name}", _normalize)
+    return data
+
+
+def _args_list(args: list[object]) -> list[object]:
+    text = _args_as_text(args)
+    assert isinstance(text, list)
+    return text
 
 
 class ModelSpec(ModelSettings):
