@@ -20,6 +20,7 @@ from corral.placement.requests import declared_devices, placement_request
 from corral.probe.host import (
     child_socket,
     make_ledger,
+    read_draft,
     read_model,
     resolve_binary,
     socket_dir,
@@ -102,11 +103,12 @@ def build_report(config: Config, ledger: Ledger | None = None) -> PlanReport:
         report.models.append(entry)
         try:
             profile, projector = read_model(spec)
+            draft = read_draft(spec)
         except (OSError, ValueError) as exc:
             entry.error = f"cannot read the model file: {exc}"
             continue
         entry.n_layers = profile.n_layer + 1
-        request = placement_request(spec, config, projector)
+        request = placement_request(spec, config, projector, draft)
         try:
             entry.plan = plan_placement(profile, request, ledger.devices, ledger)
             ledger.reserve(spec.name, entry.plan.reservation)

@@ -247,7 +247,7 @@ def test_the_ledger_refuses_a_second_copy_of_the_same_free_bytes() -> None:
 def test_flash_attention_off_is_passed_and_estimated() -> None:
     on = plan_placement(llama31_8b(), ask(slots=1, ctx_per_slot=8192), ONE_24)
     off = plan_placement(llama31_8b(), ask(slots=1, ctx_per_slot=8192,
-                                                        flash_attn=False), ONE_24)
+                                                        flash_attn="off"), ONE_24)
     assert "--flash-attn" not in placement_flags(on) and arg(off, "--flash-attn") == "off"
     # attention scores 8192 x 512 x 32 heads x 4 bytes = 512 MiB now sit in the compute buffer,
     # where flash attention needed ~132 MiB in all

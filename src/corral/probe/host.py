@@ -46,6 +46,19 @@ def read_model(spec: ModelSpec) -> tuple[ModelProfile, int]:
         raise ValueError(f"{spec.path}: {type(exc).__name__}: {exc}") from exc
 
 
+def read_draft(spec: ModelSpec) -> ModelProfile | None:
+    """The profile of the model's draft model (``draft.path``), or None without one. Raises
+    as ``read_model`` does, the message naming the draft file."""
+    if spec.draft is None:
+        return None
+    try:
+        return read_profile(spec.draft.path)
+    except OSError as exc:
+        raise OSError(f"draft model {spec.draft.path}: {exc.strerror or exc}") from exc
+    except Exception as exc:
+        raise ValueError(f"draft model {spec.draft.path}: {exc}") from exc
+
+
 def check_model_files(config: Config) -> list[str]:
     """Problems with the model files themselves: missing, unreadable, not GGUF, or a GGUF
     header that cannot be read (the weights after it are llama-server's to judge)."""
