@@ -85,6 +85,26 @@ class DraftSettings(BaseModel):
     tensor_overrides: tuple[TensorOverride, ...] = ()
 
 
+# The settings this module types, as ``corral plan`` and ``/admin/models`` show them.
+TUNING_SETTINGS = (
+    "batch_size", "ubatch_size", "flash_attn", "cpu_moe", "tensor_overrides", "draft",
+    "kv_unified", "kv_offload", "swa_full", "ctx_checkpoints", "prompt_cache", "tensor_split",
+    "split_mode",
+)
+
+
+def tuning_of(settings: BaseModel) -> dict[str, object]:
+    """A model's tuning settings as JSON values (``draft`` as its own mapping, or None)."""
+    return settings.model_dump(mode="json", include=set(TUNING_SETTINGS))
+
+
+def changed_tuning(settings: BaseModel) -> dict[str, object]:
+    """The tuning settings that differ from their defaults: one line of ``corral plan``."""
+    defaults = tuning_of(type(settings).model_construct())
+    return {name: value for name, value in tuning_of(settings).items()
+            if value != defaults[name]}
+
+
 def overrides(tensor_overrides: tuple[str, ...], cpu_moe: int | Literal["all"]
               ) -> tuple[tuple[str, str], ...]:
     """``(pattern, buffer)`` in the order llama-server tries them: ``-ot`` first, then the
