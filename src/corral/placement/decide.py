@@ -360,6 +360,10 @@ def plan_placement(
         raise ValueError(f"models.{request.name}.devices: pinned devices not found: "
                          f"{', '.join(unknown)} (this host has {', '.join(sorted(known))})")
     planner = _Planner(profile, request, devices, ledger)
+    if request.gpus_needed > len(planner.gpus):
+        raise ValueError(f"models.{request.name}: its tensor_overrides or tensor_split name "
+                         f"GPUs by number and so needs {request.gpus_needed} GPUs, "
+                         f"{len(planner.gpus)} allowed")
     for layout in planner.layouts():
         plan = planner.place(layout)
         if plan is not None:
