@@ -4,9 +4,9 @@ child, and taken into account by ``gpu_layers: auto`` and ``slots: auto``."""
 
 from __future__ import annotations
 
-import pytest
-
 from dataclasses import replace
+
+import pytest
 
 from corral.llamacpp.command import placement_flags
 from corral.placement.decide import NoFit, PlacementPlan, PlacementRequest, plan_placement
