@@ -17,18 +17,26 @@ Every server is killed before the next starts, also on errors; each run is bound
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Sequence
+import urllib.request
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from corral.placement.estimate import DeviceEstimate, MemoryEstimate, estimate_memory
+from corral.placement.estimate import (
+    DeviceEstimate,
+    MemoryEstimate,
+    checkpoint_bytes,
+    estimate_memory,
+)
 from corral.probe.gguf import read_profile
 from corral.probe.usage import ReportedMemory, parse_buffer_sizes
 
@@ -58,6 +66,7 @@ class Case:
     kv_unified: bool = False
     swa_full: bool = False
     draft: str | None = None  # a draft model (-md), by the same names as ``model``
+    checkpoints: int = 0  # --ctx-checkpoints, measured by sending a long prompt once loaded
 
     def label(self) -> str:
         cache = self.type_k if self.type_k == self.type_v else f"{self.type_k}/{self.type_v}"
@@ -65,6 +74,7 @@ class Case:
             (not self.flash_attn, "no FA"), (self.ubatch != 512, f"-ub {self.ubatch}"),
             (self.kv_unified, "unified KV"), (self.swa_full, "full SWA"),
             (self.draft is not None, f"draft {self.draft}"),
+            (self.checkpoints > 0, f"{self.checkpoints} checkpoints"),
         ) if on]
         return ", ".join([f"{self.slots} x {self.ctx}", cache, *extras])
 
@@ -105,7 +115,12 @@ CASES = [
     Case("swa", 2, 4096, swa_full=True),
     Case("smollm2", 2, 2048, draft="smollm2"),
     Case("smollm2", 1, 4096, "q8_0", "q8_0", draft="smollm2"),
+    Case("swa", 1, 2048, checkpoints=2),
 ]
+# A prompt of about 1500 tokens (the synthetic vocabulary is byte-level): long enough for two
+# checkpoints to be created while it is processed.
+CHECKPOINT_PROMPT = "abcdefghij " * 136
+CHECKPOINT = re.compile(r"created context checkpoint \d+ of \d+ .*size = ([\d.]+) MiB")
 
 
 def free_port() -> int:
@@ -131,25 +146,46 @@ def server_args(case: Case, model: Path, port: int, draft: Path | None = None) -
         *(["--swa-full"] if case.swa_full else []),
         *(["--model-draft", str(draft), "--cache-type-k-draft", case.type_k,
            "--cache-type-v-draft", case.type_v] if draft is not None else []),
+        "--ctx-checkpoints", str(case.checkpoints),
     ]
 
 
 def measure(binary: str, case: Case, model: Path, draft: Path | None
-            ) -> tuple[ReportedMemory, list[str]]:
-    """Start llama-server for ``case``, collect its log until it is loaded, then kill it."""
-    cmd = [binary, *server_args(case, model, free_port(), draft)]
+            ) -> tuple[ReportedMemory, int, list[str]]:
+    """Start llama-server for ``case``, collect its log until it is loaded (and, for a case
+    with checkpoints, until it has processed a long prompt), then kill it. Returns the buffers,
+    the bytes of the checkpoints it kept, and the log."""
+    port = free_port()
+    cmd = [binary, *server_args(case, model, port, draft)]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,
     )
     lines: list[str] = []
-    deadline = time.monotonic() + RUN_TIMEOUT
+    assert proc.stdout is not None
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout or ()), daemon=True)
+    reader.start()
+
+    def wait_for(done: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while not done() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+
     try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            if READY.search(line) or time.monotonic() > deadline:
-                break
+        wait_for(lambda: any(READY.search(line) for line in list(lines)))
+        kept = 0
+        if case.checkpoints:
+            body = json.dumps({"prompt": CHECKPOINT_PROMPT, "n_predict": 1}).encode()
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/completion", data=body,
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=RUN_TIMEOUT * 4) as reply:
+                reply.read()
+
+            def created() -> list[float]:
+                return [float(m.group(1)) for line in list(lines)
+                        if (m := CHECKPOINT.search(line))]
+            wait_for(lambda: len(created()) >= case.checkpoints)
+            kept = round(sum(created()[-case.checkpoints:]) * MiB)
     finally:
         # The server runs in its own session: kill its whole process group, then reap it.
         try:
@@ -157,9 +193,9 @@ def measure(binary: str, case: Case, model: Path, draft: Path | None
         except ProcessLookupError:
             pass
         proc.wait(timeout=30)
-        if proc.stdout is not None:
-            proc.stdout.close()
-    return parse_buffer_sizes(lines), lines
+        reader.join(timeout=30)
+        proc.stdout.close()
+    return parse_buffer_sizes(lines), kept, lines
 
 
 def estimate(case: Case, model: Path, draft: Path | None) -> MemoryEstimate:
@@ -186,7 +222,9 @@ def mib(n: int) -> str:
     return f"{n / MiB:.2f}"
 
 
-def row(case: Case, rep: ReportedMemory, est: MemoryEstimate) -> tuple[str, float]:
+def row(case: Case, rep: ReportedMemory, kept: int, est: MemoryEstimate, planned: int
+        ) -> tuple[str, float]:
+    """One table row; ``kept`` / ``planned``: the checkpoints' bytes, reported and estimated."""
     e = est.on("cpu")
     pairs = [
         (rep.component("weights"), e.weights),
@@ -194,26 +232,33 @@ def row(case: Case, rep: ReportedMemory, est: MemoryEstimate) -> tuple[str, floa
          e.recurrent_state),
         (rep.component("output"), e.output),
         (rep.component("compute"), e.compute),
-        (rep.total(), e.total),
     ]
-    error = (e.total - rep.total()) / rep.total() * 100
+    total, estimated = rep.total() + kept, e.total + planned
+    error = (estimated - total) / total * 100
     cells = " | ".join(f"{mib(r)} / {mib(x)}" for r, x in pairs)
-    return f"| {case.model} | {case.label()} | {cells} | {error:+.2f}% |", error
+    checkpoints = f"{mib(kept)} / {mib(planned)}" if case.checkpoints else "-"
+    return (f"| {case.model} | {case.label()} | {cells} | {checkpoints} | "
+            f"{mib(total)} / {mib(estimated)} | {error:+.2f}% |"), error
 
 
 def table(binary: str, models_dir: Path, cases: Sequence[Case]) -> tuple[list[str], float]:
     paths = {"smollm2": SMOLLM2, **write_all(models_dir, list(MODELS))}
     lines = [
-        "| model | slots x ctx, cache | weights | KV cache | output | compute | total | error |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model | slots x ctx, cache | weights | KV cache | output | compute | checkpoints "
+        "| total | error |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     worst = 0.0
     for case in cases:
         draft = None if case.draft is None else paths[case.draft]
-        rep, log = measure(binary, case, paths[case.model], draft)
-        if rep.total() == 0:
-            raise RuntimeError(f"{case}: llama-server printed no buffer sizes:\n{''.join(log)}")
-        text, error = row(case, rep, estimate(case, paths[case.model], draft))
+        rep, kept, log = measure(binary, case, paths[case.model], draft)
+        if rep.total() == 0 or (case.checkpoints and not kept):
+            raise RuntimeError(f"{case}: llama-server printed no buffer sizes or "
+                               f"checkpoints:\n{''.join(log)}")
+        planned = case.checkpoints * case.slots * checkpoint_bytes(
+            read_profile(paths[case.model]), case.ctx, case.type_k, case.type_v,
+            case.flash_attn) if case.checkpoints else 0
+        text, error = row(case, rep, kept, estimate(case, paths[case.model], draft), planned)
         print(text, flush=True)
         lines.append(text)
         worst = max(worst, abs(error))
