@@ -165,3 +165,13 @@ def test_every_spelling_of_a_tuning_flag_is_read(llama_server: str) -> None:
         if group & TUNING_FLAGS.keys():
             missing |= group - TUNING_FLAGS.keys()
     assert not missing, f"spellings of tuning flags corral does not read: {sorted(missing)}"
+
+
+def test_flash_attention_off_with_a_quantized_v_cache_is_refused_across_defaults() -> None:
+    # llama.cpp cannot store a quantized V cache transposed: each setting alone is valid.
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"defaults": {"flash_attn": "off"},
+                      "models": {"m": {"path": "x", "args": ["-ctvd", "q8_0", "-md", "d"]}}})
+    assert caught.value.problems == [
+        "models.m.flash_attn: off, but a quantized V cache (draft.cache_type_v: q8_0) needs "
+        "flash attention"]

@@ -115,10 +115,24 @@ def parse_config(data: Any, *, source: str = "<memory>", base_dir: Path | None =
     for name, model in file.models.items():
         names.update({alias: name for alias in model.aliases})
     keys = _resolve_keys(file, names, source, base)
-    problems = _exposure_problems(file, keys)
+    problems = _exposure_problems(file, keys) + [
+        problem for name, spec in models.items() for problem in _tuning_problems(name, spec)]
     if problems:
         raise ConfigError(source, problems)
     return Config(file=file, source=source, models=models, _names=names, api_keys=keys)
+
+
+def _tuning_problems(name: str, spec: ModelSpec) -> list[str]:
+    """Settings that are each valid but that llama-server cannot run together (they may come
+    from ``defaults:`` and the model apart)."""
+    problems = []
+    quantized = [f"{key}: {owner.cache_type_v}"
+                 for owner, key in ((spec, "cache_type_v"), (spec.draft, "draft.cache_type_v"))
+                 if owner is not None and owner.cache_type_v != "f16"]
+    if spec.flash_attn == "off" and quantized:
+        problems.append(f"models.{name}.flash_attn: off, but a quantized V cache "
+                        f"({', '.join(quantized)}) needs flash attention")
+    return problems
 
 
 def _file(given: str, base: Path) -> Path:
