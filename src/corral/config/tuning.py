@@ -22,7 +22,7 @@ EXPERTS_PATTERN = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
 _BUFFER = re.compile(r"^(CPU|CUDA\d+)$")
 
 
-def _cpu_moe(value: object) -> int | Literal["all"]:
+def _all_or_layers(value: object) -> int | Literal["all"]:
     if value == "all":
         return "all"
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
@@ -57,17 +57,10 @@ def _tensor_split(value: object) -> tuple[float, ...] | None:
     raise ValueError("must be a list of proportions >= 0, one per GPU, e.g. [3, 1]")
 
 
-CpuMoe = Annotated[int | Literal["all"], PlainValidator(_cpu_moe)]
+AllOrLayers = Annotated[int | Literal["all"], PlainValidator(_all_or_layers)]
+CpuMoe = AllOrLayers
 TensorOverride = Annotated[str, PlainValidator(_tensor_override)]
 TensorSplit = Annotated[tuple[float, ...] | None, PlainValidator(_tensor_split)]
-
-
-def _draft_layers(value: object) -> int | Literal["all"]:
-    if value == "all":
-        return "all"
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    raise ValueError("must be 'all' or a number of layers >= 0")
 
 
 class DraftSettings(BaseModel):
@@ -78,7 +71,7 @@ class DraftSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     path: str = Field(min_length=1)
-    gpu_layers: Annotated[int | Literal["all"], PlainValidator(_draft_layers)] = "all"
+    gpu_layers: AllOrLayers = "all"
     cache_type_k: DraftCacheType = "f16"
     cache_type_v: DraftCacheType = "f16"
     cpu_moe: CpuMoe = 0
