@@ -129,12 +129,14 @@ def test_check_model_files(tmp_path: Path, smollm2_header: Path) -> None:
     (tmp_path / "junk.gguf").write_bytes(b"not a model at all")
     config = parse_config(
         {"models": {"good": {"path": str(smollm2_header)}, "junk": {"path": "junk.gguf"},
-                    "gone": {"path": "gone.gguf"}}},
+                    "gone": {"path": "gone.gguf"},
+                    "drafted": {"path": str(smollm2_header), "args": ["-md", "nodraft.gguf"]}}},
         base_dir=tmp_path,
     )
     assert check_model_files(config) == [
         f"models.junk.path: not a GGUF file (bad magic b'not '), got '{tmp_path}/junk.gguf'",
         f"models.gone.path: file does not exist, got '{tmp_path}/gone.gguf'",
+        f"models.drafted.draft.path: file does not exist, got '{tmp_path}/nodraft.gguf'",
     ]
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from corral.config.schema import DEFAULT_PLACEMENT, ModelSettings, Placement
 from corral.config.tuning import overrides
@@ -221,7 +222,7 @@ class _Planner:
         self, ngl: int, slots: int, ctx: int, split: Sequence[tuple[str, float]] | None
     ) -> MemoryEstimate:
         r, want = self.req, self.want
-        shared = dict(
+        shared: dict[str, Any] = dict(
             slots=slots, ctx_per_slot=ctx, gpu_split=split, n_batch=want.batch_size,
             n_ubatch=want.ubatch_size, flash_attn=want.flash_attn != "off",
             swa_full=want.swa_full, kv_offload=want.kv_offload, kv_unified=want.kv_unified,
@@ -232,7 +233,7 @@ class _Planner:
             gpu_layers=ngl if split else 0, gpu_overhead=r.gpu_overhead,
             host_overhead=r.host_overhead, cache_ram=int(want.prompt_cache),
             ctx_checkpoints=want.ctx_checkpoints, projector_bytes=r.projector_bytes,
-            overrides=r.overrides, **shared,  # type: ignore[arg-type]
+            overrides=r.overrides, **shared,
         )
         draft = want.draft
         if r.draft_profile is None or draft is None:
@@ -243,7 +244,7 @@ class _Planner:
         return with_draft(est, estimate_memory(
             r.draft_profile, cache_type_k=draft.cache_type_k, cache_type_v=draft.cache_type_v,
             gpu_layers=layers if split else 0, gpu_overhead=0, host_overhead=0,
-            overrides=r.draft_overrides, **shared,  # type: ignore[arg-type]
+            overrides=r.draft_overrides, **shared,
         ))
 
     def note_failure(self, fit: _Fit) -> None:

@@ -324,7 +324,7 @@ def estimate_memory(
     for il in range(n_layer):
         for dev, size in _layer_weights(profile, il, placement[il], overrides,
                                         gpu_split if not row_split else row_split).items():
-            if dev != CPU and row_split:
+            if dev == placement[il] != CPU and row_split:  # the layer's own, not an override
                 total_w = sum(max(0.0, w) for _, w in row_split)
                 for g, w in row_split:
                     acc.setdefault(g, _Acc()).weights += int(size * max(0.0, w) / total_w)
