@@ -19,7 +19,6 @@ from pydantic import (
     Field,
     PlainValidator,
     StringConstraints,
-    ValidationError,
     field_validator,
     model_validator,
 )
@@ -35,7 +34,7 @@ from corral.config.tuning import (
 from corral.config.units import Duration, PositiveDuration, Size
 from corral.config.web import AllowedHost, CorsSettings
 from corral.llamacpp.flags import MMPROJ_FLAGS, check_args, check_env
-from corral.llamacpp.tuning import merge_tuning, read_tuning_flags
+from corral.llamacpp.tuning import lift_tuning_flags
 
 
 def _gpu_layers(value: object) -> int | Literal["auto", "all"]:
@@ -350,7 +349,7 @@ class ConfigFile(StrictModel):
     @model_validator(mode="before")
     @classmethod
     def _tuning_flags_are_settings(cls, data: object) -> object:
-        return _lift_tuning_flags(data)
+        return lift_tuning_flags(data, ModelSettings)
 
     @model_validator(mode="after")
     def _names_are_unique(self) -> ConfigFile:
@@ -393,52 +392,6 @@ class ConfigFile(StrictModel):
                         f"auth.keys.{i}.models: {name!r} is not a configured model or alias"
                     )
         return self
-
-
-def _normalize(dotted: str, value: object) -> object:
-    """A tuning setting's validated value, for comparing a flag with its setting."""
-    group, _, name = dotted.rpartition(".")
-    try:
-        if group:
-            return getattr(DraftSettings.model_validate({"path": "-", name: value}), name)
-        return getattr(ModelSettings.model_validate({name: value}), name)
-    except ValidationError as exc:
-        raise ValueError(exc.errors(include_url=False)[0]["msg"].removeprefix("Value error, "))\
-            from None
-
-
-def _lift_tuning_flags(data: object) -> object:
-    """The raw file with the tuning flags of ``llama_server.args`` moved into ``defaults:``
-    and those of each model's ``args`` into its settings (``corral.llamacpp.tuning``)."""
-    if not isinstance(data, dict):
-        return data
-    data = dict(data)
-    server = data.get("llama_server")
-    if isinstance(server, dict) and isinstance(server.get("args"), list):
-        args, found, spelled = read_tuning_flags(_args_list(server["args"]), "llama_server.args")
-        data["llama_server"] = {**server, "args": args}
-        defaults = data.get("defaults")
-        if found:
-            data["defaults"] = merge_tuning(defaults if isinstance(defaults, dict) else {},
-                                            found, spelled, "llama_server.args", "defaults",
-                                            _normalize)
-    models = data.get("models")
-    if isinstance(models, dict):
-        data["models"] = models = dict(models)
-        for name, model in models.items():
-            if not (isinstance(model, dict) and isinstance(model.get("args"), list)):
-                continue
-            where = f"models.{name}.args"
-            args, found, spelled = read_tuning_flags(_args_list(model["args"]), where)
-            models[name] = merge_tuning({**model, "args": args}, found, spelled, where,
-                                        f"models.{name}", _normalize)
-    return data
-
-
-def _args_list(args: list[object]) -> list[object]:
-    text = _args_as_text(args)
-    assert isinstance(text, list)
-    return text
 
 
 class ModelSpec(ModelSettings):

@@ -6,7 +6,7 @@ so the memory estimate counts it and ``corral.llamacpp.command`` passes it to th
 Flags in ``llama_server.args`` stand beside ``defaults:``, a model's flags beside its own
 settings; a flag and its setting given together with different values is an error naming
 both. Every spelling llama.cpp accepts (common/arg.cpp, 515e855) is listed. Plain data and
-parsing: the config schema imports it.
+parsing: the config schema calls ``lift_tuning_flags`` before it validates the file.
 """
 
 from __future__ import annotations
@@ -14,6 +14,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from corral.config.tuning import DraftSettings
 
 MiB = 1 << 20
 _TRUE = ("on", "enabled", "true", "1")
@@ -141,8 +145,9 @@ def read_tuning_flags(args: list[Any], where: str) -> tuple[list[Any], dict[str,
         else:
             if eq:
                 raw = inline
-            elif i < len(args) and isinstance(args[i], str):
-                raw, i = args[i], i + 1
+            elif i < len(args) and isinstance(args[i], str | int | float) \
+                    and not isinstance(args[i], bool):
+                raw, i = str(args[i]), i + 1  # YAML reads `[-ub, 256]` as a number
             else:
                 raise ValueError(f"{where}: {name!r} needs a value")
             try:
@@ -189,3 +194,43 @@ def merge_tuning(
                     "give one of them")
         target[name] = value
     return merged
+
+
+def lift_tuning_flags(data: object, settings: type[BaseModel]) -> object:
+    """The raw config file ``data`` with the tuning flags of ``llama_server.args`` moved into
+    ``defaults:`` and those of each model's ``args`` into its settings; ``settings`` is the
+    class that validates a model's settings (``ModelSettings``)."""
+    if not isinstance(data, dict):
+        return data
+
+    def normalize(dotted: str, value: Any) -> Any:
+        group, _, name = dotted.rpartition(".")
+        try:
+            if group:
+                return getattr(DraftSettings.model_validate({"path": "-", name: value}), name)
+            return getattr(settings.model_validate({name: value}), name)
+        except ValidationError as exc:
+            message = exc.errors(include_url=False)[0]["msg"]
+            raise ValueError(message.removeprefix("Value error, ")) from None
+
+    data = dict(data)
+    server = data.get("llama_server")
+    if isinstance(server, dict) and isinstance(server.get("args"), list):
+        args, found, spelled = read_tuning_flags(server["args"], "llama_server.args")
+        data["llama_server"] = {**server, "args": args}
+        defaults = data.get("defaults")
+        if found:
+            data["defaults"] = merge_tuning(defaults if isinstance(defaults, dict) else {},
+                                            found, spelled, "llama_server.args", "defaults",
+                                            normalize)
+    models = data.get("models")
+    if isinstance(models, dict):
+        data["models"] = models = dict(models)
+        for name, model in models.items():
+            if not (isinstance(model, dict) and isinstance(model.get("args"), list)):
+                continue
+            where = f"models.{name}.args"
+            args, found, spelled = read_tuning_flags(model["args"], where)
+            models[name] = merge_tuning({**model, "args": args}, found, spelled, where,
+                                        f"models.{name}", normalize)
+    return data

@@ -47,7 +47,6 @@ from corral.placement.estimate import (
     DEFAULT_HOST_OVERHEAD,
     MemoryEstimate,
     estimate_memory,
-    gpus_named,
     with_draft,
 )
 from corral.placement.ledger import (
@@ -57,6 +56,7 @@ from corral.placement.ledger import (
     choose_evictions,
 )
 from corral.placement.profile import ModelProfile
+from corral.placement.tensors import gpus_named
 
 __all__ = [
     "EvictionCandidate",

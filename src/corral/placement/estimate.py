@@ -30,7 +30,6 @@ Everything is a pure function of its arguments; nothing here touches a file or a
 
 from __future__ import annotations
 
-import re
 import struct
 from bisect import bisect_right
 from collections.abc import Sequence
@@ -38,6 +37,7 @@ from dataclasses import dataclass, replace
 
 from corral.placement.devices import CPU
 from corral.placement.profile import ModelProfile
+from corral.placement.tensors import layer_weights
 
 MiB = 1 << 20
 CTX_PAD = 256  # llama.cpp pads the total and the per-sequence context to this
@@ -203,41 +203,6 @@ def _kv_bytes(
     return sizes
 
 
-def _target(buffer: str, gpu_split: Sequence[tuple[str, float]] | None) -> str:
-    """The device an override's buffer names: ``CPU``, or ``CUDAn``, the child's n-th GPU."""
-    if buffer == "CPU":
-        return CPU
-    index = int(buffer.removeprefix("CUDA"))
-    gpus = [g for g, _ in gpu_split or ()]
-    if index >= len(gpus):
-        raise ValueError(f"an override names {buffer}, but the child has {len(gpus)} GPU(s)")
-    return gpus[index]
-
-
-def gpus_named(overrides: Sequence[tuple[str, str]]) -> int:
-    """How many GPUs the child needs for ``overrides`` to name only GPUs it has."""
-    return max((int(b.removeprefix("CUDA")) + 1 for _, b in overrides if b != "CPU"), default=0)
-
-
-def _layer_weights(
-    profile: ModelProfile, il: int, device: str, overrides: Sequence[tuple[str, str]],
-    gpu_split: Sequence[tuple[str, float]] | None,
-) -> dict[str, int]:
-    """Bytes of block ``il`` per device: its layer's device, less the tensors an override
-    moves (llama_model_loader: the first pattern found in the name wins)."""
-    if not overrides or not profile.layer_tensors:
-        return {device: profile.layer_bytes[il]}
-    result: dict[str, int] = {}
-    for name, size in profile.layer_tensors[il]:
-        where = device
-        for pattern, buffer in overrides:
-            if re.search(pattern, name):
-                where = _target(buffer, gpu_split)
-                break
-        result[where] = result.get(where, 0) + size
-    return result
-
-
 def checkpoint_bytes(
     profile: ModelProfile, ctx_per_slot: int, cache_type_k: str = "f16",
     cache_type_v: str = "f16", flash_attn: bool = True,
@@ -322,7 +287,7 @@ def estimate_memory(
     acc[CPU].weights += profile.token_embd_bytes
     host_layers = [0] * n_layer  # bytes of each block kept in host memory
     for il in range(n_layer):
-        for dev, size in _layer_weights(profile, il, placement[il], overrides,
+        for dev, size in layer_weights(profile, il, placement[il], overrides,
                                         gpu_split if not row_split else row_split).items():
             if dev == placement[il] != CPU and row_split:  # the layer's own, not an override
                 total_w = sum(max(0.0, w) for _, w in row_split)
