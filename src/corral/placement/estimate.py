@@ -21,9 +21,16 @@ started with ``-np SLOTS -c SLOTS*CTX --fit off -ngl N [--tensor-split ...]``:
   ``ffn_width`` is the dense FFN width or, for mixture-of-experts, expert width x experts used.
   Without flash attention the attention scores ``cells*T*n_head*4`` (plus an f32 mask) can be
   the peak instead. A GPU that holds every layer leaves the CPU a small input buffer.
+- tuning (README, configuration reference): ``overrides`` (``-ot``, ``--cpu-moe``) move the
+  matching block tensors' bytes to the host or a named GPU (``corral.placement.tensors``);
+  ``kv_unified`` makes one cache stream of every cell (a sliding layer keeps a window per
+  slot); ``kv_offload=False`` keeps every layer's cache on the host; ``split_mode`` ``row``
+  spreads each offloaded layer's weights over the GPUs; a draft model is estimated alike with
+  the model's context parameters and added as ``draft`` (``with_draft``).
 - overhead: what no buffer line shows: a GPU's CUDA context, cuBLAS workspace and memory pool
   (``gpu_overhead`` per GPU used), the process itself on the host (``host_overhead``), the
-  prompt cache (``--cache-ram``) and context checkpoints (SWA and recurrent models only).
+  prompt cache (``--cache-ram``) and context checkpoints (SWA and recurrent models only, each
+  ``checkpoint_bytes``).
 
 Everything is a pure function of its arguments; nothing here touches a file or a device.
 """
