@@ -136,7 +136,7 @@ def _shown(value: object) -> str:
         return ", ".join(f"{k} {_shown(v)}" for k, v in value.items() if v not in ((), [], 0))
     if isinstance(value, list | tuple):
         return ",".join(map(str, value))
-    return str(value)
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _reserves(ledger: Ledger) -> tuple[int, int]:
