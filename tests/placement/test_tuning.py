@@ -11,7 +11,7 @@ import pytest
 from corral.llamacpp.command import placement_flags
 from corral.placement.decide import NoFit, PlacementPlan, PlacementRequest, plan_placement
 from corral.placement.devices import gpu, host
-from corral.placement.estimate import estimate_memory, pad
+from corral.placement.estimate import checkpoint_bytes, estimate_memory, pad
 from corral.placement.profile import ModelProfile
 from tests.placement.asking import ask
 from tests.placement.public_models import (
@@ -231,3 +231,12 @@ def test_split_mode_none_uses_one_gpu_and_row_spreads_the_weights() -> None:
     first, second = (row.estimate.on(g) for g in row.gpus)
     assert second.weights > 0 and second.kv_cache == 0 and first.kv_cache > 0
     assert flags(row)[flags(row).index("--split-mode") + 1] == "row"
+
+
+def test_a_checkpoint_saves_the_drafts_sliding_window_too() -> None:
+    def host_draft(checkpoints: int) -> int:
+        request = ask(slots=1, ctx_per_slot=8192, ctx_checkpoints=checkpoints,
+                      draft={"path": "d"})
+        plan = plan_placement(gemma3_27b(), _with_draft(request, gemma3_27b()), TWO_24)
+        return plan.estimate.on("cpu").draft
+    assert host_draft(3) - host_draft(0) == 3 * checkpoint_bytes(gemma3_27b(), 8192)

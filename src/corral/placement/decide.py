@@ -240,11 +240,14 @@ class _Planner:
             return est
         # llama-server gives the draft the model's context parameters and its own weights,
         # cache types, -ngld and overrides, on the same GPUs and split (speculative.cpp).
+        # A checkpoint of the model's saves the draft's partial state too (server-context.cpp).
         layers = r.draft_profile.n_layer + 1 if draft.gpu_layers == "all" else draft.gpu_layers
+        checkpoints = est.swa_cells or any(self.profile.recurrent_layers)
         return with_draft(est, estimate_memory(
             r.draft_profile, cache_type_k=draft.cache_type_k, cache_type_v=draft.cache_type_v,
             gpu_layers=layers if split else 0, gpu_overhead=0, host_overhead=0,
-            overrides=r.draft_overrides, **shared,
+            overrides=r.draft_overrides,
+            ctx_checkpoints=want.ctx_checkpoints if checkpoints else 0, **shared,
         ))
 
     def note_failure(self, fit: _Fit) -> None:
