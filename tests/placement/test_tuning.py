@@ -240,3 +240,10 @@ def test_a_checkpoint_saves_the_drafts_sliding_window_too() -> None:
         plan = plan_placement(gemma3_27b(), _with_draft(request, gemma3_27b()), TWO_24)
         return plan.estimate.on("cpu").draft
     assert host_draft(3) - host_draft(0) == 3 * checkpoint_bytes(gemma3_27b(), 8192)
+
+
+def test_gpu_layers_auto_offloads_every_layer_once_experts_stay_on_the_host() -> None:
+    without = plan_placement(mixtral_8x7b(), ask(slots=1, ctx_per_slot=4096), ONE_24)
+    experts_home = plan_placement(mixtral_8x7b(), ask(slots=1, ctx_per_slot=4096,
+                                                      cpu_moe="all"), ONE_24)
+    assert without.gpu_layers < 33 and experts_home.gpu_layers == 33
