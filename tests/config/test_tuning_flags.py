@@ -26,6 +26,7 @@ EXAMPLES: dict[str, tuple[str, Any]] = {
     "ubatch_size": ("128", 128),
     "flash_attn": ("off", "off"),
     "cpu_moe": ("5", 5),
+    "cpu_ffn": ("4", 4),
     "tensor_overrides": ("ffn_up=CPU,attn_q=CUDA0", ("ffn_up=CPU", "attn_q=CUDA0")),
     "ctx_checkpoints": ("7", 7),
     "prompt_cache": ("512", 512 * MiB),

@@ -247,3 +247,14 @@ def test_gpu_layers_auto_offloads_every_layer_once_experts_stay_on_the_host() ->
     experts_home = plan_placement(mixtral_8x7b(), ask(slots=1, ctx_per_slot=4096,
                                                       cpu_moe="all"), ONE_24)
     assert without.gpu_layers < 33 and experts_home.gpu_layers == 33
+
+
+def test_cpu_ffn_keeps_the_dense_ffn_of_the_first_layers_on_the_host() -> None:
+    model = llama31_8b()
+    plain = plan_placement(model, ask(slots=1, ctx_per_slot=4096, gpu_layers="all"), ONE_24)
+    moved = plan_placement(model, ask(slots=1, ctx_per_slot=4096, gpu_layers="all",
+                                      cpu_ffn=2), ONE_24)
+    ffn = sum(size for il in (0, 1) for name, size in model.layer_tensors[il]
+              if name.split(".")[2] in ("ffn_up", "ffn_down", "ffn_gate"))
+    assert moved.estimate.on("cpu").weights - plain.estimate.on("cpu").weights == ffn > 0
+    assert flags(moved)[flags(moved).index("--n-cpu-ffn") + 1] == "2"

@@ -158,6 +158,7 @@ class ModelSettings(StrictModel):
     ubatch_size: Annotated[int, Field(ge=1)] = 512
     flash_attn: FlashAttn = "auto"
     cpu_moe: CpuMoe = 0
+    cpu_ffn: Annotated[int, Field(ge=0)] = 0
     tensor_overrides: tuple[TensorOverride, ...] = ()
     draft: DraftSettings | None = None
     kv_unified: bool = False

@@ -17,8 +17,10 @@ FlashAttn = Literal["auto", "on", "off"]
 SplitMode = Literal["layer", "row", "none"]
 DraftCacheType = Literal["f16", "q8_0", "q4_0"]
 
-# llama.cpp's pattern for the expert tensors --cpu-moe keeps on the host (common/common.h).
+# llama.cpp's patterns for the expert tensors --cpu-moe keeps on the host, and the dense FFN
+# tensors of --n-cpu-ffn (common/common.h).
 EXPERTS_PATTERN = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
+DENSE_FFN_PATTERN = r"\.ffn_(up|down|gate)\."
 _BUFFER = re.compile(r"^(CPU|CUDA\d+)$")
 
 
@@ -80,7 +82,7 @@ class DraftSettings(BaseModel):
 
 # The settings this module types, as ``corral plan`` and ``/admin/models`` show them.
 TUNING_SETTINGS = (
-    "batch_size", "ubatch_size", "flash_attn", "cpu_moe", "tensor_overrides", "draft",
+    "batch_size", "ubatch_size", "flash_attn", "cpu_moe", "cpu_ffn", "tensor_overrides", "draft",
     "kv_unified", "kv_offload", "swa_full", "ctx_checkpoints", "prompt_cache", "tensor_split",
     "split_mode",
 )
@@ -98,13 +100,15 @@ def changed_tuning(settings: BaseModel) -> dict[str, object]:
             if value != defaults[name]}
 
 
-def overrides(tensor_overrides: tuple[str, ...], cpu_moe: int | Literal["all"]
-              ) -> tuple[tuple[str, str], ...]:
+def overrides(tensor_overrides: tuple[str, ...], cpu_moe: int | Literal["all"],
+              cpu_ffn: int = 0) -> tuple[tuple[str, str], ...]:
     """``(pattern, buffer)`` in the order llama-server tries them: ``-ot`` first, then the
-    expert patterns ``--cpu-moe`` / ``--n-cpu-moe N`` add (the first match wins)."""
+    expert patterns ``--cpu-moe`` / ``--n-cpu-moe N`` add, then ``--n-cpu-ffn N``'s (corral
+    passes them in that order; the first match wins)."""
     pairs = [tuple(o.rsplit("=", 1)) for o in tensor_overrides]
     if cpu_moe == "all":
         pairs.append((EXPERTS_PATTERN, "CPU"))
     else:
         pairs += [(rf"blk\.{il}{EXPERTS_PATTERN}", "CPU") for il in range(cpu_moe)]
+    pairs += [(rf"blk\.{il}{DENSE_FFN_PATTERN}", "CPU") for il in range(cpu_ffn)]
     return tuple((p, b) for p, b in pairs)

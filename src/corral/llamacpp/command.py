@@ -63,6 +63,8 @@ def placement_flags(plan: PlacementPlan) -> list[str]:
         args.append("--swa-full")
     args += _override_flags("--override-tensor", want.tensor_overrides, want.cpu_moe,
                             "--cpu-moe", "--n-cpu-moe")
+    if want.cpu_ffn:
+        args += ["--n-cpu-ffn", str(want.cpu_ffn)]
     if plan.tensor_split:
         args += ["--split-mode", want.split_mode,
                  "--tensor-split", ",".join(map(str, plan.tensor_split))]

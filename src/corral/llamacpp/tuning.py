@@ -93,6 +93,7 @@ TUNING_FLAGS: dict[str, TuningFlag] = {
     **_spellings(TuningFlag("flash_attn", _flash_attn), "-fa", "--flash-attn"),
     **_spellings(TuningFlag("cpu_moe", const="all"), "-cmoe", "--cpu-moe"),
     **_spellings(TuningFlag("cpu_moe", _int), "-ncmoe", "--n-cpu-moe"),
+    **_spellings(TuningFlag("cpu_ffn", _int), "-ncffn", "--n-cpu-ffn"),
     **_spellings(TuningFlag("tensor_overrides", _overrides, appends=True),
                  "-ot", "--override-tensor"),
     **_spellings(TuningFlag("kv_unified", const=True), "-kvu", "--kv-unified"),

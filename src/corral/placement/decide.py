@@ -93,7 +93,8 @@ class PlacementRequest:
     @property
     def overrides(self) -> tuple[tuple[str, str], ...]:
         """The model's tensor overrides, ``-ot`` then ``--cpu-moe``, as llama-server tries them."""
-        return overrides(self.settings.tensor_overrides, self.settings.cpu_moe)
+        return overrides(self.settings.tensor_overrides, self.settings.cpu_moe,
+                         self.settings.cpu_ffn)
 
     @property
     def draft_overrides(self) -> tuple[tuple[str, str], ...]:
