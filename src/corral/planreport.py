@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from corral.config import Config, ModelSpec
+from corral.config.tuning import changed_tuning, tuning_of
 from corral.llamacpp.command import ChildCommand, child_command
 from corral.placement import Ledger, NoFit, PlacementPlan, plan_placement
 from corral.placement.devices import format_bytes
@@ -20,6 +21,7 @@ from corral.placement.requests import declared_devices, placement_request
 from corral.probe.host import (
     child_socket,
     make_ledger,
+    read_draft,
     read_model,
     resolve_binary,
     socket_dir,
@@ -45,10 +47,11 @@ class ModelPlan:
                 "devices": list(p.gpus) or ["cpu"], "gpu_layers": p.gpu_layers,
                 "layers": self.n_layers, "slots": p.slots, "ctx_per_slot": p.ctx_per_slot,
                 "tensor_split": list(p.tensor_split),
+                "slot_limit": p.estimate.slot_limit, "tuning": tuning_of(self.spec.settings),
                 "memory": {d.device: {"weights": d.weights, "kv_cache": d.kv_cache,
                                       "recurrent_state": d.recurrent_state, "output": d.output,
                                       "compute": d.compute, "overhead": d.overhead,
-                                      "total": d.total}
+                                      "draft": d.draft, "total": d.total}
                            for d in p.estimate.devices if d.total},
             })
         if self.command is not None:
@@ -102,11 +105,12 @@ def build_report(config: Config, ledger: Ledger | None = None) -> PlanReport:
         report.models.append(entry)
         try:
             profile, projector = read_model(spec)
+            draft = read_draft(spec)
         except (OSError, ValueError) as exc:
             entry.error = f"cannot read the model file: {exc}"
             continue
         entry.n_layers = profile.n_layer + 1
-        request = placement_request(spec, config, projector)
+        request = placement_request(spec, config, projector, draft)
         try:
             entry.plan = plan_placement(profile, request, ledger.devices, ledger)
             ledger.reserve(spec.name, entry.plan.reservation)
@@ -126,6 +130,15 @@ def build_report(config: Config, ledger: Ledger | None = None) -> PlanReport:
     return report
 
 
+def _shown(value: object) -> str:
+    """A tuning value for people: a draft by its file and layers, lists comma-separated."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_shown(v)}" for k, v in value.items() if v not in ((), [], 0))
+    if isinstance(value, list | tuple):
+        return ",".join(map(str, value))
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def _reserves(ledger: Ledger) -> tuple[int, int]:
     usage = {u.device.kind: u.reserve for u in ledger.snapshot()}
     return usage.get("gpu", 0), usage.get("cpu", 0)
@@ -143,14 +156,22 @@ def render(report: PlanReport) -> str:
             p = m.plan
             lines.append(f"  devices {', '.join(p.gpus) or 'cpu'}; layers on GPU "
                          f"{p.gpu_layers}/{m.n_layers}; {p.slots} slots x {p.ctx_per_slot} "
-                         "tokens" + (f"; tensor split {p.tensor_split}" if p.tensor_split else ""))
+                         "tokens" + (f"; tensor split {p.tensor_split}" if p.tensor_split else "")
+                         + (f" (unified KV cache: one slot may hold up to "
+                            f"{p.estimate.slot_limit})" if p.estimate.kv_unified else ""))
+            tuned = changed_tuning(m.spec.settings)
+            if tuned:
+                lines.append("  tuning: " + "; ".join(f"{k} {_shown(v)}"
+                                                      for k, v in tuned.items()))
             for d in p.estimate.devices:
                 if d.total:
                     lines.append(
                         f"  {d.device:>7}: weights {format_bytes(d.weights)}, KV "
                         f"{format_bytes(d.kv_cache + d.recurrent_state)}, compute "
                         f"{format_bytes(d.compute + d.output)}, overhead "
-                        f"{format_bytes(d.overhead)}, total {format_bytes(d.total)}")
+                        f"{format_bytes(d.overhead)}"
+                        + (f", draft model {format_bytes(d.draft)}" if d.draft else "")
+                        + f", total {format_bytes(d.total)}")
         if m.command is not None:
             lines.append(f"  command: {m.command.shell()}")
         if m.error:

@@ -81,8 +81,11 @@ models:
         ({}, "models: required key is missing"),
         ({"models": {"m": {"path": "x"}}, "devices": [{"id": "cpu", "memory": "512MiB"}]},
          "devices.0.memory: 512.0 MiB leaves nothing once reserve.ram (1.0 GiB) is set aside"),
-        ({"models": {"m": {"path": "x", "args": ["-np", "8"]}}},
-         "models.m.args: '-np' is set by corral (use `slots`), got ['-np', '8']"),
+        ({"models": {"m": {"path": "x", "args": ["--host", "0.0.0.0"]}}},
+         "models.m.args: '--host' is set by corral (corral gives each child a private socket), "
+         "got ['--host', '0.0.0.0']"),
+        ({"models": {"m": {"path": "x", "slots": 4, "args": ["-np", "8"]}}},
+         "models.m.args: '-np 8' and models.m.slots: 4 disagree; give one of them"),
         ({"models": {"m": {"path": "x"}}, "llama_server": {"args": ["--port=1"]}},
          "llama_server.args: '--port' is set by corral (corral gives each child a private socket), "
          "got ['--port=1']"),
@@ -126,12 +129,14 @@ def test_check_model_files(tmp_path: Path, smollm2_header: Path) -> None:
     (tmp_path / "junk.gguf").write_bytes(b"not a model at all")
     config = parse_config(
         {"models": {"good": {"path": str(smollm2_header)}, "junk": {"path": "junk.gguf"},
-                    "gone": {"path": "gone.gguf"}}},
+                    "gone": {"path": "gone.gguf"},
+                    "drafted": {"path": str(smollm2_header), "args": ["-md", "nodraft.gguf"]}}},
         base_dir=tmp_path,
     )
     assert check_model_files(config) == [
         f"models.junk.path: not a GGUF file (bad magic b'not '), got '{tmp_path}/junk.gguf'",
         f"models.gone.path: file does not exist, got '{tmp_path}/gone.gguf'",
+        f"models.drafted.draft.path: file does not exist, got '{tmp_path}/nodraft.gguf'",
     ]
 
 

@@ -186,8 +186,9 @@ def test_host_extras() -> None:
     base = estimate_memory(kv_split(), slots=2, ctx_per_slot=1024).on("cpu").overhead
     extra = estimate_memory(kv_split(), slots=2, ctx_per_slot=1024, cache_ram=100 * MiB,
                             ctx_checkpoints=3).on("cpu").overhead
-    swa_per_slot = 6 * 768 * 320 * 2  # sliding layers' cache of one slot
-    assert extra - base == 100 * MiB + 3 * 2 * swa_per_slot
+    # a checkpoint: the window's 256 cells of the 6 sliding layers, and each cell's position
+    checkpoint = 6 * 256 * 320 * 2 + 12 * 256
+    assert extra - base == 100 * MiB + 3 * 2 * checkpoint
     # a model without sliding or recurrent layers keeps no checkpoints
     assert estimate_memory(smollm2(), slots=1, ctx_per_slot=256, ctx_checkpoints=3).on(
         "cpu").overhead == estimate_memory(smollm2(), slots=1, ctx_per_slot=256).on(

@@ -57,3 +57,20 @@ def test_buffer_names() -> None:
     assert buffer_device("CUDA2") == "cuda:2"
     assert buffer_device("CUDA1", ["cuda:7", "cuda:4"]) == "cuda:4"
     assert buffer_device("Vulkan0") == "vulkan0"
+
+
+def test_a_draft_models_context_adds_its_own_compute_buffer() -> None:
+    # As printed by llama-server 515e855 (CPU), SmolLM2 with itself as the draft (-md): two
+    # contexts, each announcing itself and reserving its own compute buffer.
+    context = """\
+0.00.417.794 I llama_context: n_ctx_seq             = 2048
+0.00.417.869 I llama_context:        CPU  output buffer size =     0.38 MiB
+0.00.418.042 I llama_kv_cache:        CPU KV buffer size =    90.00 MiB
+0.00.522.509 I sched_reserve:        CPU compute buffer size =    16.64 MiB
+"""
+    log = ("0.00.412.166 I load_tensors:   CPU_Mapped model buffer size =    92.10 MiB\n"
+           + context + "0.00.742.868 I load_tensors:   CPU_Mapped model buffer size =    "
+           "92.10 MiB\n" + context).splitlines()
+    rep = parse_buffer_sizes(log)
+    assert rep.get("cpu", "compute") == 2 * round(16.64 * MiB)
+    assert rep.get("cpu", "kv_cache") == 180 * MiB

@@ -223,9 +223,10 @@ def test_corral_plan_fails_when_preloaded_models_do_not_fit(
 def test_actual_memory_and_rss_are_shown_and_an_overrun_is_logged(
     corral: Start, smollm2: Path
 ) -> None:
-    # Every way to make the real llama-server use much more than the estimate (a draft model,
-    # tensor overrides) is refused in `args`, so the child that overruns is the fake, printing
-    # the buffer line llama-server prints, with 1 GiB of weights where the estimate has 92 MiB.
+    # Every flag that changes the real llama-server's memory is either part of the estimate (a
+    # draft model, tensor overrides: tuning settings) or refused in `args`, so the child that
+    # overruns is the fake, printing the buffer line llama-server prints, with 1 GiB of weights
+    # where the estimate has 92 MiB.
     server = corral({"models": {
         "plain": model(smollm2),
         "overrun": model(smollm2, binary=FAKE_LLAMA_SERVER, env={"FAKE_MODEL_MIB": "1024"}),

@@ -94,11 +94,15 @@ def parse_config(data: Any, *, source: str = "<memory>", base_dir: Path | None =
     models: dict[str, ModelSpec] = {}
     names: dict[str, str] = {}
     for name, model in file.models.items():
-        path = Path(os.path.expanduser(model.path))
+        settings = resolve_settings(file.defaults, model)
+        if settings.draft is not None:
+            draft = settings.draft.model_copy(update={"path": str(_file(settings.draft.path,
+                                                                          base))})
+            settings = settings.model_copy(update={"draft": draft})
         models[name] = ModelSpec(
-            **dict(resolve_settings(file.defaults, model)),
+            **dict(settings),
             name=name,
-            path=path if path.is_absolute() else (base / path).resolve(),
+            path=_file(model.path, base),
             aliases=tuple(model.aliases),
             binary=model.binary,
             devices=None if model.devices is None else tuple(model.devices),
@@ -111,10 +115,30 @@ def parse_config(data: Any, *, source: str = "<memory>", base_dir: Path | None =
     for name, model in file.models.items():
         names.update({alias: name for alias in model.aliases})
     keys = _resolve_keys(file, names, source, base)
-    problems = _exposure_problems(file, keys)
+    problems = _exposure_problems(file, keys) + [
+        problem for name, spec in models.items() for problem in _tuning_problems(name, spec)]
     if problems:
         raise ConfigError(source, problems)
     return Config(file=file, source=source, models=models, _names=names, api_keys=keys)
+
+
+def _tuning_problems(name: str, spec: ModelSpec) -> list[str]:
+    """Settings that are each valid but that llama-server cannot run together (they may come
+    from ``defaults:`` and the model apart)."""
+    problems = []
+    quantized = [f"{key}: {owner.cache_type_v}"
+                 for owner, key in ((spec, "cache_type_v"), (spec.draft, "draft.cache_type_v"))
+                 if owner is not None and owner.cache_type_v != "f16"]
+    if spec.flash_attn == "off" and quantized:
+        problems.append(f"models.{name}.flash_attn: off, but a quantized V cache "
+                        f"({', '.join(quantized)}) needs flash attention")
+    return problems
+
+
+def _file(given: str, base: Path) -> Path:
+    """A model file's absolute path: ``~`` expanded, relative paths taken from ``base``."""
+    path = Path(os.path.expanduser(given))
+    return path if path.is_absolute() else (base / path).resolve()
 
 
 def _resolve_keys(

@@ -23,9 +23,18 @@ from pydantic import (
     model_validator,
 )
 
+from corral.config.tuning import (
+    CpuMoe,
+    DraftSettings,
+    FlashAttn,
+    SplitMode,
+    TensorOverride,
+    TensorSplit,
+)
 from corral.config.units import Duration, PositiveDuration, Size
 from corral.config.web import AllowedHost, CorsSettings
 from corral.llamacpp.flags import MMPROJ_FLAGS, check_args, check_env
+from corral.llamacpp.tuning import lift_tuning_flags
 
 
 def _gpu_layers(value: object) -> int | Literal["auto", "all"]:
@@ -144,6 +153,21 @@ class ModelSettings(StrictModel):
     gpu_layers: GpuLayers = "auto"
     cache_type_k: CacheType = "f16"
     cache_type_v: CacheType = "f16"
+    # llama-server's tuning (corral.config.tuning); each also read from its flag in `args`.
+    batch_size: Annotated[int, Field(ge=1)] = 2048
+    ubatch_size: Annotated[int, Field(ge=1)] = 512
+    flash_attn: FlashAttn = "auto"
+    cpu_moe: CpuMoe = 0
+    cpu_ffn: Annotated[int, Field(ge=0)] = 0
+    tensor_overrides: tuple[TensorOverride, ...] = ()
+    draft: DraftSettings | None = None
+    kv_unified: bool = False
+    kv_offload: bool = True
+    swa_full: bool = False
+    ctx_checkpoints: Annotated[int, Field(ge=0)] = 2
+    prompt_cache: Size = Field(default=ByteSize(0))
+    tensor_split: TensorSplit = None
+    split_mode: SplitMode = "layer"
 
 
 def _group(settings: type[BaseModel], key: str) -> type[BaseModel] | None:
@@ -322,6 +346,11 @@ class ConfigFile(StrictModel):
     devices: list[DeviceConfig] | None = None  # None: discover (NVML GPUs and system RAM)
     reserve: ReserveSettings = Field(default_factory=ReserveSettings)
     placement: Placement = DEFAULT_PLACEMENT
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tuning_flags_are_settings(cls, data: object) -> object:
+        return lift_tuning_flags(data, ModelSettings)
 
     @model_validator(mode="after")
     def _names_are_unique(self) -> ConfigFile:

@@ -42,19 +42,53 @@ class ChildCommand:
 
 
 def placement_flags(plan: PlacementPlan) -> list[str]:
-    """The flags that make llama-server allocate exactly what ``plan`` estimated."""
-    r = plan.request
-    want = r.settings
+    """The flags that make llama-server allocate exactly what ``plan`` estimated: capacity and
+    layers, then every tuning setting (``corral.config.tuning``) that differs from
+    llama-server's own default or that corral sets itself."""
+    want = plan.request.settings
     args = ["-np", str(plan.slots), "-c", str(plan.ctx_total), "-ngl", str(plan.gpu_layers),
             "--fit", "off", "--cache-type-k", want.cache_type_k, "--cache-type-v",
             want.cache_type_v,
-            "-b", str(r.n_batch), "-ub", str(r.n_ubatch), "--cache-ram", str(r.cache_ram // MiB)]
-    if not r.flash_attn:
-        args += ["--flash-attn", "off"]
+            "-b", str(want.batch_size), "-ub", str(want.ubatch_size),
+            "--cache-ram", str(int(want.prompt_cache) // MiB)]
+    if want.flash_attn != "auto":
+        args += ["--flash-attn", want.flash_attn]
     if plan.checkpoints:
-        args += ["--ctx-checkpoints", str(r.ctx_checkpoints)]
+        args += ["--ctx-checkpoints", str(want.ctx_checkpoints)]
+    if want.kv_unified:
+        args.append("--kv-unified")
+    if not want.kv_offload:
+        args.append("--no-kv-offload")
+    if want.swa_full:
+        args.append("--swa-full")
+    args += _override_flags("--override-tensor", want.tensor_overrides, want.cpu_moe,
+                            "--cpu-moe", "--n-cpu-moe")
+    if want.cpu_ffn:
+        args += ["--n-cpu-ffn", str(want.cpu_ffn)]
     if plan.tensor_split:
-        args += ["--split-mode", "layer", "--tensor-split", ",".join(map(str, plan.tensor_split))]
+        args += ["--split-mode", want.split_mode,
+                 "--tensor-split", ",".join(map(str, plan.tensor_split))]
+    elif want.split_mode == "none" and plan.gpus:
+        args += ["--split-mode", "none"]
+    draft = want.draft
+    if draft is not None:
+        layers = draft.gpu_layers if plan.gpus else 0
+        args += ["--model-draft", draft.path, "--gpu-layers-draft", str(layers),
+                 "--cache-type-k-draft", draft.cache_type_k,
+                 "--cache-type-v-draft", draft.cache_type_v]
+        args += _override_flags("--override-tensor-draft", draft.tensor_overrides,
+                                draft.cpu_moe, "--cpu-moe-draft", "--n-cpu-moe-draft")
+    return args
+
+
+def _override_flags(flag: str, tensor_overrides: tuple[str, ...], cpu_moe: int | str,
+                    all_flag: str, n_flag: str) -> list[str]:
+    """``-ot`` first, then the expert offload: the order llama-server tries them in."""
+    args = [a for o in tensor_overrides for a in (flag, o)]
+    if cpu_moe == "all":
+        args.append(all_flag)
+    elif cpu_moe:
+        args += [n_flag, str(cpu_moe)]
     return args
 
 

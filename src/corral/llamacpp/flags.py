@@ -3,47 +3,26 @@
 Every flag listed here is set by corral for each child (``corral.llamacpp.command`` builds the
 command line) or would break routing, capacity, the memory estimate or the child's private API
 key. ``args`` and ``env`` in the config may not set them; the error says why. Every spelling
-llama.cpp accepts (common/arg.cpp) is listed. Plain data: the config schema imports it.
+llama.cpp accepts (common/arg.cpp) is listed. The tuning flags (batch sizes, flash attention,
+offload, draft model, ...) are not refused: ``corral.llamacpp.tuning`` reads them into their
+settings. Plain data: the config schema imports it.
 """
 
 from __future__ import annotations
 
 _RESERVED_BY_REASON: dict[str, tuple[str, ...]] = {
     "the model file is `path`": ("-m", "--model"),
-    "use `slots`": ("-np", "--parallel"),
-    "use `ctx_per_slot`": ("-c", "--ctx-size"),
+    "corral's context is per slot: use `ctx_per_slot` (llama-server's -c is slots x "
+    "ctx_per_slot)": ("-c", "--ctx-size"),
     "corral gives each child a private socket": ("--host", "--port"),
     "corral sets the model name": ("--alias", "-a"),
     "corral gives each child a private key": ("--api-key", "--api-key-file"),
-    "use `gpu_layers`": ("-ngl", "--gpu-layers", "--n-gpu-layers"),
-    "use `cache_type_k`": ("-ctk", "--cache-type-k"),
-    "use `cache_type_v`": ("-ctv", "--cache-type-v"),
     "corral decides the placement and passes --fit off": ("--fit", "-fit"),
-    "corral computes the tensor split": ("-ts", "--tensor-split"),
-    "corral chooses the split mode": ("-sm", "--split-mode"),
-    "use the model's `devices`": ("-dev", "--device", "-mg", "--main-gpu"),
-    "the memory estimate assumes corral's batch size": ("-b", "--batch-size"),
-    "the memory estimate assumes corral's micro-batch size": ("-ub", "--ubatch-size"),
-    "the memory estimate counts the prompt cache corral sets": ("--cache-ram", "-cram"),
-    "the memory estimate counts the checkpoints corral sets": (
-        "--ctx-checkpoints", "-ctxcp", "--swa-checkpoints",
+    "use the model's `devices`": (
+        "-dev", "--device", "-mg", "--main-gpu", "--spec-draft-device", "-devd",
+        "--device-draft",
     ),
-    "the memory estimate assumes the default sliding-window cache": ("--swa-full",),
-    "the memory estimate assumes the KV cache on the model's devices": (
-        "-nkvo", "--no-kv-offload", "-kvo", "--kv-offload",
-    ),
-    "the memory estimate assumes no expert offload": (
-        "--n-cpu-moe", "-ncmoe", "-cmoe", "--cpu-moe",
-    ),
-    "the memory estimate assumes flash attention as llama-server decides it": (
-        "-fa", "--flash-attn",
-    ),
-    "the memory estimate assumes the tensors where corral places them": (
-        "-ot", "--override-tensor",
-    ),
-    "the memory estimate assumes a KV cache per slot": (
-        "-kvu", "--kv-unified", "-no-kvu", "--no-kv-unified", "--kv-unified-per-slot",
-    ),
+    "use `kv_unified` with `ctx_per_slot`": ("--kv-unified-per-slot",),
     "the memory estimate assumes llama-server's default op offload": (
         "--no-op-offload", "--op-offload",
     ),
@@ -55,13 +34,12 @@ _RESERVED_BY_REASON: dict[str, tuple[str, ...]] = {
         "-hf", "-hfr", "--hf-repo", "-hff", "--hf-file", "-mu", "--model-url", "-dr",
         "--docker-repo",
     ),
+    "the draft model is `draft.path` (nothing is downloaded)": (
+        "-hfd", "-hfrd", "--hf-repo-draft", "--spec-draft-hf",
+    ),
     "corral is the router: one model per child": (
         "--models-dir", "--models-preset", "--models-max", "--models-autoload",
         "--no-models-autoload",
-    ),
-    "speculative decoding with a draft model is not supported: its memory is not counted": (
-        "-md", "--model-draft", "--spec-draft-model", "-hfd", "-hfrd", "--hf-repo-draft",
-        "--spec-draft-hf",
     ),
 }
 RESERVED_FLAGS = {flag: why for why, flags in _RESERVED_BY_REASON.items() for flag in flags}

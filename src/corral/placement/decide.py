@@ -35,8 +35,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from corral.config.schema import DEFAULT_PLACEMENT, ModelSettings, Placement
+from corral.config.tuning import overrides
 from corral.errors import NoFit  # re-exported: defined with every error
 from corral.placement.devices import CPU, Device, gpus
 from corral.placement.estimate import (
@@ -45,6 +47,7 @@ from corral.placement.estimate import (
     DEFAULT_HOST_OVERHEAD,
     MemoryEstimate,
     estimate_memory,
+    with_draft,
 )
 from corral.placement.ledger import (
     EvictionCandidate,
@@ -53,6 +56,7 @@ from corral.placement.ledger import (
     choose_evictions,
 )
 from corral.placement.profile import ModelProfile
+from corral.placement.tensors import gpus_named
 
 __all__ = [
     "EvictionCandidate",
@@ -76,12 +80,8 @@ class PlacementRequest:
     placement: Placement = DEFAULT_PLACEMENT
     devices: tuple[str, ...] | None = None  # pinned device ids; None = any
     min_ctx_per_slot: int = 2048  # the least an "auto" context may get (capped at n_ctx_train)
-    n_batch: int = 2048
-    n_ubatch: int = 512
-    flash_attn: bool = True  # False passes -fa off (bigger compute buffer, V cache transposed)
-    cache_ram: int = 0  # bytes for llama-server's --cache-ram prompt cache (0 disables it)
-    ctx_checkpoints: int = 2  # --ctx-checkpoints, kept in host memory by SWA/recurrent models
     projector_bytes: int = 0  # a multimodal projector's weights (--mmproj)
+    draft_profile: ModelProfile | None = None  # the draft model's, when settings.draft is set
     gpu_overhead: int = DEFAULT_GPU_OVERHEAD
     host_overhead: int = DEFAULT_HOST_OVERHEAD
     name: str = "model"  # for messages only
@@ -89,6 +89,26 @@ class PlacementRequest:
     def __post_init__(self) -> None:
         if self.min_ctx_per_slot < CTX_PAD:
             raise ValueError(f"min_ctx_per_slot must be >= {CTX_PAD}")
+
+    @property
+    def overrides(self) -> tuple[tuple[str, str], ...]:
+        """The model's tensor overrides, ``-ot`` then ``--cpu-moe``, as llama-server tries them."""
+        return overrides(self.settings.tensor_overrides, self.settings.cpu_moe,
+                         self.settings.cpu_ffn)
+
+    @property
+    def draft_overrides(self) -> tuple[tuple[str, str], ...]:
+        """The draft model's tensor overrides."""
+        d = self.settings.draft
+        return () if d is None else overrides(d.tensor_overrides, d.cpu_moe)
+
+    @property
+    def gpus_needed(self) -> int:
+        """The fewest GPUs a layout must have: overrides may name the child's n-th GPU, an
+        explicit tensor split gives one proportion per GPU."""
+        split = self.settings.tensor_split
+        return max(gpus_named(self.overrides), gpus_named(self.draft_overrides),
+                   len(split) if split else 0)
 
     def sized(self, slots: int, ctx_per_slot: int) -> PlacementRequest:
         """The same request with its capacity fixed at ``slots`` x ``ctx_per_slot``."""
@@ -164,10 +184,13 @@ class _Planner:
 
     def fit(self, layout_gpus: Sequence[Device], ngl: int, slots: int, ctx: int) -> _Fit:
         """Estimate one configuration; several GPUs are rebalanced until each fits if it can."""
-        weights = [float(max(1, self.free(g))) for g in layout_gpus]
+        fixed = self.want.tensor_split
+        weights = ([float(max(1, self.free(g))) for g in layout_gpus] if fixed is None
+                   else list(fixed[:len(layout_gpus)]))
         fit = self._check(layout_gpus, ngl, slots, ctx, weights)
         rounds = 0
-        while fit.shortfalls and len(layout_gpus) > 1 and rounds < _REBALANCE_ROUNDS:
+        while (fit.shortfalls and len(layout_gpus) > 1 and rounds < _REBALANCE_ROUNDS
+               and fixed is None):
             rounds += 1
             short = {s.device for s in fit.shortfalls}
             if CPU in short:
@@ -184,7 +207,10 @@ class _Planner:
         split = [(g.id, w) for g, w in zip(layout_gpus, weights, strict=True)]
         est = self._estimate(ngl, slots, ctx, split or None)
         counts = tuple(est.layer_devices.count(g.id) for g in layout_gpus)
-        if len(layout_gpus) > 1:
+        if self.want.split_mode == "row":
+            # Each matrix is cut in rows by these proportions: pass them, in thousandths.
+            counts = tuple(max(1, round(1000 * w / sum(weights))) for w in weights)
+        elif len(layout_gpus) > 1 and self.want.tensor_split is None:
             # Re-estimate with integer layer counts: what --tensor-split will really say.
             est = self._estimate(ngl, slots, ctx, [(g.id, float(c)) for g, c in
                                                     zip(layout_gpus, counts, strict=True)])
@@ -197,13 +223,33 @@ class _Planner:
         self, ngl: int, slots: int, ctx: int, split: Sequence[tuple[str, float]] | None
     ) -> MemoryEstimate:
         r, want = self.req, self.want
-        return estimate_memory(
-            self.profile, slots=slots, ctx_per_slot=ctx, cache_type_k=want.cache_type_k,
-            cache_type_v=want.cache_type_v, gpu_layers=ngl if split else 0, gpu_split=split,
-            n_batch=r.n_batch, n_ubatch=r.n_ubatch, flash_attn=r.flash_attn,
-            gpu_overhead=r.gpu_overhead, host_overhead=r.host_overhead, cache_ram=r.cache_ram,
-            ctx_checkpoints=r.ctx_checkpoints, projector_bytes=r.projector_bytes,
+        shared: dict[str, Any] = dict(
+            slots=slots, ctx_per_slot=ctx, gpu_split=split, n_batch=want.batch_size,
+            n_ubatch=want.ubatch_size, flash_attn=want.flash_attn != "off",
+            swa_full=want.swa_full, kv_offload=want.kv_offload, kv_unified=want.kv_unified,
+            split_mode=want.split_mode,
         )
+        est = estimate_memory(
+            self.profile, cache_type_k=want.cache_type_k, cache_type_v=want.cache_type_v,
+            gpu_layers=ngl if split else 0, gpu_overhead=r.gpu_overhead,
+            host_overhead=r.host_overhead, cache_ram=int(want.prompt_cache),
+            ctx_checkpoints=want.ctx_checkpoints, projector_bytes=r.projector_bytes,
+            overrides=r.overrides, **shared,
+        )
+        draft = want.draft
+        if r.draft_profile is None or draft is None:
+            return est
+        # llama-server gives the draft the model's context parameters and its own weights,
+        # cache types, -ngld and overrides, on the same GPUs and split (speculative.cpp).
+        # A checkpoint of the model's saves the draft's partial state too (server-context.cpp).
+        layers = r.draft_profile.n_layer + 1 if draft.gpu_layers == "all" else draft.gpu_layers
+        checkpoints = est.swa_cells or any(self.profile.recurrent_layers)
+        return with_draft(est, estimate_memory(
+            r.draft_profile, cache_type_k=draft.cache_type_k, cache_type_v=draft.cache_type_v,
+            gpu_layers=layers if split else 0, gpu_overhead=0, host_overhead=0,
+            overrides=r.draft_overrides,
+            ctx_checkpoints=want.ctx_checkpoints if checkpoints else 0, **shared,
+        ))
 
     def note_failure(self, fit: _Fit) -> None:
         """Remember the failed layout that is closest to fitting (prefer ones eviction helps)."""
@@ -215,7 +261,8 @@ class _Planner:
     def layouts(self) -> list[_Layout]:
         """Candidate layouts in preference order (rule 1)."""
         wanted = self.want.gpu_layers
-        cpu_only = [_Layout((), 0)] if self.cpu_layers_ok or not self.gpus else []
+        cpu_only = [_Layout((), 0)] if (self.cpu_layers_ok or not self.gpus) and not \
+            self.req.gpus_needed else []
         if wanted == 0 or not self.gpus:
             return cpu_only
         ngl = self.n_total if wanted in ("auto", "all") else min(int(wanted), self.n_total)
@@ -224,11 +271,16 @@ class _Planner:
         order = sorted(self.gpus, key=self.free, reverse=self.req.placement == "spread")
         by_free = sorted(self.gpus, key=self.free, reverse=True)
         result = [_Layout((g,), ngl) for g in order]
-        result += [_Layout(tuple(by_free[:k]), ngl) for k in range(2, len(by_free) + 1)]
+        if self.want.split_mode != "none":
+            result += [_Layout(tuple(by_free[:k]), ngl) for k in range(2, len(by_free) + 1)]
         if wanted == "auto" and self.cpu_layers_ok:
-            result.append(_Layout(tuple(by_free), -1))
+            result.append(_Layout(tuple(by_free[:1] if self.want.split_mode == "none"
+                                        else by_free), -1))
             result += cpu_only
-        return result
+        need = self.req.gpus_needed
+        split = self.want.tensor_split
+        return [layout for layout in result if not layout.gpus or (
+            len(layout.gpus) >= need and (split is None or len(layout.gpus) == len(split)))]
 
     def max_int(self, lo: int, hi: int, ok: Callable[[int], bool]) -> int | None:
         """Largest x in [lo, hi] with ok(x), assuming ok is monotone decreasing; None if none."""
@@ -272,7 +324,7 @@ class _Planner:
             )
             ctx = (steps or self.min_ctx // CTX_PAD) * CTX_PAD
         final = self.fit(g, ngl, slots, ctx)
-        if 0 in final.split and len(g) > 1:
+        if 0 in final.split and len(g) > 1 and self.want.split_mode == "layer":
             # A GPU left without layers would still get a CUDA context: leave it out entirely.
             kept = [(d, n) for d, n in zip(g, final.split, strict=True) if n]
             g = tuple(d for d, _ in kept)
@@ -313,6 +365,10 @@ def plan_placement(
         raise ValueError(f"models.{request.name}.devices: pinned devices not found: "
                          f"{', '.join(unknown)} (this host has {', '.join(sorted(known))})")
     planner = _Planner(profile, request, devices, ledger)
+    if request.gpus_needed > len(planner.gpus):
+        raise ValueError(f"models.{request.name}: its tensor_overrides or tensor_split name "
+                         f"GPUs by number and so needs {request.gpus_needed} GPUs, "
+                         f"{len(planner.gpus)} allowed")
     for layout in planner.layouts():
         plan = planner.place(layout)
         if plan is not None:

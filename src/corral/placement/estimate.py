@@ -21,9 +21,16 @@ started with ``-np SLOTS -c SLOTS*CTX --fit off -ngl N [--tensor-split ...]``:
   ``ffn_width`` is the dense FFN width or, for mixture-of-experts, expert width x experts used.
   Without flash attention the attention scores ``cells*T*n_head*4`` (plus an f32 mask) can be
   the peak instead. A GPU that holds every layer leaves the CPU a small input buffer.
+- tuning (README, configuration reference): ``overrides`` (``-ot``, ``--cpu-moe``) move the
+  matching block tensors' bytes to the host or a named GPU (``corral.placement.tensors``);
+  ``kv_unified`` makes one cache stream of every cell (a sliding layer keeps a window per
+  slot); ``kv_offload=False`` keeps every layer's cache on the host; ``split_mode`` ``row``
+  spreads each offloaded layer's weights over the GPUs; a draft model is estimated alike with
+  the model's context parameters and added as ``draft`` (``with_draft``).
 - overhead: what no buffer line shows: a GPU's CUDA context, cuBLAS workspace and memory pool
   (``gpu_overhead`` per GPU used), the process itself on the host (``host_overhead``), the
-  prompt cache (``--cache-ram``) and context checkpoints (SWA and recurrent models only).
+  prompt cache (``--cache-ram``) and context checkpoints (SWA and recurrent models only, each
+  ``checkpoint_bytes``).
 
 Everything is a pure function of its arguments; nothing here touches a file or a device.
 """
@@ -33,10 +40,11 @@ from __future__ import annotations
 import struct
 from bisect import bisect_right
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from corral.placement.devices import CPU
 from corral.placement.profile import ModelProfile
+from corral.placement.tensors import layer_weights
 
 MiB = 1 << 20
 CTX_PAD = 256  # llama.cpp pads the total and the per-sequence context to this
@@ -129,13 +137,14 @@ class DeviceEstimate:
     output: int = 0
     compute: int = 0
     overhead: int = 0
+    draft: int = 0  # a draft model's weights, KV cache, logits and compute buffers together
 
     @property
     def total(self) -> int:
         """Every term together: what the ledger reserves on this device."""
         return (
             self.weights + self.kv_cache + self.recurrent_state + self.output + self.compute
-            + self.overhead
+            + self.overhead + self.draft
         )
 
 
@@ -150,6 +159,13 @@ class MemoryEstimate:
     layer_devices: tuple[str, ...]  # per block, then the output layer
     n_ubatch: int  # effective micro-batch
     swa_cells: int  # cells per slot of sliding-window layers (0 if none)
+    kv_unified: bool = False  # one cache shared by the slots: each may fill all of it
+
+    @property
+    def slot_limit(self) -> int:
+        """The most tokens one slot may hold: its share, or with a unified cache the whole
+        cache (as long as the other slots leave room)."""
+        return self.ctx_per_slot * self.slots if self.kv_unified else self.ctx_per_slot
 
     def on(self, device: str) -> DeviceEstimate:
         """The estimate for ``device`` (all zeros if the child uses none of it)."""
@@ -179,7 +195,7 @@ class _Acc:
 
 
 def _kv_bytes(
-    profile: ModelProfile, slots: int, n_ctx_seq: int, swa_cells: int, type_k: str,
+    profile: ModelProfile, streams: int, n_ctx_seq: int, swa_cells: int, type_k: str,
     type_v: str, flash_attn: bool,
 ) -> list[int]:
     widest_v = max((profile.kv_widths(il)[1] for il in range(profile.n_layer)), default=0)
@@ -190,8 +206,23 @@ def _kv_bytes(
             v = widest_v  # transposed V: every layer padded to the widest (TAG_V_CACHE_VARIABLE)
         cells = swa_cells if profile.is_swa(il) else n_ctx_seq
         row = (row_bytes(type_k, k) if k else 0) + (row_bytes(type_v, v) if v else 0)
-        sizes.append(slots * cells * row)
+        sizes.append(streams * cells * row)
     return sizes
+
+
+def checkpoint_bytes(
+    profile: ModelProfile, ctx_per_slot: int, cache_type_k: str = "f16",
+    cache_type_v: str = "f16", flash_attn: bool = True,
+) -> int:
+    """Bytes of one context checkpoint of one slot: what llama-server saves of a sequence's
+    partial state (``LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY``): the sliding-window layers' cells
+    still inside the window, each cell's position and sequence (12 bytes), and the recurrent
+    state. Measured: ``swa`` at window 512 saves 5.006 MiB, 512 cells x 10 layers x 1 KiB."""
+    cells = min(profile.sliding_window, ctx_per_slot)
+    rows = _kv_bytes(profile, 1, 0, cells, cache_type_k, cache_type_v, flash_attn)
+    swa = [rows[il] for il in range(profile.n_layer) if profile.is_swa(il)]
+    state = (profile.recurrent_r_elements + profile.recurrent_s_elements) * 4
+    return sum(swa) + (12 * cells if swa else 0) + state * sum(profile.recurrent_layers)
 
 
 def estimate_memory(
@@ -213,6 +244,9 @@ def estimate_memory(
     cache_ram: int = 0,
     ctx_checkpoints: int = 0,
     projector_bytes: int = 0,
+    kv_unified: bool = False,
+    overrides: Sequence[tuple[str, str]] = (),
+    split_mode: str = "layer",
 ) -> MemoryEstimate:
     """Bytes per device for ``profile`` served with ``slots`` x ``ctx_per_slot``.
 
@@ -221,7 +255,12 @@ def estimate_memory(
     (required when ``gpu_layers > 0``). ``cache_ram`` (bytes) is the ``--cache-ram`` prompt
     cache and ``ctx_checkpoints`` the ``--ctx-checkpoints`` count, both charged to the host.
     ``projector_bytes`` are a multimodal projector's weights (``--mmproj``): llama-server loads
-    them on its first GPU, or in host memory without one.
+    them on its first GPU, or in host memory without one. ``kv_unified`` is ``--kv-unified``:
+    one cache of ``slots x ctx_per_slot`` cells for all slots. ``overrides`` are ``(pattern,
+    buffer)`` pairs of ``--override-tensor`` and ``--cpu-moe`` (``corral.config.tuning``), the
+    buffer ``CPU`` or ``CUDAn`` (the n-th of ``gpu_split``). ``split_mode`` ``row`` spreads
+    each offloaded layer's weights over the GPUs and keeps its cache and compute on the first;
+    ``none`` uses the first GPU alone.
     """
     if slots < 1 or ctx_per_slot < 1:
         raise ValueError("slots and ctx_per_slot must be >= 1")
@@ -230,28 +269,42 @@ def estimate_memory(
     if not flash_attn and CACHE_TYPES.get(cache_type_v, (0, 1))[1] > 1:
         raise ValueError("a quantized V cache needs flash attention")
     n_layer = profile.n_layer
+    row_split = list(gpu_split or ()) if split_mode == "row" and gpu_split else []
+    if split_mode in ("row", "none") and gpu_split:
+        gpu_split = list(gpu_split)[:1]  # layers, cache and compute on the main GPU
     placement = layer_devices(n_layer, gpu_layers, gpu_split)
     ngl = min(max(gpu_layers, 0), n_layer + 1) if gpu_split else 0
 
-    n_ctx_seq = seq_context(slots, ctx_per_slot)
-    n_ctx = n_ctx_seq * slots
+    share = seq_context(slots, ctx_per_slot)
+    n_ctx = share * slots
+    # A unified cache is one stream of every cell; otherwise one stream per slot.
+    n_ctx_seq, streams = (n_ctx, 1) if kv_unified else (share, slots)
     ubatch = min(n_ubatch, n_batch, n_ctx)  # causal models: the batch is capped by n_ctx
     any_swa = any(profile.is_swa(il) for il in range(n_layer))
     swa_cells = 0
     if any_swa:
-        swa_cells = n_ctx_seq if swa_full else min(
-            n_ctx_seq, pad(profile.sliding_window + ubatch)
-        )
+        window = profile.sliding_window * (slots if kv_unified else 1)
+        swa_cells = n_ctx_seq if swa_full else min(n_ctx_seq, pad(window + ubatch))
 
     acc: dict[str, _Acc] = {CPU: _Acc()}
     for dev in placement:
         acc.setdefault(dev, _Acc())
-    gpu_ids = [d for d in dict.fromkeys(placement) if d != CPU]
 
     # Weights.
     acc[CPU].weights += profile.token_embd_bytes
-    for il, size in enumerate(profile.layer_bytes):
-        acc[placement[il]].weights += size
+    host_layers = [0] * n_layer  # bytes of each block kept in host memory
+    for il in range(n_layer):
+        for dev, size in layer_weights(profile, il, placement[il], overrides,
+                                        gpu_split if not row_split else row_split).items():
+            if dev == placement[il] != CPU and row_split:  # the layer's own, not an override
+                total_w = sum(max(0.0, w) for _, w in row_split)
+                for g, w in row_split:
+                    acc.setdefault(g, _Acc()).weights += int(size * max(0.0, w) / total_w)
+                continue
+            acc.setdefault(dev, _Acc()).weights += size
+            if dev == CPU:
+                host_layers[il] += size
+    gpu_ids = [d for d in dict.fromkeys([*placement, *acc]) if d != CPU]
     out_dev = placement[n_layer]
     output = profile.output_bytes
     if profile.tied_output and out_dev != CPU:
@@ -260,7 +313,8 @@ def estimate_memory(
     acc[gpu_ids[0] if gpu_ids else CPU].weights += projector_bytes
 
     # KV cache and recurrent state, each on its layer's device unless KV offload is off.
-    kv = _kv_bytes(profile, slots, n_ctx_seq, swa_cells, cache_type_k, cache_type_v, flash_attn)
+    kv = _kv_bytes(profile, streams, n_ctx_seq, swa_cells, cache_type_k, cache_type_v,
+                   flash_attn)
     state = slots * (profile.recurrent_r_elements + profile.recurrent_s_elements) * 4
     for il in range(n_layer):
         dev = placement[il] if kv_offload else CPU
@@ -273,7 +327,7 @@ def estimate_memory(
 
     # Compute buffers.
     # One f16 mask per attention kind, [cells, T/slots, 1, slots] (f32 without flash attention).
-    mask_tokens = ubatch // slots * slots if slots <= ubatch else ubatch
+    mask_tokens = ubatch // streams * streams if streams <= ubatch else ubatch
     has_global = any(
         not profile.is_swa(il) and any(profile.kv_widths(il)) for il in range(n_layer)
     )
@@ -289,14 +343,19 @@ def estimate_memory(
         attention = max(n_ctx_seq, swa_cells) * ubatch * heads * 4 + 9 * 4 * ubatch * width
         graph = max(graph, attention + masks * 2)
     runs_layers = {placement[il] for il in range(n_layer)} | {out_dev}
+    # Whatever holds a layer's weights runs its part of the graph: an override's target, and
+    # the host for experts kept there (an upper bound: the scheduler splits the graph).
+    runs_layers |= {dev for dev in gpu_ids if acc[dev].weights}
+    if any(host_layers):
+        runs_layers.add(CPU)
     for dev in runs_layers:
         acc[dev].compute += graph
     if CPU not in runs_layers:
         acc[CPU].compute += 2 * 4 * ubatch * profile.n_embd + 64 * 1024
-    cpu_layers = [profile.layer_bytes[il] for il in range(n_layer) if placement[il] == CPU]
-    if gpu_ids and cpu_layers:
-        # op offload: big CPU-layer matmuls run on the first GPU, their weights copied in.
-        acc[gpu_ids[0]].compute += max(cpu_layers)
+    if gpu_ids and any(host_layers):
+        # op offload: big matmuls of host-held weights (CPU layers, experts kept on the host)
+        # run on the first GPU, one layer's weights copied in at a time.
+        acc[gpu_ids[0]].compute += max(host_layers)
     if len(gpu_ids) > 1 and ngl > n_layer:
         # pipeline parallelism: graph inputs and split boundaries kept in MAX_COPIES copies.
         for dev in gpu_ids:
@@ -307,13 +366,21 @@ def estimate_memory(
         acc[dev].overhead += gpu_overhead
     acc[CPU].overhead += host_overhead + cache_ram
     if ctx_checkpoints and (any_swa or profile.recurrent_layers):
-        per_seq = sum(kv[il] for il in range(n_layer) if profile.is_swa(il)) // slots
-        per_seq += state // slots * sum(profile.recurrent_layers)
+        per_seq = checkpoint_bytes(profile, share, cache_type_k, cache_type_v, flash_attn)
         acc[CPU].overhead += ctx_checkpoints * slots * per_seq
 
     devices = tuple(
         DeviceEstimate(dev, a.weights, a.kv, a.rs, a.output, a.compute, a.overhead)
         for dev, a in sorted(acc.items(), key=lambda item: (item[0] != CPU, item[0]))
     )
-    return MemoryEstimate(devices, slots, n_ctx_seq, ngl, placement, ubatch, swa_cells)
+    return MemoryEstimate(devices, slots, share, ngl, placement, ubatch, swa_cells, kv_unified)
+
+
+def with_draft(target: MemoryEstimate, draft: MemoryEstimate) -> MemoryEstimate:
+    """``target`` with a draft model's estimate added, device by device, as its ``draft``."""
+    extra = {d.device: d.total for d in draft.devices if d.total}
+    known = {d.device for d in target.devices}
+    devices = [replace(d, draft=d.draft + extra.get(d.device, 0)) for d in target.devices]
+    devices += [DeviceEstimate(dev, draft=n) for dev, n in extra.items() if dev not in known]
+    return replace(target, devices=tuple(devices))
 

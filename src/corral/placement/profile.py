@@ -104,6 +104,8 @@ class ModelProfile:
     token_shift_count: int = 0
     parallel_hybrid: bool = False  # recurrent and attention side by side in every layer
     mla: bool = False  # K-only latent cache
+    # Each block's tensors by name, for the tensors --override-tensor / --cpu-moe move.
+    layer_tensors: tuple[tuple[tuple[str, int], ...], ...] = ()
 
     @property
     def tied_output(self) -> bool:
@@ -234,13 +236,15 @@ def _recurrent_layers(
 
 def _tensor_bytes(
     tensors: Sequence[tuple[str, int]], n_layer: int
-) -> tuple[tuple[int, ...], int, int, int]:
+) -> tuple[tuple[int, ...], int, int, int, tuple[tuple[tuple[str, int], ...], ...]]:
     layers = [0] * n_layer
+    named: list[list[tuple[str, int]]] = [[] for _ in range(n_layer)]
     token_embd = output = other = 0
     for name, size in tensors:
         match = _BLOCK.match(name)
         if match and int(match.group(1)) < n_layer:
             layers[int(match.group(1))] += size
+            named[int(match.group(1))].append((name, size))
         elif name.startswith("token_embd."):
             token_embd += size
         elif name == "output.weight":
@@ -248,7 +252,7 @@ def _tensor_bytes(
         else:
             # Output norm, extra blocks (MTP heads): llama.cpp puts them with the output layer.
             other += size
-    return tuple(layers), token_embd, output, other
+    return tuple(layers), token_embd, output, other, tuple(tuple(t) for t in named)
 
 
 def profile_from_fields(
@@ -296,7 +300,7 @@ def profile_from_fields(
     if not any(swa):
         window, swa = 0, ()
 
-    layer_bytes, token_embd, output, other = _tensor_bytes(tensors, n_layer)
+    layer_bytes, token_embd, output, other, named = _tensor_bytes(tensors, n_layer)
     n_ff = _per_layer(fields, f"{arch}.feed_forward_length", n_layer, 0)
     n_expert = opt("expert_count")
     recurrent, parallel_hybrid = _recurrent_layers(fields, arch, n_layer, n_head_kv)
@@ -332,4 +336,5 @@ def profile_from_fields(
         wkv_head_size=opt("wkv.head_size"),
         token_shift_count=opt("token_shift_count", 2),
         mla=f"{arch}.attention.key_length_mla" in fields,
+        layer_tensors=named,
     )

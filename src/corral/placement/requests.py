@@ -6,18 +6,21 @@ from __future__ import annotations
 from corral.config import Config, ModelSpec
 from corral.placement.decide import PlacementRequest
 from corral.placement.devices import Device, gpu, host
+from corral.placement.profile import ModelProfile
 
 
 def placement_request(
-    spec: ModelSpec, config: Config, projector_bytes: int = 0
+    spec: ModelSpec, config: Config, projector_bytes: int = 0,
+    draft: ModelProfile | None = None,
 ) -> PlacementRequest:
     """The placement question for one model (``projector_bytes``: its ``--mmproj`` file's
-    tensors, which the caller reads)."""
+    tensors; ``draft``: its draft model's profile; both read by the caller)."""
     return PlacementRequest(
         settings=spec.settings,
         placement=config.file.placement,
         devices=spec.devices,
         projector_bytes=projector_bytes,
+        draft_profile=draft,
         name=spec.name,
     )
 

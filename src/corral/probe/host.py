@@ -46,31 +46,43 @@ def read_model(spec: ModelSpec) -> tuple[ModelProfile, int]:
         raise ValueError(f"{spec.path}: {type(exc).__name__}: {exc}") from exc
 
 
+def read_draft(spec: ModelSpec) -> ModelProfile | None:
+    """The profile of the model's draft model (``draft.path``), or None without one. Raises
+    as ``read_model`` does, the message naming the draft file."""
+    if spec.draft is None:
+        return None
+    try:
+        return read_profile(spec.draft.path)
+    except OSError as exc:
+        raise OSError(f"draft model {spec.draft.path}: {exc.strerror or exc}") from exc
+    except Exception as exc:
+        raise ValueError(f"draft model {spec.draft.path}: {exc}") from exc
+
+
 def check_model_files(config: Config) -> list[str]:
-    """Problems with the model files themselves: missing, unreadable, not GGUF, or a GGUF
-    header that cannot be read (the weights after it are llama-server's to judge)."""
+    """Problems with the model files themselves (each model's and its draft model's): missing,
+    unreadable, not GGUF, or a GGUF header that cannot be read (the weights after it are
+    llama-server's to judge)."""
+    files = [(f"models.{name}.path", spec.path) for name, spec in config.models.items()]
+    files += [(f"models.{name}.draft.path", Path(spec.draft.path))
+              for name, spec in config.models.items() if spec.draft is not None]
     problems = []
-    for name, spec in config.models.items():
-        where = f"models.{name}.path"
+    for where, path in files:
         try:
-            with spec.path.open("rb") as fh:
+            with path.open("rb") as fh:
                 magic = fh.read(4)
         except FileNotFoundError:
-            problems.append(f"{where}: file does not exist, got {str(spec.path)!r}")
+            problems.append(f"{where}: file does not exist, got {str(path)!r}")
             continue
         except OSError as exc:
-            problems.append(f"{where}: cannot read {str(spec.path)!r}: {exc.strerror or exc}")
+            problems.append(f"{where}: cannot read {str(path)!r}: {exc.strerror or exc}")
             continue
         if magic != GGUF_MAGIC:
-            problems.append(
-                f"{where}: not a GGUF file (bad magic {magic!r}), got {str(spec.path)!r}"
-            )
+            problems.append(f"{where}: not a GGUF file (bad magic {magic!r}), got {str(path)!r}")
             continue
-        reason = _gguf_header_problem(str(spec.path))
+        reason = _gguf_header_problem(str(path))
         if reason is not None:
-            problems.append(
-                f"{where}: not a readable GGUF file ({reason}), got {str(spec.path)!r}"
-            )
+            problems.append(f"{where}: not a readable GGUF file ({reason}), got {str(path)!r}")
     return problems
 
 

@@ -37,6 +37,8 @@ _COMPONENT: dict[str, Component] = {
 # Host-side buffer types: plain, memory-mapped, repacked for the CPU's SIMD, or pinned for a GPU.
 _HOST = re.compile(r"^(CPU.*|CUDA_Host|.*_Host)$")
 _GPU = re.compile(r"^CUDA(\d+)")
+# llama_context prints its parameters once per context it creates (the model's, a draft's).
+_NEW_CONTEXT = re.compile(r"llama_context: n_ctx_seq\s+=")
 
 
 def _empty() -> Mapping[str, Mapping[Component, int]]:
@@ -82,11 +84,17 @@ def parse_buffer_sizes(lines: Iterable[str], gpu_ids: Sequence[str] = ()) -> Rep
     """Sum the buffer-size lines of one llama-server start-up.
 
     A compute buffer that is reserved more than once keeps its last size (llama.cpp reserves
-    again when the graph changes, and only the latest allocation is alive).
+    again when the graph changes, and only the latest allocation is alive). Each context has
+    its own: a draft model's context starts at its ``n_ctx_seq`` line, and its compute buffers
+    add to the model's.
     """
     sums: dict[str, dict[Component, int]] = {}
-    compute: dict[str, int] = {}
+    compute: dict[tuple[int, str], int] = {}
+    context = 0
     for line in lines:
+        if _NEW_CONTEXT.search(line):
+            context += 1
+            continue
         match = _LINE.search(line)
         if not match:
             continue
@@ -94,11 +102,11 @@ def parse_buffer_sizes(lines: Iterable[str], gpu_ids: Sequence[str] = ()) -> Rep
         size = round(float(match.group("mib")) * (1 << 20))
         what = _COMPONENT[match.group("what")]
         if what == "compute":
-            compute[match.group("buffer")] = size
+            compute[(context, match.group("buffer"))] = size
             continue
         parts = sums.setdefault(device, {})
         parts[what] = parts.get(what, 0) + size
-    for buffer, size in compute.items():
+    for (_, buffer), size in compute.items():
         parts = sums.setdefault(buffer_device(buffer, gpu_ids), {})
         parts["compute"] = parts.get("compute", 0) + size
     return ReportedMemory(

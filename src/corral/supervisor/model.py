@@ -28,6 +28,7 @@ import psutil
 import structlog
 
 from corral.config import Config, ModelSpec
+from corral.config.tuning import tuning_of
 from corral.errors import (
     ModelLoadError,
     ModelUnavailableError,
@@ -602,6 +603,7 @@ class ManagedModel:
             "slots": self.slots,
             "ctx_per_slot": self.ctx_per_slot,
             "gpu_layers": self.plan.gpu_layers if self.plan else self.spec.gpu_layers,
+            "tuning": tuning_of(self.spec.settings),
             "devices": list(self.plan.gpus) or ["cpu"] if self.plan else None,
             "memory": {**self.memory(), "rss": self.rss()},
             "in_flight": self.in_flight,

@@ -31,7 +31,7 @@ from corral.placement.decide import (
 from corral.placement.ledger import CapacityError, Ledger
 from corral.placement.profile import ModelProfile
 from corral.placement.requests import declared_devices, placement_request
-from corral.probe.host import read_model, refresh_external
+from corral.probe.host import read_draft, read_model, refresh_external
 
 log = structlog.get_logger("corral.supervisor")
 
@@ -121,10 +121,11 @@ async def place(
     """
     try:
         profile, projector = await asyncio.to_thread(read_model, spec)
+        draft = await asyncio.to_thread(read_draft, spec)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(spec.name, f"cannot read the model file: {exc}",
                              retry_after=30.0) from None
-    request = placement_request(spec, config, projector)
+    request = placement_request(spec, config, projector, draft)
     discovered = declared_devices(config) is None
     deadline = time.monotonic() + wait
     read_at: float | None = None  # when the devices were last read; None: read before deciding
