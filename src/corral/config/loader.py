@@ -29,6 +29,8 @@ from corral.config.schema import (
 from corral.errors import ConfigError
 
 DEFAULT_CONFIG = "corral.yaml"
+# Where huggingface_hub reads a token for gated and private repositories: corral's alone.
+HF_TOKEN_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 
 @dataclass(frozen=True)
@@ -57,9 +59,10 @@ class Config:
 
     @property
     def secret_env(self) -> frozenset[str]:
-        """Variables of corral's environment that hold API keys: children never inherit them."""
+        """Variables of corral's environment that hold API keys or the Hugging Face token:
+        children never inherit them."""
         named = {k.key_env for k in self.file.auth.keys if k.key_env is not None}
-        return frozenset({"CORRAL_API_KEY", *named})
+        return frozenset({"CORRAL_API_KEY", *HF_TOKEN_ENV, *named})
 
 
 def config_path(explicit: str | None) -> str:
@@ -94,11 +97,17 @@ def parse_config(data: Any, *, source: str = "<memory>", base_dir: Path | None =
     models: dict[str, ModelSpec] = {}
     names: dict[str, str] = {}
     for name, model in file.models.items():
-        path = Path(os.path.expanduser(model.path))
+        path = None if model.path is None else Path(os.path.expanduser(model.path))
+        settings = resolve_settings(file.defaults, model)
+        if settings.download_dir is not None:
+            where = Path(os.path.expanduser(settings.download_dir))
+            settings = settings.model_copy(update={"download_dir": str(
+                where if where.is_absolute() else (base / where).resolve())})
         models[name] = ModelSpec(
-            **dict(resolve_settings(file.defaults, model)),
+            **dict(settings),
             name=name,
-            path=path if path.is_absolute() else (base / path).resolve(),
+            path=None if path is None else path if path.is_absolute() else (base / path).resolve(),
+            source=model.source,
             aliases=tuple(model.aliases),
             binary=model.binary,
             devices=None if model.devices is None else tuple(model.devices),

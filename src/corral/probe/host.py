@@ -37,6 +37,9 @@ def read_model(spec: ModelSpec) -> tuple[ModelProfile, int]:
     Raises ``OSError`` or ``ValueError`` only: a file the reader did not foresee is this
     model's problem (a 503, a row in ``corral plan``), never a crash.
     """
+    if spec.path is None:
+        assert spec.source is not None
+        raise ValueError(f"{spec.source.ref}: its files are not downloaded yet")
     try:
         profile = read_profile(spec.path)
         return profile, 0 if spec.projector is None else tensor_bytes(spec.projector)
@@ -51,6 +54,8 @@ def check_model_files(config: Config) -> list[str]:
     header that cannot be read (the weights after it are llama-server's to judge)."""
     problems = []
     for name, spec in config.models.items():
+        if spec.path is None:
+            continue  # hf:/ollama: files are checked (and verified) when they are fetched
         where = f"models.{name}.path"
         try:
             with spec.path.open("rb") as fh:

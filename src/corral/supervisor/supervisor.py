@@ -84,6 +84,9 @@ class Supervisor:
         """Stop what an earlier run left, then start the idle reaper and the preloads."""
         self.registry.reap_leftovers()
         prepare_socket_dir(self.socket_dir)
+        for model in self.models.values():
+            if model.spec.download == "startup" and not model.spec.preload:
+                model.prefetch()
         self._background = [
             self.spawn(self._reap_idle()),
             self.spawn(self._preload_in_order(
@@ -187,7 +190,7 @@ class Supervisor:
     async def place(self, model: ManagedModel) -> PlacementPlan:
         """Plan ``model`` and reserve its memory, evicting idle models or waiting for memory up
         to its queue timeout."""
-        return await place(model.spec, self.config, self.ledger,
+        return await place(model.local_spec, self.config, self.ledger,
                            partial(self._eviction_candidates, model), self._evict,
                            wait=model.spec.queue_timeout)
 
