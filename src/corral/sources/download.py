@@ -123,8 +123,8 @@ def _fetch(spec: ModelSpec, progress: Progress, allow_download: bool) -> LocalFi
     assert isinstance(source, HfSource)
     directory = spec.download_dir
     if not allow_download or hub.offline():
-        commit, listing, root = hub.cached_files(source, directory)
         try:
+            commit, listing, root = hub.cached_files(source, directory)
             files = hub.choose_files(source, listing)
         except DownloadError as exc:
             why = "HF_HUB_OFFLINE is set" if hub.offline() else "download: manual"

@@ -13,13 +13,17 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import huggingface_hub
+from filelock import FileLock
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import errors as hf_errors
+from huggingface_hub.file_download import http_get
+from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
 
 from corral.config.sources import HfSource
 from corral.errors import DownloadError
@@ -188,17 +192,77 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def fetch_file(source: HfSource, commit: str, file: RemoteFile, download_dir: str | None,
-               *, local_only: bool = False) -> Path:
-    """Download ``file`` at ``commit`` (resuming a partial download; huggingface_hub's lock
-    keeps two processes sharing the cache apart) and return its local path."""
+def fetch_file(source: HfSource, commit: str, file: RemoteFile,
+               download_dir: str | None) -> Path:
+    """Download ``file`` at ``commit`` into the cache (or ``download_dir``) and return its
+    local path, resuming whatever an earlier, interrupted run left.
+
+    huggingface_hub does the HTTP (its headers and token, redirects, retries, ranges and
+    errors); the files are placed here because its own ``hf_hub_download`` starts every run
+    from byte 0 (a partial file is private to one process), and a 40 GB model must not. The
+    partial file is shared through a lock (``filelock``, as huggingface_hub locks its cache), so
+    two corral processes sharing a cache download it once and never write it together.
+    """
     try:
-        path = huggingface_hub.hf_hub_download(
-            source.repo, file.name, revision=commit, local_dir=download_dir,
-            local_files_only=local_only)
+        url = huggingface_hub.hf_hub_url(source.repo, file.name, revision=commit)
+        meta = huggingface_hub.get_hf_file_metadata(url)
+        etag = meta.etag or file.sha256 or ""
+        if not _SHA256.match(etag):
+            raise DownloadError(source.ref, f"{file.name}: the hub gives ETag {etag!r}, not a "
+                                "SHA-256")
+        if download_dir:
+            final = Path(download_dir) / file.name
+            meta_dir = Path(download_dir) / ".cache" / "huggingface" / "download"
+            partial = meta_dir / f"{file.name.replace('/', '_')}.{etag}.incomplete"
+        else:
+            final = repo_cache(source) / "blobs" / etag
+            partial = final.with_name(f"{etag}.incomplete")
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(partial) + ".lock"):
+            if not (final.is_file() and final.stat().st_size == meta.size):
+                have = partial.stat().st_size if partial.exists() else 0
+                if meta.size is not None and have > meta.size:
+                    partial.unlink()
+                    have = 0
+                with partial.open("ab") as fh:
+                    http_get(meta.location, fh, resume_size=have, headers=build_hf_headers(),
+                             expected_size=meta.size, displayed_filename=file.name)
+                os.replace(partial, final)
+    except DownloadError:
+        raise
     except Exception as exc:
         raise hub_error(source, exc) from None
-    return Path(str(path))
+    if download_dir:
+        _write_local_metadata(Path(download_dir), file.name, meta.commit_hash or commit, etag)
+        return final
+    return _link_snapshot(source, meta.commit_hash or commit, file.name, final)
+
+
+def _link_snapshot(source: HfSource, commit: str, name: str, blob: Path) -> Path:
+    """The cache's ``snapshots/COMMIT/NAME`` link to ``blob`` and ``refs/REVISION``, as
+    huggingface_hub lays them out, so other tools see the file."""
+    repo = repo_cache(source)
+    link = repo / "snapshots" / commit / name
+    link.parent.mkdir(parents=True, exist_ok=True)
+    target = os.path.relpath(blob, link.parent)
+    if not (link.is_symlink() and os.readlink(link) == target):
+        tmp = link.with_name(f".{link.name}.{os.getpid()}.link")
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(target)
+        os.replace(tmp, link)
+    ref = source.revision or "main"
+    if ref != commit:
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+    return link
+
+
+def _write_local_metadata(root: Path, name: str, commit: str, etag: str) -> None:
+    """huggingface_hub's record of a file in a download directory (commit, ETag, time)."""
+    path = root / ".cache" / "huggingface" / "download" / f"{name}.metadata"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{commit}\n{etag}\n{time.time()}\n")
 
 
 # -- the local copy ------------------------------------------------------------------------
