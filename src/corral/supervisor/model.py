@@ -53,6 +53,7 @@ _POLL = 0.05
 # A request that starts a fetch waits this long before it is told "downloading": a model
 # already in the cache (verified before) is ready by then and answers without a 503.
 _FETCH_GRACE = 2.0
+_PROGRESS_LOG = 10.0  # seconds between two log lines of a download's progress
 
 
 class ModelHost(Protocol):
@@ -111,6 +112,7 @@ class ManagedModel:
         self._removal: _Removal | None = None  # removed by a reload, not yet retired
         self.files: LocalFiles | None = None  # hf:/ollama: models: their verified files
         self.fetch: Fetch | None = None  # the last (or current) fetch of them
+        self._downloaded_before = 0  # bytes the fetches before the last one downloaded
 
     @property
     def name(self) -> str:
@@ -361,12 +363,14 @@ class ManagedModel:
 
     def _begin_download(self) -> None:
         self._enter(ModelState.DOWNLOADING)
+        if self.fetch is not None:
+            self._downloaded_before += self.fetch.progress.downloaded
         self.fetch = Fetch.start(self.spec, allow_download=self.spec.download != "manual")
         self._transition = self.host.spawn(self._download(self.fetch))
 
     async def _download(self, fetch: Fetch) -> None:
         try:
-            files = await fetch.result()
+            files = await self._follow(fetch)
         except DownloadError as exc:
             reason = f"download failed: {exc.reason}"
             self._fail(reason, "load")
@@ -384,6 +388,19 @@ class ManagedModel:
             self._retire_now()
         else:
             self._enter(ModelState.UNLOADED)
+
+    async def _follow(self, fetch: Fetch) -> LocalFiles:
+        """``fetch``'s files, logging its progress every ``_PROGRESS_LOG`` seconds."""
+        result = asyncio.ensure_future(fetch.result())
+        try:
+            while not (await asyncio.wait({result}, timeout=_PROGRESS_LOG))[0]:
+                progress = fetch.progress.describe()
+                log.info("download_progress", model=self.name, source=progress["source"],
+                         phase=progress["phase"], bytes_done=progress["bytes_done"],
+                         bytes_total=progress["bytes_total"], percent=progress["percent"])
+            return result.result()
+        finally:
+            result.cancel()
 
     def _begin_stop(self, reason: StopReason) -> None:
         self._enter(ModelState.STOPPING)
@@ -638,6 +655,22 @@ class ManagedModel:
             with contextlib.suppress(psutil.Error):
                 return int(psutil.Process(proc.pid).memory_info().rss)
         return None
+
+    @property
+    def bytes_downloaded(self) -> int:
+        """Bytes its fetches downloaded over the network, all of them together."""
+        current = self.fetch.progress if self.fetch is not None else None
+        if current is not None:
+            current.refresh()
+        return self._downloaded_before + (current.downloaded if current else 0)
+
+    @property
+    def bytes_remaining(self) -> int:
+        """What the download under way still has to fetch (0 when none runs)."""
+        if self.state != ModelState.DOWNLOADING or self.fetch is None:
+            return 0
+        self.fetch.progress.refresh()
+        return self.fetch.progress.remaining
 
     def describe(self) -> dict[str, Any]:
         """The model as ``/admin/models`` shows it."""
