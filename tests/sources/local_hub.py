@@ -138,34 +138,37 @@ class LocalHub:
                    "Accept-Ranges": "bytes"}
         if request.method == "HEAD":
             return Response(b"", headers={**headers, "Content-Length": str(entry.size)})
-        start = 0
+        start, end = 0, entry.size  # end: exclusive
         wanted = request.headers.get("range")
         if wanted and wanted.startswith("bytes="):
-            start = int(wanted[len("bytes="):].split("-")[0] or 0)
-        status = 206 if start else 200
-        if start:
-            headers["Content-Range"] = f"bytes {start}-{entry.size - 1}/{entry.size}"
+            first, _, last = wanted[len("bytes="):].partition("-")
+            start = int(first or 0)
+            end = min(entry.size, int(last) + 1) if last else entry.size
+        status = 206 if wanted else 200
+        if wanted:
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{entry.size}"
         cut = entry.cut_once and start == 0
         if cut:
             entry.cut_once = False
-        headers["Content-Length"] = str(entry.size - start)
-        return StreamingResponse(self._body(entry, start, cut), status_code=status,
+        headers["Content-Length"] = str(end - start)
+        return StreamingResponse(self._body(entry, start, end, cut), status_code=status,
                                  headers=headers, media_type="application/octet-stream")
 
-    async def _body(self, entry: HubFile, start: int, cut: bool) -> AsyncIterator[bytes]:
+    async def _body(self, entry: HubFile, start: int, end: int,
+                    cut: bool) -> AsyncIterator[bytes]:
         half = entry.size // 2
         held = False
         with entry.source.open("rb") as fh:
             fh.seek(start)
             position = start
-            while position < entry.size:
+            while position < end:
                 if position >= half and not held:
                     held = True
                     if cut:
                         raise ConnectionResetError("the local hub cuts this download half-way")
                     if entry.hold is not None:
                         await asyncio.to_thread(entry.hold.wait)
-                limit = _CHUNK if position >= half else min(_CHUNK, half - position)
+                limit = min(_CHUNK, end - position, half - position if position < half else _CHUNK)
                 chunk = fh.read(limit)
                 if not chunk:
                     break
