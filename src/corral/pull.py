@@ -97,7 +97,8 @@ class _Lines:
             return
         if p.phase != self.phase or now - self.last >= _PLAIN_EVERY:
             self.phase, self.last = p.phase, now
-            print(f"{p.model}: {p.source}: {p.text()}", file=self.out, flush=True)
+            who = p.model if p.model == p.source else f"{p.model}: {p.source}"
+            print(f"{who}: {p.text()}", file=self.out, flush=True)
 
 
 class _Bar:

@@ -190,3 +190,8 @@ def test_progress_counts_the_bytes_while_a_download_is_held(hub: LocalHub,
         thread.join(120)
     assert done and hashlib.sha256(done[0].model.read_bytes()).hexdigest() == \
         hub.repos[SMOL_REPO].files[SMOL_FILE].sha256
+
+
+def test_the_hub_token_is_one_of_the_secrets_children_never_inherit() -> None:
+    config = parse_config({"models": {"m": {"hf": f"{SMOL_REPO}:Q4_1"}}})
+    assert {"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"} <= config.secret_env

@@ -166,3 +166,21 @@ def test_a_gated_model_end_to_end_download_verify_load_answer(
         pytest.skip("cannot read the child's environment")
     assert "HF_TOKEN" not in environment
     assert TOKEN not in server.log()
+
+
+def test_two_processes_sharing_a_cache_download_once(hub: LocalHub) -> None:
+    entry = hub.repos[SMOL_REPO].files[SMOL_FILE]
+    entry.hold = threading.Event()
+    command = [sys.executable, "-m", "corral", "pull", f"{SMOL_REPO}:Q4_1"]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_until(lambda: len(hub.downloads(SMOL_FILE)) == 1)
+    second = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+    # The second waits on the partial file's lock (it asked the hub for the file's metadata).
+    wait_until(lambda: len([s for s in hub.seen if s.method == "HEAD"]) == 2)
+    entry.hold.set()
+    outputs = [p.communicate(timeout=300)[0] for p in (first, second)]
+    assert [p.returncode for p in (first, second)] == [0, 0], outputs
+    assert len(hub.downloads(SMOL_FILE)) == 1  # one download, both verified it
+    for output in outputs:
+        assert "ready, verified" in output
