@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+import yaml
 
 from tests.conftest import CorralProcess, wait_until
 from tests.sources.conftest import GATED_REPO, SMOL_FILE, SMOL_REPO, TINY_REPO
@@ -184,3 +185,21 @@ def test_two_processes_sharing_a_cache_download_once(hub: LocalHub) -> None:
     assert len(hub.downloads(SMOL_FILE)) == 1  # one download, both verified it
     for output in outputs:
         assert "ready, verified" in output
+
+
+def test_a_reload_that_names_other_files_fetches_them(hub: LocalHub, corral: Start) -> None:
+    config: dict[str, Any] = {"models": {"tiny": {"hf": f"{TINY_REPO}:Q4_K_M",
+                                                  "download": "startup"}}}
+    server = corral(config)
+    server.wait_for(lambda: (server.model_status("tiny")["path"] or "").endswith(
+        "Tiny-Q4_K_M.gguf"))
+    written = yaml.safe_load(server.config_path.read_text())
+    written["models"]["tiny"]["hf"] = f"{TINY_REPO}:Q8_0"
+    written["models"]["added"] = {"hf": f"{TINY_REPO}:Q4_K_M", "download": "startup"}
+    server.config_path.write_text(yaml.safe_dump(written))
+    assert server.http.post("/admin/reload").status_code == 200
+    server.wait_for(lambda: (server.model_status("tiny")["path"] or "").endswith(
+        "Tiny-Q8_0-00001-of-00003.gguf"))
+    server.wait_for(lambda: (server.model_status("added")["download"] or {}).get("phase")
+                    == "done")
+    assert server.model_status("tiny")["state"] == "unloaded"
