@@ -234,10 +234,18 @@ class ManagedModel:
             self._begin_next()
         (await self.acquire(wait_download=True)).release()
 
-    def prefetch(self) -> None:
-        """Fetch its files now, in the background (``download: startup``)."""
-        if self.needs_files and self.state == ModelState.UNLOADED:
+    def download(self) -> Fetch | None:
+        """Start, or join, the fetch of its files in the background (``download: startup``,
+        and a pull through the API); None when it has no source or has its files already.
+
+        The fetch says how far it is (``fetch.progress``: phase, bytes done and total) and
+        ``await fetch.result()`` ends with the verified files, or raises ``DownloadError``.
+        A model that failed is fetched again at once (its back-off is for loads).
+        """
+        if self.needs_files and (self.state == ModelState.UNLOADED or self.state.broken):
+            self._cancel_restart()
             self._begin_download()
+        return self.fetch if self.state == ModelState.DOWNLOADING else None
 
     async def unload(self, reason: StopReason) -> None:
         """Stop the child once its in-flight requests are done (bounded: ``_drain``)."""

@@ -96,7 +96,7 @@ class Supervisor:
         it loads)."""
         for model in self.models.values():
             if model.spec.download == "startup" and not model.spec.preload and not model.removing:
-                model.prefetch()
+                model.download()
 
     async def _preload_in_order(self, models: list[ManagedModel]) -> None:
         # One after another, in the config's order, as `corral plan` places them: with
