@@ -4,6 +4,7 @@ clear error with no unverified file left where a child could load it."""
 from __future__ import annotations
 
 import hashlib
+import io
 import re
 import threading
 from pathlib import Path
@@ -16,6 +17,7 @@ from corral.config import ModelSpec, parse_config
 from corral.errors import DownloadError
 from corral.placement.profile import ModelProfile
 from corral.probe.gguf import read_profile
+from corral.pull import pull
 from corral.sources import hub as hub_module
 from corral.sources.download import LocalFiles, Progress, fetch_now
 from tests.conftest import wait_until
@@ -195,3 +197,19 @@ def test_progress_counts_the_bytes_while_a_download_is_held(hub: LocalHub,
 def test_the_hub_token_is_one_of_the_secrets_children_never_inherit() -> None:
     config = parse_config({"models": {"m": {"hf": f"{SMOL_REPO}:Q4_1"}}})
     assert {"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"} <= config.secret_env
+
+
+def test_pull_draws_a_bar_on_a_terminal(hub: LocalHub) -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    out = Terminal()
+    assert pull([spec(hf=f"{TINY_REPO}:Q8_0")], out) == 0
+    text = out.getvalue()
+    assert re.search(r"\rm done +\[#{30}\] 100% 45\.8 KiB of 45\.8 KiB", text), text
+    assert re.search(r"m: ready, verified: .*Tiny-Q8_0-00001-of-00003\.gguf \(projector .*"
+                     r"mmproj-Tiny-f16\.gguf\)", text)
+    out = Terminal()
+    assert pull([spec(hf="corral-test/Nothing-GGUF")], out) == 1
+    assert "m: failed: corral-test/Nothing-GGUF: repository" in out.getvalue()

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,9 +17,11 @@ import psutil
 import pytest
 import yaml
 
+from corral.sources.ollama_store import MODEL_LAYER
 from tests.conftest import CorralProcess, wait_until
 from tests.sources.conftest import GATED_REPO, SMOL_FILE, SMOL_REPO, TINY_REPO
 from tests.sources.local_hub import TOKEN, LocalHub
+from tests.sources.test_ollama_store import add_blob, add_model
 
 Start = Callable[..., CorralProcess]
 
@@ -148,11 +151,23 @@ def test_pull_fails_with_the_reason(hub: LocalHub, tmp_path: Any) -> None:
 
 @pytest.mark.integration
 def test_a_gated_model_end_to_end_download_verify_load_answer(
-        hub: LocalHub, corral: Start, monkeypatch: pytest.MonkeyPatch) -> None:
+        hub: LocalHub, corral: Start, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        smollm2: Path) -> None:
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    server = corral({"models": {"smol": {
-        "hf": f"{GATED_REPO}:Q4_1", "download_wait": True, "slots": 1,
-        "ctx_per_slot": 512}}})
+    store = tmp_path / "ollama"
+    layer = add_blob(store, smollm2)
+    add_model(store, ("registry.ollama.ai", "library", "smollm2", "135m"),
+              [{"mediaType": MODEL_LAYER, **layer}])
+    monkeypatch.setenv("OLLAMA_MODELS", str(store))
+    server = corral({"models": {
+        "smol": {"hf": f"{GATED_REPO}:Q4_1", "download_wait": True, "slots": 1,
+                 "ctx_per_slot": 512},
+        "from-ollama": {"ollama": "smollm2:135m", "slots": 1, "ctx_per_slot": 512}}})
+    answer = chat(server, "from-ollama")  # read in place from Ollama's store
+    assert answer.status_code == 200, answer.text
+    assert server.model("from-ollama")["path"] == str(store / "blobs" / layer["digest"].replace(
+        ":", "-"))
+    assert server.http.post("/admin/models/from-ollama/unload").status_code == 200
     answer = chat(server, "smol")
     assert answer.status_code == 200, answer.text
     assert answer.json()["choices"][0]["message"]["content"]
