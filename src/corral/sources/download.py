@@ -5,6 +5,14 @@ begins fetching in a background thread and ``await fetch.result()`` joins it (an
 waiters share one fetch); ``fetch.progress`` says how far it is at any moment. ``fetch_now``
 does the same synchronously (``corral pull``).
 
+For a configured model, go through its ``ManagedModel``: ``model.download()`` starts the
+fetch (or joins the one under way) and returns the ``Fetch`` (None when the model has no source
+or has its files); poll ``fetch.progress.describe()`` (phase, bytes_done, bytes_total,
+percent, error) for a stream of progress, and ``await fetch.result()`` for the end
+(``DownloadError`` with ``.reason`` on failure). The model moves ``downloading`` ->
+``unloaded`` (or ``failed``) by itself. A name that is not configured (``owner/repo:Q4_K_M``)
+becomes a spec with ``corral.pull.targets(None, [name])``; ``Fetch.start(spec, True)``.
+
 A download runs in a daemon thread: huggingface_hub is synchronous, and a thread of the
 default executor would hold corral's exit until the download ended. Killed half-way, the
 partial file stays and the next fetch resumes it.
