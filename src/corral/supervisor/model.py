@@ -392,10 +392,7 @@ class ManagedModel:
                                                             self.spec.download_dir):
             self.files = files
         self.last_error = None
-        if self._removal is not None:
-            self._retire_now()
-        else:
-            self._enter(ModelState.UNLOADED)
+        self._idle_or_retired()
 
     async def _follow(self, fetch: Fetch) -> LocalFiles:
         """``fetch``'s files, logging its progress every ``_PROGRESS_LOG`` seconds."""
@@ -503,10 +500,7 @@ class ManagedModel:
                      exit_code=code)
         self.last_stop_reason = reason
         self.ready_at = None
-        if self._removal is not None:
-            self._retire_now()
-        else:
-            self._enter(ModelState.UNLOADED)
+        self._idle_or_retired()
         self.host.observers.stopped(self.name, reason)
 
     async def _drain(self, reason: StopReason) -> None:
@@ -607,6 +601,13 @@ class ManagedModel:
                 self._restart = None
         if self.state in (ModelState.FAILED, ModelState.CRASHED) and self.host.closing_at is None:
             self._begin_next()
+
+    def _idle_or_retired(self) -> None:
+        """No child and nothing under way: unloaded, or retired if a reload removed it."""
+        if self._removal is not None:
+            self._retire_now()
+        else:
+            self._enter(ModelState.UNLOADED)
 
     def _retire_now(self) -> None:
         self._cancel_restart()
