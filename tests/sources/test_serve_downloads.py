@@ -220,3 +220,12 @@ def test_a_reload_that_names_other_files_fetches_them(hub: LocalHub, corral: Sta
     server.wait_for(lambda: (server.model_status("added")["download"] or {}).get("phase")
                     == "done")
     assert server.model_status("tiny")["state"] == "unloaded"
+
+
+def test_shutdown_does_not_wait_for_a_download(hub: LocalHub, corral: Start) -> None:
+    entry = hub.repos[SMOL_REPO].files[SMOL_FILE]
+    entry.hold = threading.Event()  # never released while corral runs
+    server = corral({"models": {"smol": {"hf": f"{SMOL_REPO}:Q4_1", "download": "startup"}}})
+    server.wait_for(lambda: server.model_status("smol")["download"]["bytes_done"] > 0)
+    assert server.stop(timeout=30) == 0
+    assert "download_interrupted" in server.log()

@@ -385,6 +385,8 @@ class ManagedModel:
             raise ModelLoadError(self.name, reason, retry_after=max(
                 exc.retry_after, self.retry_at - time.monotonic())) from None
         except BaseException:
+            # Cancelled (shutdown): the partial file stays, and the next fetch resumes it.
+            log.warning("download_interrupted", model=self.name, **fetch.progress.describe())
             if self.state == ModelState.DOWNLOADING:
                 self._fail("download interrupted", "load")
             raise
