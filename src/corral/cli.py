@@ -1,8 +1,9 @@
-"""The ``corral`` command: ``serve``, ``check``, ``plan`` and ``ps``.
+"""The ``corral`` command: ``serve``, ``check``, ``plan``, ``ps`` and ``pull``.
 
 Exit codes: 0 fine, 1 corral not reachable or the API key refused (``ps``), preloaded and
 pinned models that do not fit together (``plan``), or another corral running with the same state
-file (``serve``), 2 invalid configuration (or model files that cannot be used).
+file (``serve``), a model whose files could not be fetched (``pull``), 2 invalid configuration
+(or model files that cannot be used).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, text in (("serve", "run the proxy and supervisor"),
                        ("check", "validate the configuration and the model files"),
                        ("ps", "show a running corral's models, slots and queues"),
-                       ("plan", "show where each model would go and what it would take")):
+                       ("plan", "show where each model would go and what it would take"),
+                       ("pull", "download and verify the models' files (hf:, ollama:)")):
         subs[name] = sub = commands.add_parser(name, help=text)
         sub.add_argument("-c", "--config", help="YAML file (default $CORRAL_CONFIG, ./corral.yaml)")
     subs["ps"].add_argument("--url", help="corral's address (default: listen from the config)")
@@ -39,7 +41,12 @@ def main(argv: list[str] | None = None) -> int:
         "--key", help="an API key with the admin scope, needed when auth.keys are configured "
         "(default $CORRAL_API_KEY, which other users cannot see in the process list)")
     subs["plan"].add_argument("--json", action="store_true", help="print the plan as JSON")
+    subs["pull"].add_argument(
+        "models", nargs="*", help="configured models, or sources (owner/repo:Q4_K_M, "
+        "ollama:llama3.2:3b); default: every model of the config with a source")
     args = parser.parse_args(argv)
+    if args.command == "pull":
+        return pull(args.config, args.models)
     key = (args.key or os.environ.get("CORRAL_API_KEY")) if args.command == "ps" else None
     if args.command == "ps" and args.url:
         return ps(args.url, args.json, key)
@@ -57,6 +64,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "ps":
         return ps(local_url(config.file.listen.host, config.file.listen.port), args.json, key)
     return serve(config)
+
+
+def pull(config_file: str | None, names: list[str]) -> int:
+    from corral.pull import pull as run_pull
+    from corral.pull import targets
+
+    config = None
+    try:
+        config = load_config(config_path(config_file))
+    except ConfigError as exc:
+        # Sources named on the command line need no config; a config given or needed must load.
+        if config_file is not None or not names:
+            print(f"corral: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+    try:
+        specs = targets(config, names)
+    except ConfigError as exc:
+        print(f"corral: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return run_pull(specs)
 
 
 def plan(config: Config, as_json: bool) -> int:

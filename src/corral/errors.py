@@ -22,6 +22,10 @@ lookup; a class without its own values answers 500 ``server_error``/``internal_e
   printed last.
 - ``ModelUnavailableError`` (503 ``model_unavailable``): the model exists but is stopping or
   being unloaded, or a reload removed it while the request waited.
+- ``ModelDownloadingError`` (503 ``model_downloading``): its files are still downloading; the
+  message carries the progress. ``DownloadError`` (503 ``model_download_failed``): its files
+  could not be fetched or verified (a missing or gated repository, a checksum mismatch, too
+  little disk space, offline without a cached copy); it becomes the model's failed load.
 - ``CapacityError`` (503 ``insufficient_memory``): a reservation does not fit the ledger;
   ``NoFit``: no layout of a model fits at all. Both become a ``ModelLoadError`` before a client
   sees them; ``corral.placement`` re-exports them.
@@ -178,6 +182,32 @@ class ModelUnavailableError(CorralError):
     def removed(cls, model: str) -> ModelUnavailableError:
         """For a request that was waiting for a model a reload removed."""
         return cls(model, "it was removed from the configuration by a reload", 5.0)
+
+
+class ModelDownloadingError(ModelUnavailableError):
+    """The model's files are being downloaded: the answer carries the progress so far."""
+
+    code = "model_downloading"
+
+    def __init__(self, model: str, progress: str, retry_after: float = 5.0) -> None:
+        super().__init__(model, f"its files are downloading ({progress}); try again later",
+                         retry_after)
+        self.progress = progress
+
+
+class DownloadError(CorralError):
+    """A model's files could not be fetched or verified (``what``: the source or file)."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "model_download_failed"
+    retry_after: float = 5.0
+
+    def __init__(self, what: str, reason: str, retry_after: float = 5.0) -> None:
+        self.what = what
+        self.reason = f"{what}: {reason}"
+        self.retry_after = retry_after
+        super().__init__(self.reason)
 
 
 class UpstreamError(CorralError):

@@ -9,11 +9,14 @@ and ``corral serve`` agree.
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from corral.config import Config, ModelSpec
 from corral.config.tuning import changed_tuning, tuning_of
+from corral.errors import DownloadError
 from corral.llamacpp.command import ChildCommand, child_command
 from corral.placement import Ledger, NoFit, PlacementPlan, plan_placement
 from corral.placement.devices import format_bytes
@@ -27,6 +30,7 @@ from corral.probe.host import (
     socket_dir,
     state_file_path,
 )
+from corral.sources.remote_header import readable_spec
 
 
 @dataclass
@@ -100,34 +104,45 @@ def build_report(config: Config, ledger: Ledger | None = None) -> PlanReport:
     report = PlanReport(ledger=ledger)
     sockets = socket_dir(state_file_path(config))
     specs = sorted(config.models.values(), key=lambda s: not _required(s))
-    for spec in specs:
-        entry = ModelPlan(spec)
-        report.models.append(entry)
-        try:
-            profile, projector = read_model(spec)
-            draft = read_draft(spec)
-        except (OSError, ValueError) as exc:
-            entry.error = f"cannot read the model file: {exc}"
-            continue
-        entry.n_layers = profile.n_layer + 1
-        request = placement_request(spec, config, projector, draft)
-        try:
-            entry.plan = plan_placement(profile, request, ledger.devices, ledger)
-            ledger.reserve(spec.name, entry.plan.reservation)
-            entry.resident = True
-            wanted = spec.binary or config.file.llama_server.binary
-            entry.command = child_command(spec, entry.plan, resolve_binary(wanted) or wanted,
-                                          str(child_socket(sockets, spec.name)))
-        except NoFit as exc:
-            entry.error = str(exc)
-            try:  # what it would take on its own, for the table
-                entry.plan = plan_placement(profile, request, ledger.devices,
-                                            Ledger(ledger.devices, *_reserves(ledger)))
-            except (NoFit, ValueError):
-                pass
-        except ValueError as exc:
-            entry.error = str(exc)
+    with tempfile.TemporaryDirectory(prefix="corral-plan-") as headers:
+        for spec in specs:
+            _place(spec, config, ledger, report, sockets, Path(headers) / spec.name)
     return report
+
+
+def _place(spec: ModelSpec, config: Config, ledger: Ledger, report: PlanReport,
+           sockets: Path, headers: Path) -> None:
+    """Plan one model into ``report``; a model not downloaded yet is planned from its GGUF
+    headers, read from the hub with ranged requests into ``headers``."""
+    entry = ModelPlan(spec)
+    report.models.append(entry)
+    try:
+        profile, projector = read_model(readable_spec(spec, headers))
+        draft = read_draft(spec)
+    except DownloadError as exc:
+        entry.error = f"cannot read the model's header from its source: {exc.reason}"
+        return
+    except (OSError, ValueError) as exc:
+        entry.error = f"cannot read the model file: {exc}"
+        return
+    entry.n_layers = profile.n_layer + 1
+    request = placement_request(spec, config, projector, draft)
+    try:
+        entry.plan = plan_placement(profile, request, ledger.devices, ledger)
+        ledger.reserve(spec.name, entry.plan.reservation)
+        entry.resident = True
+        wanted = spec.binary or config.file.llama_server.binary
+        entry.command = child_command(spec, entry.plan, resolve_binary(wanted) or wanted,
+                                      str(child_socket(sockets, spec.name)))
+    except NoFit as exc:
+        entry.error = str(exc)
+        try:  # what it would take on its own, for the table
+            entry.plan = plan_placement(profile, request, ledger.devices,
+                                        Ledger(ledger.devices, *_reserves(ledger)))
+        except (NoFit, ValueError):
+            pass
+    except ValueError as exc:
+        entry.error = str(exc)
 
 
 def _shown(value: object) -> str:

@@ -68,8 +68,7 @@ def render(status: dict[str, Any]) -> str:
         memory = sum(usage.get("actual", {}).values()) or usage.get("rss") or 0
         rows.append((
             m["name"],
-            m["state"] if not m.get("last_error") or m["state"] not in _BROKEN
-            else f"{m['state']}: {m['last_error'][:40]}",
+            _state(m),
             f"{m['slots_busy']}/{m['slots']}",
             f"{m['queue_depth']}/{m['queue_limit']}",
             str(m["ctx_per_slot"]),
@@ -88,6 +87,16 @@ def render(status: dict[str, Any]) -> str:
         lines.append(f"{d['device']}: {_size(d['reserved'])} reserved of "
                      f"{_size(d['capacity'])}, {_size(d['free'])} free")
     return "\n".join(lines)
+
+
+def _state(m: dict[str, Any]) -> str:
+    """``ready``, ``downloading 43%``, ``failed: REASON``."""
+    download = m.get("download") or {}
+    if m["state"] == "downloading" and download.get("bytes_total"):
+        return f"{download['phase']} {download['percent']}%"
+    if m.get("last_error") and m["state"] in _BROKEN:
+        return f"{m['state']}: {m['last_error'][:40]}"
+    return str(m["state"])
 
 
 def _duration(seconds: float | None) -> str:

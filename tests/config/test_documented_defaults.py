@@ -21,7 +21,7 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 
 # Values the yaml block shows as examples of what a file may say, not as defaults.
 EXAMPLES = {"default_model", "auth.keys", "devices", "models.*.path", "models.*.aliases",
-            "models.*.args"}
+            "models.*.args", "models.*.hf", "models.*.file", "models.*.ollama"}
 REQUIRED = object()
 # What the table's words for a default mean in the code.
 PROSE = {"required": REQUIRED, "none": None, "4 x slots": None, "discovered": None, "any": None}

@@ -76,7 +76,20 @@ models:
         ({"models": {"m": {"path": "x", "colour": "red"}}}, "models.m.colour: unknown key"),
         ({"models": {"m": {"path": "x"}}, "listen": {"port": 70000}},
          "listen.port: must be <= 65535, got 70000"),
-        ({"models": {"m": {}}}, "models.m.path: required key is missing"),
+        ({"models": {"m": {}}}, "models.m: give exactly one of path, hf (owner/repo:QUANT), "
+                                "ollama (name:tag), got {}"),
+        ({"models": {"m": {"path": "a.gguf", "hf": "o/r:Q4_K_M"}}},
+         "models.m: give exactly one of path, hf (owner/repo:QUANT), ollama (name:tag) (it "
+         "gives path and hf), got {'path': 'a.gguf', 'hf': 'o/r:Q4_K_M'}"),
+        ({"models": {"m": {"hf": "not-a-repo"}}},
+         "models.m.hf: must be a Hugging Face repository, owner/name or owner/name:QUANT "
+         "(e.g. bartowski/Llama-3.2-3B-Instruct-GGUF:Q4_K_M), got 'not-a-repo'"),
+        ({"models": {"m": {"hf": "o/r:Q4_K_M", "file": "x.gguf"}}},
+         "models.m: give either a quantization (repo:Q4_K_M) or file, not both, got "
+         "{'hf': 'o/r:Q4_K_M', 'file': 'x.gguf'}"),
+        ({"models": {"m": {"path": "a.gguf", "revision": "main"}}},
+         "models.m: file and revision apply to hf: models only, got "
+         "{'path': 'a.gguf', 'revision': 'main'}"),
         ({"models": {"m": {"path": " "}}}, "models.m.path: must not be empty, got ' '"),
         ({}, "models: required key is missing"),
         ({"models": {"m": {"path": "x"}}, "devices": [{"id": "cpu", "memory": "512MiB"}]},

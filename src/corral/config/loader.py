@@ -29,6 +29,8 @@ from corral.config.schema import (
 from corral.errors import ConfigError
 
 DEFAULT_CONFIG = "corral.yaml"
+# Where huggingface_hub reads a token for gated and private repositories: corral's alone.
+HF_TOKEN_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 
 @dataclass(frozen=True)
@@ -57,9 +59,10 @@ class Config:
 
     @property
     def secret_env(self) -> frozenset[str]:
-        """Variables of corral's environment that hold API keys: children never inherit them."""
+        """Variables of corral's environment that hold API keys or the Hugging Face token:
+        children never inherit them."""
         named = {k.key_env for k in self.file.auth.keys if k.key_env is not None}
-        return frozenset({"CORRAL_API_KEY", *named})
+        return frozenset({"CORRAL_API_KEY", *HF_TOKEN_ENV, *named})
 
 
 def config_path(explicit: str | None) -> str:
@@ -99,10 +102,14 @@ def parse_config(data: Any, *, source: str = "<memory>", base_dir: Path | None =
             draft = settings.draft.model_copy(update={"path": str(_file(settings.draft.path,
                                                                           base))})
             settings = settings.model_copy(update={"draft": draft})
+        if settings.download_dir is not None:
+            settings = settings.model_copy(update={"download_dir": str(
+                _file(settings.download_dir, base))})
         models[name] = ModelSpec(
             **dict(settings),
             name=name,
-            path=_file(model.path, base),
+            path=None if model.path is None else _file(model.path, base),
+            source=model.source,
             aliases=tuple(model.aliases),
             binary=model.binary,
             devices=None if model.devices is None else tuple(model.devices),

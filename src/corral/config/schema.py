@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from corral.config.sources import Source, parse_hf, parse_ollama
 from corral.config.tuning import (
     CpuMoe,
     DraftSettings,
@@ -92,6 +93,9 @@ Placement = Literal["binpack", "spread"]
 DEFAULT_PLACEMENT: Placement = "binpack"  # `placement:`, and a placement request's without one
 ModelName = Annotated[str, StringConstraints(min_length=1, pattern=r"^[^\s]+$")]
 Slots = Annotated[int, Field(ge=1, le=512)]
+# When a model named by a source (hf:, ollama:) gets its files: in the background as corral
+# starts, on the first request for it, or only by `corral pull`.
+DownloadWhen = Literal["startup", "request", "manual"]
 
 
 
@@ -168,6 +172,13 @@ class ModelSettings(StrictModel):
     prompt_cache: Size = Field(default=ByteSize(0))
     tensor_split: TensorSplit = None
     split_mode: SplitMode = "layer"
+    download: DownloadWhen = "request"
+    # While a model downloads, a request for it waits (up to its queue.timeout) instead of
+    # getting 503 with the progress so far.
+    download_wait: bool = False
+    # Where Hugging Face files go: None is the standard cache (HF_HUB_CACHE), shared with other
+    # tools; a directory keeps them as plain files there.
+    download_dir: str | None = None
 
 
 def _group(settings: type[BaseModel], key: str) -> type[BaseModel] | None:
@@ -211,7 +222,13 @@ def resolve_settings(below: _Settings, above: BaseModel) -> _Settings:
 class ModelConfig(ModelSettings):
     """One entry of ``models:``: the settings it gives, beside the keys only a model has."""
 
-    path: str
+    path: str | None = None
+    # Instead of path: a Hugging Face repository (owner/repo:Q4_K_M, or owner/repo with file),
+    # pinned to a revision if given; or an Ollama model name read from Ollama's store.
+    hf: str | None = None
+    file: str | None = None
+    revision: str | None = None
+    ollama: str | None = None
     aliases: list[ModelName] = Field(default_factory=list)
     binary: str | None = None  # this model's llama-server build, e.g. one built for its GPU
     devices: list[DeviceId] | None = None  # pin to these devices ("cpu" allows CPU layers)
@@ -233,10 +250,45 @@ class ModelConfig(ModelSettings):
 
     @field_validator("path")
     @classmethod
-    def _path_not_empty(cls, value: str) -> str:
-        if not value.strip():
+    def _path_not_empty(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
             raise ValueError("must not be empty")
         return value
+
+    @field_validator("hf")
+    @classmethod
+    def _hf_repo(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_hf(value)
+        return value
+
+    @field_validator("ollama")
+    @classmethod
+    def _ollama_name(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_ollama(value)
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        given = [k for k in ("path", "hf", "ollama") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of path, hf (owner/repo:QUANT), ollama (name:tag)"
+                             + (f" (it gives {' and '.join(given)})" if given else ""))
+        if self.hf is None and (self.file is not None or self.revision is not None):
+            raise ValueError("file and revision apply to hf: models only")
+        if self.hf is not None:
+            parse_hf(self.hf, self.file, self.revision)  # file and quantization together
+        return self
+
+    @property
+    def source(self) -> Source | None:
+        """Where its files come from, or None for a local ``path``."""
+        if self.hf is not None:
+            return parse_hf(self.hf, self.file, self.revision)
+        if self.ollama is not None:
+            return parse_ollama(self.ollama)
+        return None
 
 
 class HealthSettings(StrictModel):
@@ -399,7 +451,8 @@ class ModelSpec(ModelSettings):
     """One model with every setting resolved: what the supervisor needs to start its child."""
 
     name: str
-    path: Path  # absolute
+    path: Path | None  # absolute; None: its source gives it once fetched (see ``source``)
+    source: Source | None = None  # hf: or ollama:, else None (a local path)
     aliases: tuple[str, ...]
     binary: str | None  # None: llama_server.binary
     devices: tuple[str, ...] | None

@@ -92,12 +92,20 @@ def _override_flags(flag: str, tensor_overrides: tuple[str, ...], cpu_moe: int |
     return args
 
 
+def _model_file(spec: ModelSpec) -> str:
+    # A model from a source has a path once its files are fetched; before that (corral plan)
+    # the command names where it comes from.
+    if spec.path is not None or spec.source is None:
+        return str(spec.path)
+    return f"<{spec.source.ref}, once downloaded>"
+
+
 def child_command(spec: ModelSpec, plan: PlacementPlan, binary: str, socket: str) -> ChildCommand:
     """The complete command line of ``spec``'s child, placed by ``plan``, listening on the Unix
     socket ``socket`` (only corral's user can reach it: see ``corral.probe.host``)."""
     argv = (
         binary,
-        "-m", str(spec.path),
+        "-m", _model_file(spec),
         "--host", socket,
         "--alias", spec.name,
         "--metrics",

@@ -30,7 +30,7 @@ _RESERVED_BY_REASON: dict[str, tuple[str, ...]] = {
         "-lv", "--verbosity", "--log-verbosity",
     ),
     "give the projector as a file with --mmproj (nothing is downloaded)": ("-mmu", "--mmproj-url"),
-    "the model file is `path` (nothing is downloaded)": (
+    "name the model by `path`, or download it with corral (`hf: owner/repo:Q4_K_M`)": (
         "-hf", "-hfr", "--hf-repo", "-hff", "--hf-file", "-mu", "--model-url", "-dr",
         "--docker-repo",
     ),

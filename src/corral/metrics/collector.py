@@ -140,6 +140,7 @@ class CorralMetrics(SupervisorEvents, Collector):
         yield from self._slot_metrics()
         yield from self._token_metrics(models)
         yield from self._memory_metrics(models)
+        yield from _download_metrics(models)
         yield from self._child_metrics()
 
     def _model_metrics(self, models: list[ManagedModel]) -> Iterator[Metric]:
@@ -245,6 +246,22 @@ class CorralMetrics(SupervisorEvents, Collector):
                     out.add_sample(sample.name.replace(":", "_"),
                                    {**sample.labels, "model": snapshot.model}, sample.value)
         yield from merged.values()
+
+
+def _download_metrics(models: list[ManagedModel]) -> Iterator[Metric]:
+    """Bytes each model fetched from its source, and what its download still has to fetch."""
+    done = CounterMetricFamily("corral_download_bytes",
+                               "Bytes of model files downloaded from their source.",
+                               labels=["model"])
+    remaining = GaugeMetricFamily("corral_download_remaining_bytes",
+                                  "Bytes the model's download still has to fetch (0 when none "
+                                  "runs).", labels=["model"])
+    for model in models:
+        if model.spec.source is None:
+            continue
+        done.add_metric([model.name], float(model.bytes_downloaded))
+        remaining.add_metric([model.name], float(model.bytes_remaining))
+    yield from (done, remaining)
 
 
 def _number(value: object) -> float:

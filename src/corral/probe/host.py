@@ -37,6 +37,9 @@ def read_model(spec: ModelSpec) -> tuple[ModelProfile, int]:
     Raises ``OSError`` or ``ValueError`` only: a file the reader did not foresee is this
     model's problem (a 503, a row in ``corral plan``), never a crash.
     """
+    if spec.path is None:
+        assert spec.source is not None
+        raise ValueError(f"{spec.source.ref}: its files are not downloaded yet")
     try:
         profile = read_profile(spec.path)
         return profile, 0 if spec.projector is None else tensor_bytes(spec.projector)
@@ -63,7 +66,9 @@ def check_model_files(config: Config) -> list[str]:
     """Problems with the model files themselves (each model's and its draft model's): missing,
     unreadable, not GGUF, or a GGUF header that cannot be read (the weights after it are
     llama-server's to judge)."""
-    files = [(f"models.{name}.path", spec.path) for name, spec in config.models.items()]
+    # hf:/ollama: files have no path until fetched: they are checked (and verified) then.
+    files = [(f"models.{name}.path", spec.path) for name, spec in config.models.items()
+             if spec.path is not None]
     files += [(f"models.{name}.draft.path", Path(spec.draft.path))
               for name, spec in config.models.items() if spec.draft is not None]
     problems = []

@@ -30,6 +30,8 @@ import structlog
 from corral.config import Config, ModelSpec
 from corral.config.tuning import tuning_of
 from corral.errors import (
+    DownloadError,
+    ModelDownloadingError,
     ModelLoadError,
     ModelUnavailableError,
     ShuttingDownError,
@@ -39,6 +41,7 @@ from corral.placement import PlacementPlan
 from corral.probe.devices import process_gpu_memory
 from corral.probe.host import child_socket, resolve_binary
 from corral.probe.usage import ReportedMemory, parse_buffer_sizes
+from corral.sources.download import Fetch, LocalFiles
 from corral.supervisor.children import ChildRegistry
 from corral.supervisor.events import Demand, SupervisorEvents
 from corral.supervisor.process import ERROR_TAIL_LINES, LOG_TAIL_LINES, ModelProcess
@@ -49,6 +52,10 @@ log = structlog.get_logger("corral.supervisor")
 
 StopReason = Literal["idle", "memory", "manual", "shutdown", "crash", "reload", "removed"]
 _POLL = 0.05
+# A request that starts a fetch waits this long before it is told "downloading": a model
+# already in the cache (verified before) is ready by then and answers without a 503.
+_FETCH_GRACE = 2.0
+_PROGRESS_LOG = 10.0  # seconds between two log lines of a download's progress
 
 # An observer's last look at a stopping child (its final token counts) is bounded by this.
 _FINAL_READ_CAP = 6.0
@@ -112,6 +119,9 @@ class ManagedModel:
         self._reload: asyncio.Task[None] | None = None  # a restart with reloaded settings
         self._retire: asyncio.Task[None] | None = None  # serving what waits, once removed
         self._removal: _Removal | None = None  # removed by a reload, not yet retired
+        self.files: LocalFiles | None = None  # hf:/ollama: models: their verified files
+        self.fetch: Fetch | None = None  # the last (or current) fetch of them
+        self._downloaded_before = 0  # bytes the fetches before the last one downloaded
 
     @property
     def name(self) -> str:
@@ -122,16 +132,34 @@ class ManagedModel:
         return self._transition
 
     @property
+    def local_spec(self) -> ModelSpec:
+        """Its spec with the model file (and a projector found beside it) on disk: the spec
+        itself for a ``path:`` model, else with the fetched files once there are some."""
+        if self.spec.source is None or self.files is None:
+            return self.spec
+        args = self.spec.args
+        if self.files.projector is not None and self.spec.projector is None:
+            args = (*args, "--mmproj", str(self.files.projector))
+        return self.spec.model_copy(update={"path": self.files.model, "args": args})
+
+    @property
+    def needs_files(self) -> bool:
+        """Named by a source whose files are not fetched and verified yet."""
+        return self.spec.source is not None and self.files is None
+
+    @property
     def removing(self) -> bool:
         """Removed by a reload and not retired yet (a reload may still put it back)."""
         return self._removal is not None
 
     # -- what requests and the admin API ask ------------------------------------------------
 
-    async def acquire(self, touch: bool = True) -> Lease:
+    async def acquire(self, touch: bool = True, wait_download: bool = False) -> Lease:
         """A lease on the ready child, loading it first if needed; concurrent callers share
         one load. ``touch=False`` is for monitoring reads: they must not keep a model from
-        going idle.
+        going idle. While its files download, ``ModelDownloadingError`` with the progress,
+        unless ``wait_download`` or its ``download_wait`` says to wait (up to its queue
+        timeout; without bound for ``wait_download``).
 
         Raises ``ModelLoadError``, ``ModelUnavailableError`` or ``ShuttingDownError``.
         """
@@ -159,6 +187,17 @@ class ManagedModel:
             elif state == ModelState.STARTING:
                 assert self._transition is not None
                 await self._await(self._transition, None)
+            elif state == ModelState.DOWNLOADING:
+                assert self._transition is not None and self.fetch is not None
+                progress = self.fetch.progress
+                if wait_download:
+                    await self._await(self._transition, None)
+                elif self.spec.download_wait:
+                    if not await self._await(self._transition, self.spec.queue_timeout):
+                        raise ModelDownloadingError(self.name, progress.text())
+                elif (progress.phase == "downloading"
+                      or not await self._await(self._transition, _FETCH_GRACE)):
+                    raise ModelDownloadingError(self.name, progress.text())
             elif state == ModelState.GIVEN_UP:
                 raise ModelLoadError(
                     self.name,
@@ -175,7 +214,7 @@ class ManagedModel:
                 raise ModelLoadError(self.name, self.last_error or "load failed",
                                      retry_after=max(1.0, self.retry_at - time.monotonic()))
             else:
-                self._begin_load()
+                self._begin_next()
 
     async def _await(self, task: asyncio.Task[None], timeout: float | None) -> bool:
         """Wait for a task others may wait for too (never cancelled from here), up to
@@ -201,8 +240,21 @@ class ManagedModel:
             self.restarts.clear()
             self.retry_at = 0.0
             self._cancel_restart()
-            self._begin_load()
-        (await self.acquire()).release()
+            self._begin_next()
+        (await self.acquire(wait_download=True)).release()
+
+    def download(self) -> Fetch | None:
+        """Start, or join, the fetch of its files in the background (``download: startup``,
+        and a pull through the API); None when it has no source or has its files already.
+
+        The fetch says how far it is (``fetch.progress``: phase, bytes done and total) and
+        ``await fetch.result()`` ends with the verified files, or raises ``DownloadError``.
+        A model that failed is fetched again at once (its back-off is for loads).
+        """
+        if self.needs_files and (self.state == ModelState.UNLOADED or self.state.broken):
+            self._cancel_restart()
+            self._begin_download()
+        return self.fetch if self.state == ModelState.DOWNLOADING else None
 
     async def unload(self, reason: StopReason) -> None:
         """Stop the child once its in-flight requests are done (bounded: ``_drain``)."""
@@ -258,6 +310,8 @@ class ManagedModel:
         """A reload changed its settings: restart it with them once its requests are done
         (only if it was loaded, loading, or is preloaded)."""
         wanted = self.state in (ModelState.STARTING, ModelState.READY) or spec.preload
+        if (spec.source, spec.download_dir) != (self.spec.source, self.spec.download_dir):
+            self.files = None  # other files: fetched (and verified) again before a load
         self.spec = spec
         self._reload = self.host.spawn(self._restart_for_reload(wanted))
 
@@ -313,7 +367,8 @@ class ManagedModel:
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
-        if self.state == ModelState.STARTING and self._transition is not None:
+        if (self.state in (ModelState.STARTING, ModelState.DOWNLOADING)
+                and self._transition is not None):
             self._transition.cancel()  # the load stops its own half-started child
         if self._transition is not None:
             await asyncio.gather(self._transition, return_exceptions=True)
@@ -333,6 +388,53 @@ class ManagedModel:
     def _begin_load(self) -> None:
         self._enter(ModelState.STARTING)  # refused from ready, retiring, retired, ...
         self._transition = self.host.spawn(self._load())
+
+    def _begin_next(self) -> None:
+        """Fetch its files if it needs them, else load it."""
+        if self.needs_files:
+            self._begin_download()
+        else:
+            self._begin_load()
+
+    def _begin_download(self) -> None:
+        self._enter(ModelState.DOWNLOADING)
+        if self.fetch is not None:
+            self._downloaded_before += self.fetch.progress.downloaded
+        self.fetch = Fetch.start(self.spec, allow_download=self.spec.download != "manual")
+        self._transition = self.host.spawn(self._download(self.fetch))
+
+    async def _download(self, fetch: Fetch) -> None:
+        try:
+            files = await self._follow(fetch)
+        except DownloadError as exc:
+            reason = f"download failed: {exc.reason}"
+            self._fail(reason, "load")
+            raise ModelLoadError(self.name, reason, retry_after=max(
+                exc.retry_after, self.retry_at - time.monotonic())) from None
+        except BaseException:
+            # Cancelled (shutdown): the partial file stays, and the next fetch resumes it.
+            log.warning("download_interrupted", model=self.name, **fetch.progress.describe())
+            if self.state == ModelState.DOWNLOADING:
+                self._fail("download interrupted", "load")
+            raise
+        if (fetch.spec.source, fetch.spec.download_dir) == (self.spec.source,
+                                                            self.spec.download_dir):
+            self.files = files
+        self.last_error = None
+        self._idle_or_retired()
+
+    async def _follow(self, fetch: Fetch) -> LocalFiles:
+        """``fetch``'s files, logging its progress every ``_PROGRESS_LOG`` seconds."""
+        result = asyncio.ensure_future(fetch.result())
+        try:
+            while not (await asyncio.wait({result}, timeout=_PROGRESS_LOG))[0]:
+                progress = fetch.progress.describe()
+                log.info("download_progress", model=self.name, source=progress["source"],
+                         phase=progress["phase"], bytes_done=progress["bytes_done"],
+                         bytes_total=progress["bytes_total"], percent=progress["percent"])
+            return result.result()
+        finally:
+            result.cancel()
 
     def _begin_stop(self, reason: StopReason) -> None:
         self._enter(ModelState.STOPPING)
@@ -391,7 +493,7 @@ class ManagedModel:
                 self.name, f"llama-server binary {wanted!r} not found "
                 "(set llama_server.binary, or run scripts/install-llama-server)",
                 retry_after=30.0)
-        command = child_command(self.spec, plan, binary,
+        command = child_command(self.local_spec, plan, binary,
                                 str(child_socket(self.host.socket_dir, self.name)))
         proc = ModelProcess(self.name, command, self.spec.env, self.log_tail,
                             self.host.config.file.upstream, secret_env=self.host.secret_env)
@@ -429,10 +531,7 @@ class ManagedModel:
                      exit_code=code)
         self.last_stop_reason = reason
         self.ready_at = None
-        if self._removal is not None:
-            self._retire_now()
-        else:
-            self._enter(ModelState.UNLOADED)
+        self._idle_or_retired()
         self.host.observers.stopped(self.name, reason)
 
     async def _drain(self, reason: StopReason) -> None:
@@ -532,7 +631,14 @@ class ManagedModel:
             if self._restart is asyncio.current_task():
                 self._restart = None
         if self.state in (ModelState.FAILED, ModelState.CRASHED) and self.host.closing_at is None:
-            self._begin_load()
+            self._begin_next()
+
+    def _idle_or_retired(self) -> None:
+        """No child and nothing under way: unloaded, or retired if a reload removed it."""
+        if self._removal is not None:
+            self._retire_now()
+        else:
+            self._enter(ModelState.UNLOADED)
 
     def _retire_now(self) -> None:
         self._cancel_restart()
@@ -590,6 +696,22 @@ class ManagedModel:
                 return int(psutil.Process(proc.pid).memory_info().rss)
         return None
 
+    @property
+    def bytes_downloaded(self) -> int:
+        """Bytes its fetches downloaded over the network, all of them together."""
+        current = self.fetch.progress if self.fetch is not None else None
+        if current is not None:
+            current.refresh()
+        return self._downloaded_before + (current.downloaded if current else 0)
+
+    @property
+    def bytes_remaining(self) -> int:
+        """What the download under way still has to fetch (0 when none runs)."""
+        if self.state != ModelState.DOWNLOADING or self.fetch is None:
+            return 0
+        self.fetch.progress.refresh()
+        return self.fetch.progress.remaining
+
     def describe(self) -> dict[str, Any]:
         """The model as ``/admin/models`` shows it."""
         proc = self.process if self.state in (ModelState.STARTING, ModelState.READY,
@@ -617,7 +739,9 @@ class ManagedModel:
             "recent_failures": self.restarts.recent,
             "given_up": self.state == ModelState.GIVEN_UP,
             "pinned": self.spec.pinned,
-            "path": str(self.spec.path),
+            "path": str(self.local_spec.path) if self.local_spec.path else None,
+            "source": self.spec.source.ref if self.spec.source else None,
+            "download": self.fetch.progress.describe() if self.fetch else None,
         }
 
 

@@ -12,6 +12,8 @@
     retiring -> ready (put back) | stopping (served) | retired (its child died)
     unloaded, failed, crashed, given_up, stopping -> retired (removed: nothing to serve)
     starting -> retired (removed while loading, and the load failed)
+    unloaded, failed, crashed, given_up -> downloading (a model named by hf: or ollama: gets
+    and verifies its files) -> unloaded (they are ready) | failed | given_up | retired
 
 ``retired`` is final: a removed model never starts a child again. Only ``ManagedModel`` moves
 a model between states (``ManagedModel._enter``), and only from ``unloaded``, ``failed``,
@@ -27,6 +29,7 @@ from corral.errors import InvalidTransition as InvalidTransition  # defined with
 
 class ModelState(StrEnum):
     UNLOADED = "unloaded"
+    DOWNLOADING = "downloading"  # its files are being fetched (or found) and verified
     STARTING = "starting"
     READY = "ready"
     STOPPING = "stopping"
@@ -49,13 +52,14 @@ class ModelState(StrEnum):
 
 _S = ModelState
 TRANSITIONS: dict[ModelState, frozenset[ModelState]] = {
-    _S.UNLOADED: frozenset({_S.STARTING, _S.RETIRED}),
+    _S.UNLOADED: frozenset({_S.STARTING, _S.DOWNLOADING, _S.RETIRED}),
+    _S.DOWNLOADING: frozenset({_S.UNLOADED, _S.FAILED, _S.GIVEN_UP, _S.RETIRED}),
     _S.STARTING: frozenset({_S.READY, _S.FAILED, _S.GIVEN_UP, _S.RETIRED}),
     _S.READY: frozenset({_S.STOPPING, _S.CRASHED, _S.GIVEN_UP, _S.RETIRING}),
     _S.STOPPING: frozenset({_S.UNLOADED, _S.RETIRED}),
-    _S.FAILED: frozenset({_S.STARTING, _S.UNLOADED, _S.RETIRED}),
-    _S.CRASHED: frozenset({_S.STARTING, _S.UNLOADED, _S.RETIRED}),
-    _S.GIVEN_UP: frozenset({_S.STARTING, _S.UNLOADED, _S.RETIRED}),
+    _S.FAILED: frozenset({_S.STARTING, _S.DOWNLOADING, _S.UNLOADED, _S.RETIRED}),
+    _S.CRASHED: frozenset({_S.STARTING, _S.DOWNLOADING, _S.UNLOADED, _S.RETIRED}),
+    _S.GIVEN_UP: frozenset({_S.STARTING, _S.DOWNLOADING, _S.UNLOADED, _S.RETIRED}),
     _S.RETIRING: frozenset({_S.READY, _S.STOPPING, _S.RETIRED}),
     _S.RETIRED: frozenset(),
 }

@@ -84,11 +84,19 @@ class Supervisor:
         """Stop what an earlier run left, then start the idle reaper and the preloads."""
         self.registry.reap_leftovers()
         prepare_socket_dir(self.socket_dir)
+        self._prefetch()
         self._background = [
             self.spawn(self._reap_idle()),
             self.spawn(self._preload_in_order(
                 [m for m in self.models.values() if m.spec.preload])),
         ]
+
+    def _prefetch(self) -> None:
+        """Begin the downloads of ``download: startup`` models (a preloaded one downloads as
+        it loads)."""
+        for model in self.models.values():
+            if model.spec.download == "startup" and not model.spec.preload and not model.removing:
+                model.download()
 
     async def _preload_in_order(self, models: list[ManagedModel]) -> None:
         # One after another, in the config's order, as `corral plan` places them: with
@@ -169,6 +177,7 @@ class Supervisor:
             elif shared_changed or spec != model.spec:
                 changed.append(name)
                 model.reconfigure(spec)
+        self._prefetch()  # new models, and changed ones whose files changed
         restart = config.file.restart
         bound = config.file.upstream.generation_timeout
         removed: list[str] = []
@@ -187,7 +196,7 @@ class Supervisor:
     async def place(self, model: ManagedModel) -> PlacementPlan:
         """Plan ``model`` and reserve its memory, evicting idle models or waiting for memory up
         to its queue timeout."""
-        return await place(model.spec, self.config, self.ledger,
+        return await place(model.local_spec, self.config, self.ledger,
                            partial(self._eviction_candidates, model), self._evict,
                            wait=model.spec.queue_timeout)
 

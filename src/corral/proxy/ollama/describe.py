@@ -53,6 +53,8 @@ class Description:
 def describe(spec: ModelSpec) -> Description:
     """The description of ``spec``'s model file. Raises ``OSError`` or ``ValueError`` when the
     file cannot be read (the caller answers for that model with an error)."""
+    if spec.path is None:
+        raise OSError(f"its files ({spec.source}) are not downloaded yet")
     files = [os.path.abspath(spec.path)]
     if spec.projector:
         files.append(os.path.abspath(spec.projector))

@@ -90,7 +90,7 @@ class OllamaApi:
 
     def _describe(self, model: ManagedModel) -> Description:
         try:
-            return describe(model.spec)
+            return describe(model.local_spec)
         except (OSError, ValueError) as exc:
             raise BadRequestError(f"cannot read the model file of {model.name!r}: {exc}",
                                   code="model_unreadable", status=500) from None
@@ -115,13 +115,18 @@ class OllamaApi:
             asked = model_name(data, proxy.default_model)
             model = self.find(asked, key)
             name = model.name
-            about = self._describe(model)
+            # A model whose files are not fetched yet cannot be described: the request goes
+            # on (it starts or joins the download) and llama-server judges it once loaded.
+            about = None if model.needs_files else self._describe(model)
+            spec = model.local_spec
             translated = convert(data, translate.Model(
-                model.ctx_per_slot, model.spec.multimodal, "thinking" in about.capabilities))
+                model.ctx_per_slot, spec.multimodal,
+                about is None or "thinking" in about.capabilities))
             if translated.empty:  # loading or unloading asks nothing the model cannot do
                 return await self._load_or_unload(request, model, asked, translated,
                                                   request_id, started)
-            _check_capability(translated, about)
+            if about is not None:
+                _check_capability(translated, about)
             was_serving = model.state.serving
 
             def answer(upstream: httpx.Response, finish: Callable[[], None],
@@ -187,7 +192,7 @@ class OllamaApi:
         listed = []
         for name, model in self._named(request.state.key):
             try:
-                about = describe(model.spec)
+                about = describe(model.local_spec)
             except (OSError, ValueError):
                 continue  # unreadable now: /api/show names the problem
             listed.append({"name": tag(name), "model": tag(name),
@@ -202,7 +207,7 @@ class OllamaApi:
             if not (model.state.serving and may_use(request.state.key, model.name)):
                 continue
             try:
-                about = describe(model.spec)
+                about = describe(model.local_spec)
             except (OSError, ValueError):
                 continue
             memory = model.plan.reservation if model.plan is not None else {}
@@ -230,8 +235,10 @@ class OllamaApi:
         about = self._describe(model)
         ctx = model.ctx_per_slot
         parameters = f"num_ctx {ctx}" if ctx else ""
+        source = model.spec.source
+        origin = model.local_spec.path or (source.ref if source else "")
         return JSONResponse({
-            "modelfile": f"# corral serves this model from its config\nFROM {model.spec.path}\n"
+            "modelfile": f"# corral serves this model from its config\nFROM {origin}\n"
                          + (f"PARAMETER {parameters}\n" if parameters else ""),
             "parameters": parameters,
             "template": about.template,
