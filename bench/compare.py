@@ -113,7 +113,11 @@ def fake_config(model: str, slots: int, configured: int, preload: bool) -> dict[
 
 async def run(args: argparse.Namespace, stack: ExitStack, results: Results,
               extra: dict[str, Any]) -> None:
-    sizes = QUICK if args.quick else FULL
+    sizes = dict(QUICK if args.quick else FULL)
+    if args.streams:
+        sizes["p2_streams"] = [int(n) for n in args.streams.split(",")]
+    if args.chunks:
+        sizes["p2_chunks"] = args.chunks
     rounds = args.rounds or sizes["rounds"]
     parts = {int(p) for p in args.parts.split(",")}
     workdir = Path(tempfile.mkdtemp(prefix="corral-compare-"))
@@ -267,6 +271,8 @@ def main() -> int:
     parser.add_argument("--parts", default="1,2,3,4,5,6", help="which of P1-P6, e.g. 1,2")
     parser.add_argument("--quick", action="store_true", help="every part reduced to seconds")
     parser.add_argument("--rounds", type=int, help="rounds per figure (default 5, quick 1)")
+    parser.add_argument("--streams", help="P2's stream counts, e.g. 1,64 (default 1,16,64,256)")
+    parser.add_argument("--chunks", type=int, help="P2's events per measurement, all streams")
     parser.add_argument("--binary", default=str(Path(sys.executable).parent / "llama-server"))
     parser.add_argument("--json", help="also write rows, failures and machine facts here")
     args = parser.parse_args()
