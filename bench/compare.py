@@ -60,11 +60,17 @@ from parts import (
 
 FULL = {"rounds": 5, "p1_requests": 64, "p1_clients": [1, 16], "p2_chunks": 20000,
         "p2_streams": [1, 16, 64, 256], "p3_tokens": 96, "p3_clients": [1, 4, 16],
-        "p4_rounds": 3, "p5_seconds": 30.0, "p5_clients": 4, "p5_tokens": 8,
+        "p3_rounds": 3, "p4_rounds": 3, "p5_rounds": 3, "p5_seconds": 30.0, "p5_clients": 4,
+        "p5_tokens": 8,
         "p6_models": 20, "p6_starts": 5}
 QUICK = {"rounds": 1, "p1_requests": 4, "p1_clients": [1, 4], "p2_chunks": 200,
-         "p2_streams": [1, 8], "p3_tokens": 4, "p3_clients": [1, 2], "p4_rounds": 1,
+         "p2_streams": [1, 8], "p3_tokens": 4, "p3_clients": [1, 2], "p3_rounds": 1,
+         "p4_rounds": 1, "p5_rounds": 1,
          "p5_seconds": 3.0, "p5_clients": 3, "p5_tokens": 2, "p6_models": 20, "p6_starts": 1}
+
+
+def progress(part: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {part}, load {os.getloadavg()[0]:.1f}", file=sys.stderr)
 
 
 def smollm2() -> str:
@@ -144,10 +150,14 @@ async def run(args: argparse.Namespace, stack: ExitStack, results: Results,
         real = [direct, corral, router, nginx]
         await warm(real)
         if 1 in parts:
+            progress("P1")
             await p1_overhead(results, real, rounds, sizes["p1_requests"], sizes["p1_clients"])
         if 3 in parts:
-            await p3_inference(results, real, rounds, sizes["p3_tokens"], sizes["p3_clients"])
+            progress("P3")
+            await p3_inference(results, real, min(rounds, sizes["p3_rounds"]),
+                               sizes["p3_tokens"], sizes["p3_clients"])
         if 4 in parts:
+            progress("P4")
             await p4_cold_start(results, corral, router, args.binary, llama_args, workdir,
                                 sizes["p4_rounds"])
         for server in reversed(real):
@@ -166,15 +176,19 @@ async def run(args: argparse.Namespace, stack: ExitStack, results: Results,
         await warm(fakes)
         rss: dict[str, list[float]] = {}
         if 2 in parts:
+            progress("P2")
             await p2_streaming(results, fakes, rounds, sizes["p2_chunks"], streams, rss)
             extra["corral_rss_under_p2_mib"] = max(rss.get("corral-fake", [0.0]))
         for server in reversed(fakes):
             server.stop()
         if 6 in parts:
+            progress("P6")
             footprint(results, model, sizes, workdir, stack)
 
     if 5 in parts:
-        await pressure(results, args, model, sizes, rounds, workdir, started)
+        progress("P5")
+        await pressure(results, args, model, sizes, min(rounds, sizes["p5_rounds"]), workdir,
+                       started)
 
 
 def footprint(results: Results, model: str, sizes: dict[str, Any], workdir: Path,
