@@ -58,9 +58,9 @@ from parts import (
     warm,
 )
 
-FULL = {"rounds": 5, "p1_requests": 64, "p1_clients": [1, 16], "p2_chunks": 20000,
-        "p2_streams": [1, 16, 64, 256], "p3_tokens": 96, "p3_clients": [1, 4, 16],
-        "p3_rounds": 3, "p4_rounds": 3, "p5_rounds": 3, "p5_seconds": 30.0, "p5_clients": 4,
+FULL = {"rounds": 3, "p1_requests": 48, "p1_clients": [1, 16], "p2_chunks": 20000,
+        "p2_streams": [1, 16, 64, 256], "p3_tokens": 32, "p3_clients": [1, 4, 16],
+        "p3_rounds": 3, "p4_rounds": 3, "p5_rounds": 2, "p5_seconds": 20.0, "p5_clients": 4,
         "p5_tokens": 8,
         "p6_models": 20, "p6_starts": 5}
 QUICK = {"rounds": 1, "p1_requests": 4, "p1_clients": [1, 4], "p2_chunks": 200,
@@ -101,10 +101,10 @@ def machine(binary: str) -> dict[str, Any]:
     }
 
 
-def real_config(binary: str, model: str) -> dict[str, Any]:
+def real_config(binary: str, model: str, threads: int) -> dict[str, Any]:
     return {"llama_server": {"binary": binary},
             "models": {"smollm2": {"path": model, "slots": 4, "ctx_per_slot": 1024,
-                                   "preload": True, "ttl": 0,
+                                   "preload": True, "ttl": 0, "args": ["-t", str(threads)],
                                    "queue": {"max": 256, "timeout": "10m"}}}}
 
 
@@ -135,7 +135,7 @@ async def run(args: argparse.Namespace, stack: ExitStack, results: Results,
         return server
 
     if parts & {1, 3, 4}:
-        config = real_config(args.binary, model)
+        config = real_config(args.binary, model, args.threads)
         command, _ = plan(config, workdir, "smollm2")
         llama_args = direct_args(command)
         direct = started(start_llama("direct", args.binary, llama_args, workdir))
@@ -218,6 +218,7 @@ async def pressure(results: Results, args: argparse.Namespace, model: str,
     ``--models-max 2``."""
     names = ["a", "b", "c"]
     settings = {"path": model, "slots": 1, "ctx_per_slot": 512, "ttl": 0,
+                "args": ["-t", str(args.threads)],
                 "queue": {"max": 64, "timeout": "10m"}}
     config: dict[str, Any] = {"llama_server": {"binary": args.binary},
                               "models": {n: dict(settings) for n in names}}
@@ -287,6 +288,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, help="rounds per figure (default 5, quick 1)")
     parser.add_argument("--streams", help="P2's stream counts, e.g. 1,64 (default 1,16,64,256)")
     parser.add_argument("--chunks", type=int, help="P2's events per measurement, all streams")
+    # Each llama-server's threads wait for each other at every step by spinning: with three
+    # servers and the harness on two cores, two threads each stall one another for seconds.
+    parser.add_argument("--threads", type=int, default=1, help="llama-server -t (default 1)")
     parser.add_argument("--binary", default=str(Path(sys.executable).parent / "llama-server"))
     parser.add_argument("--json", help="also write rows, failures and machine facts here")
     args = parser.parse_args()
