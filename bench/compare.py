@@ -96,6 +96,8 @@ def machine(binary: str) -> dict[str, Any]:
         "load_before": [round(x, 2) for x in os.getloadavg()],
         "python": platform.python_version(), "corral": rev,
         "llama_server": " ".join((llama.stdout + llama.stderr).split("\n")[-3:]).strip(),
+        # Builds from the PyPI sdist say "commit unknown": the cache directory names the commit.
+        "llama_server_path": os.path.realpath(binary),
         "nginx": nginx_v.replace("nginx version: ", ""),
         **{name: importlib.metadata.version(name) for name in packages},
     }
