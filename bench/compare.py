@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -298,6 +299,9 @@ def main() -> int:
     args = parser.parse_args()
     if not os.path.exists(args.binary):
         args.binary = shutil.which("llama-server") or args.binary
+    # SIGTERM unwinds like Ctrl-C, so the servers are stopped in order (and the ones the
+    # harness started die with it in any case: bench/contenders.py, spawn).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     info = machine(args.binary)
     results = Results()
     extra: dict[str, Any] = {}

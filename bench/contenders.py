@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -117,11 +118,22 @@ def wait_ready(server: Server, timeout: float = 180.0, path: str = "/health") ->
     raise SystemExit(f"{server.name} not ready within {timeout} s")
 
 
+def _die_with_harness() -> None:
+    """In the child before exec: SIGTERM when the harness dies, even by SIGKILL (a test's
+    timeout), so no server outlives it. Linux only; elsewhere the harness's own clean-up."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None
           ) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
         return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env)
+                                stdin=subprocess.DEVNULL, env=env,
+                                preexec_fn=_die_with_harness)
 
 
 def plan(config: dict[str, Any], workdir: Path, model: str) -> tuple[list[str], int]:
