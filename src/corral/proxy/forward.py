@@ -12,7 +12,9 @@ import time
 from collections.abc import Callable
 
 import anyio
+import anyio.abc
 import httpx
+from anyio.streams.memory import MemoryObjectSendStream
 from starlette.types import Receive, Scope, Send
 
 from corral.errors import (
@@ -30,6 +32,8 @@ _DROP_REQUEST = frozenset({
     b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade",
     b"authorization", b"x-api-key", b"accept-encoding",
 })
+# Events read from a child but not yet written to the client, at most (see _relay_batched).
+_BATCH_CHUNKS = 64
 _DROP_RESPONSE = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "trailer", "transfer-encoding", "upgrade",
     "server", "date",
@@ -108,12 +112,13 @@ class UpstreamResponse:
         self.upstream_error: str | None = None
         self.first_chunk_at: float | None = None
         self._between_events = True  # whether what was sent so far ends with a whole event
+        self._read_error: httpx.HTTPError | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             async with anyio.create_task_group() as group:
                 group.start_soon(self._watch_disconnect, receive, group.cancel_scope)
-                await self._stream(send)
+                await self._stream(send, group)
                 group.cancel_scope.cancel()
         finally:
             await self._close()
@@ -127,21 +132,26 @@ class UpstreamResponse:
         finally:
             self.on_close()  # the lease and the slot, even when a leaving client cancels this
 
-    async def _stream(self, send: Send) -> None:
+    async def _stream(self, send: Send, group: anyio.abc.TaskGroup) -> None:
         await send({"type": "http.response.start", "status": self.upstream.status_code,
                     "headers": self.headers})
+        failure: httpx.HTTPError | None = None
         try:
-            async for chunk in self.upstream.aiter_raw():
-                if self.first_chunk_at is None:
-                    self.first_chunk_at = time.perf_counter()
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                self._between_events = chunk.endswith(b"\n\n")
+            if self.is_sse:
+                await self._relay_batched(send, group)
+            else:
+                async for chunk in self.upstream.aiter_raw():
+                    await self._send_chunk(send, chunk)
         except httpx.HTTPError as exc:
-            self.upstream_error = f"{type(exc).__name__}: {exc}"
+            failure = exc
+        if failure is None:
+            failure = self._read_error
+        if failure is not None:
+            self.upstream_error = f"{type(failure).__name__}: {failure}"
             if not self.is_sse:
                 # Headers are out and the body is cut: only closing the connection tells the
                 # client the response is incomplete.
-                raise
+                raise failure
             # A child that died mid-write left half an event: end it, or the client's parser
             # would read the error event as more of that one.
             cut = b"" if self._between_events else b"\n\n"
@@ -152,6 +162,46 @@ class UpstreamResponse:
         # the next one at once must find the slot (and the admin counts) already free.
         await self._close()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _send_chunk(self, send: Send, chunk: bytes) -> None:
+        if self.first_chunk_at is None:
+            self.first_chunk_at = time.perf_counter()
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        self._between_events = chunk.endswith(b"\n\n")
+
+    async def _relay_batched(self, send: Send, group: anyio.abc.TaskGroup) -> None:
+        """Relay an event stream, one write to the client per read from the child.
+
+        httpx hands over one chunk of the child's chunked encoding at a time, one SSE event.
+        Written one by one, a stream that the child writes faster than corral relays costs one
+        send (a system call and a wake-up of the client) per event, where nginx writes what one
+        read brought. A reader task pulls every chunk already read (without waiting, they are
+        buffered) and this task sends them joined: one write per read when behind, the same
+        as before when not. At most ``_BATCH_CHUNKS`` wait, so a client that reads slowly
+        still holds the child back.
+        """
+        sender, receiver = anyio.create_memory_object_stream[bytes](_BATCH_CHUNKS)
+        group.start_soon(self._read_into, sender)
+        async with receiver:
+            async for chunk in receiver:
+                batch = [chunk]
+                while True:
+                    try:
+                        batch.append(receiver.receive_nowait())
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                await self._send_chunk(send, chunk if len(batch) == 1 else b"".join(batch))
+
+    async def _read_into(self, sender: MemoryObjectSendStream[bytes]) -> None:
+        async with sender:
+            try:
+                async for chunk in self.upstream.aiter_raw():
+                    try:
+                        sender.send_nowait(chunk)  # no checkpoint: read on while data is there
+                    except anyio.WouldBlock:
+                        await sender.send(chunk)
+            except httpx.HTTPError as exc:
+                self._read_error = exc  # reported after the chunks read before it
 
     async def _watch_disconnect(self, receive: Receive, scope: anyio.CancelScope) -> None:
         await ClientWatch(receive).left()
