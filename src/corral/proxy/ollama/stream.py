@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import anyio.abc
 import httpx
 from starlette.types import Send
 
@@ -204,7 +205,7 @@ class Answer(UpstreamResponse):
         self.is_sse = translated.stream  # so the first line counts as the time to first token
         self._started = False
 
-    async def _stream(self, send: Send) -> None:
+    async def _stream(self, send: Send, group: anyio.abc.TaskGroup) -> None:
         upstream = self.upstream
         try:
             if upstream.status_code != 200:
