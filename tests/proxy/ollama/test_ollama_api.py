@@ -257,9 +257,9 @@ def test_errors_before_the_stream_are_ollama_shaped(server: CorralProcess) -> No
     with pytest.raises(ollama.ResponseError) as nokey:
         client(server, {}).chat(model="smol", messages=HI)
     assert nokey.value.status_code == 401
-    with pytest.raises(ollama.ResponseError) as pull:
-        client(server).pull("llama3")
-    assert pull.value.status_code == 501 and "config" in pull.value.error
+    with pytest.raises(ollama.ResponseError) as push:
+        client(server).push("smol")
+    assert push.value.status_code == 501 and "config" in push.value.error
     # The child's own refusal, before any token: its status, in Ollama's shape.
     with pytest.raises(ollama.ResponseError) as too_long:
         client(server).chat(model="smol", stream=True, options=FEW, messages=[
