@@ -3,8 +3,8 @@ official ``ollama`` client against corral and the tests' local hub (tests/source
 
 One corral and one hub for the module: ``smol`` (SmolLM2 from the hub, then chatted with),
 ``joined`` (a small GGUF whose download the hub holds half-way), ``bad`` (a body that does not
-match its checksum) and ``local`` (SmolLM2 by ``path:``). Keys: ``admin`` and ``user`` (inference
-on ``smol`` only).
+match its checksum), ``manual`` (``download: manual``) and ``local`` (SmolLM2 by ``path:``).
+Keys: ``admin`` and ``user`` (inference on ``smol`` only).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_FILE = "Tiny-Q4_K_M.gguf"
 JOINED_REPO = "corral-test/Joined-GGUF"
 BAD_REPO = "corral-test/Bad-GGUF"
+MANUAL_REPO = "corral-test/Manual-GGUF"
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +46,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory, smollm2: Path) -> Iterator[Loc
     local.add(SMOL_REPO, {SMOL_FILE: smollm2})
     local.add(JOINED_REPO, {TINY_FILE: tiny})
     local.add(BAD_REPO, {TINY_FILE: tiny}).files[TINY_FILE].corrupt = True
+    local.add(MANUAL_REPO, {TINY_FILE: tiny})
     local.start()
     with pytest.MonkeyPatch.context() as patch:
         for name, value in (("HF_ENDPOINT", local.url), ("HF_HOME", str(root / "hf")),
@@ -72,6 +74,7 @@ def server(hub: LocalHub, tmp_path_factory: pytest.TempPathFactory, llama_server
             "smol": {"hf": f"{SMOL_REPO}:Q4_1", "aliases": ["tiny"], **small},
             "joined": {"hf": f"{JOINED_REPO}:Q4_K_M", **small},
             "bad": {"hf": f"{BAD_REPO}:Q4_K_M", **small},
+            "manual": {"hf": f"{MANUAL_REPO}:Q4_K_M", "download": "manual", **small},
             "local": {"path": str(smollm2), **small},
         },
     })
@@ -169,7 +172,8 @@ def test_a_pull_joins_the_download_a_request_started(server: CorralProcess,
     assert "joined:latest" in tags(server)
 
 
-def test_a_failed_download_ends_the_stream_with_an_error_line(server: CorralProcess) -> None:
+def test_a_failed_download_ends_the_stream_with_an_error_line(server: CorralProcess,
+                                                              hub: LocalHub) -> None:
     with pytest.raises(ollama.ResponseError) as failed:
         for _ in client(server).pull("bad", stream=True):
             pass
@@ -184,6 +188,11 @@ def test_a_failed_download_ends_the_stream_with_an_error_line(server: CorralProc
     assert whole.status_code == 503 and "checksum mismatch" in whole.json()["error"]
     assert "bad:latest" not in tags(server)
     assert server.model("bad")["state"] == "failed"
+    # download: manual: a pull through the API does not download it either.
+    status, lines = raw_pull(server, {"model": "manual"})
+    assert status == 200 and "download: manual; run corral pull" in lines[-1]["error"]
+    assert not [s for s in hub.seen if MANUAL_REPO in s.path and s.method == "GET"
+                and "/resolve/" in s.path]
 
 
 def test_unknown_hidden_and_unauthenticated_names(server: CorralProcess) -> None:
