@@ -22,11 +22,10 @@ import pytest
 
 from tests.conftest import FAKE_LLAMA_SERVER, CorralProcess, launch
 from tests.metrics.test_metrics import samples, value
+from tests.proxy.ollama.clients import ADMIN, USER, client, serving
 
 pytestmark = pytest.mark.integration
 
-ADMIN = {"Authorization": "Bearer admin-key"}
-USER = {"Authorization": "Bearer user-key"}
 FEW = {"num_predict": 4}
 HI = [{"role": "user", "content": "Hi"}]
 
@@ -48,26 +47,8 @@ def server(
                        "env": {"FAKE_MODE": "crash_after:2"}},
         },
     })
-    corral.http.headers.update(ADMIN)
-    try:
-        corral.wait_healthy()
-        yield corral
-    finally:
-        for made in _clients.values():
-            made.close()
-        _clients.clear()
-        corral.close()
-
-
-_clients: dict[tuple[int, str], ollama.Client] = {}
-
-
-def client(server: CorralProcess, headers: dict[str, str] = ADMIN) -> ollama.Client:
-    """The official client for ``headers`` (one per key, closed with the server)."""
-    key = (server.port, headers.get("Authorization", ""))
-    if key not in _clients:
-        _clients[key] = ollama.Client(host=server.url, headers=headers, timeout=240)
-    return _clients[key]
+    with serving(corral) as ready:
+        yield ready
 
 
 def pid(server: CorralProcess, name: str) -> int | None:

@@ -22,12 +22,11 @@ import pytest
 
 from tests.conftest import CorralProcess, launch
 from tests.probe.test_gguf_split import single, tensors
+from tests.proxy.ollama.clients import USER, client, serving
 from tests.sources.local_hub import LocalHub
 
 pytestmark = pytest.mark.integration
 
-ADMIN = {"Authorization": "Bearer admin-key"}
-USER = {"Authorization": "Bearer user-key"}
 SMOL_REPO = "corral-test/SmolLM2-135M-Instruct-GGUF"
 SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_FILE = "Tiny-Q4_K_M.gguf"
@@ -78,26 +77,8 @@ def server(hub: LocalHub, tmp_path_factory: pytest.TempPathFactory, llama_server
             "local": {"path": str(smollm2), **small},
         },
     })
-    corral.http.headers.update(ADMIN)
-    try:
-        corral.wait_healthy()
-        yield corral
-    finally:
-        for made in _clients.values():
-            made.close()
-        _clients.clear()
-        corral.close()
-
-
-_clients: dict[tuple[int, str], ollama.Client] = {}
-
-
-def client(server: CorralProcess, headers: dict[str, str] = ADMIN) -> ollama.Client:
-    """The official client for ``headers`` (one per key, closed with the server)."""
-    key = (server.port, headers.get("Authorization", ""))
-    if key not in _clients:
-        _clients[key] = ollama.Client(host=server.url, headers=headers, timeout=240)
-    return _clients[key]
+    with serving(corral) as ready:
+        yield ready
 
 
 def tags(server: CorralProcess) -> dict[str, Any]:
