@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +34,7 @@ TINY_FILE = "Tiny-Q4_K_M.gguf"
 JOINED_REPO = "corral-test/Joined-GGUF"
 BAD_REPO = "corral-test/Bad-GGUF"
 MANUAL_REPO = "corral-test/Manual-GGUF"
+HELD_REPO = "corral-test/Held-GGUF"
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +48,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory, smollm2: Path) -> Iterator[Loc
     local.add(JOINED_REPO, {TINY_FILE: tiny})
     local.add(BAD_REPO, {TINY_FILE: tiny}).files[TINY_FILE].corrupt = True
     local.add(MANUAL_REPO, {TINY_FILE: tiny})
+    local.add(HELD_REPO, {TINY_FILE: tiny})
     local.start()
     with pytest.MonkeyPatch.context() as patch:
         for name, value in (("HF_ENDPOINT", local.url), ("HF_HOME", str(root / "hf")),
@@ -201,3 +204,25 @@ def test_a_local_model_is_pulled_at_once(server: CorralProcess) -> None:
     assert client(server).pull("local", stream=False).status == "success"
     assert raw_pull(server, {"name": "local:latest"}) == (
         200, [{"status": "pulling manifest"}, {"status": "success"}])
+
+
+def test_a_drain_ends_a_pull_stream_at_once(hub: LocalHub, tmp_path: Path,
+                                            llama_server: str) -> None:
+    """Its own corral, stopped by the test (the download is held until the end)."""
+    hold = hub.repos[HELD_REPO].files[TINY_FILE].hold = threading.Event()
+    corral = launch(tmp_path, llama_server, {"models": {"held": {"hf": f"{HELD_REPO}:Q4_K_M"}}})
+    try:
+        corral.wait_healthy()
+        with corral.http.stream("POST", "/api/pull", json={"model": "held"}) as stream:
+            lines = stream.iter_lines()
+            assert json.loads(next(lines)) == {"status": "pulling manifest"}
+            corral.wait_for(lambda: (corral.model_status("held")["download"] or {}).get(
+                "phase") == "downloading")
+            corral.proc.send_signal(signal.SIGTERM)
+            rest = [json.loads(line) for line in lines if line]
+        assert "corral is shutting down" in rest[-1]["error"]
+        assert corral.proc.wait(60) == 0
+        assert "drain_timeout" not in corral.log()  # the pull did not hold the drain up
+    finally:
+        hold.set()
+        corral.close()

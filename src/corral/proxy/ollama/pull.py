@@ -94,8 +94,8 @@ async def pull(request: Request, proxy: Proxy, find: Find) -> Response:
         await _settled(transition)
         done("success")
         return JSONResponse({"status": "success"}, headers=headers)
-    return StreamingResponse(_lines(fetch, transition, done), media_type=NDJSON,
-                             headers=headers)
+    return StreamingResponse(_lines(fetch, transition, done, lambda: proxy.drain.draining),
+                             media_type=NDJSON, headers=headers)
 
 
 def _check_present(model: ManagedModel) -> None:
@@ -127,8 +127,10 @@ def _line(obj: dict[str, Any]) -> bytes:
 
 
 async def _lines(fetch: Fetch, transition: asyncio.Task[None] | None,
-                 done: Callable[[str], None]) -> AsyncIterator[bytes]:
-    """The stream: a line per step and per progress of the download, until it ends."""
+                 done: Callable[[str], None], draining: Callable[[], bool],
+                 ) -> AsyncIterator[bytes]:
+    """The stream: a line per step and per progress of the download, until it ends, or
+    until corral drains (the download stops with corral: the drain need not wait for it)."""
     outcome = "left"  # cancelled by Starlette when the client disconnects
     steps = _Steps(fetch.progress)
     waiter = asyncio.ensure_future(fetch.result())  # shielded: cancelling it leaves the fetch
@@ -138,6 +140,11 @@ async def _lines(fetch: Fetch, transition: asyncio.Task[None] | None,
             for line in steps.advance(None):
                 yield _line(line)
             finished = bool((await asyncio.wait({waiter}, timeout=POLL))[0])
+            if not finished and draining():
+                outcome = "shutdown"
+                yield _line({"error": "corral is shutting down: the download stops here and "
+                                      "resumes where it stopped when corral starts again"})
+                return
         try:
             waiter.result()
         except DownloadError as exc:
