@@ -170,6 +170,7 @@ def test_a_failed_download_ends_the_stream_with_an_error_line(server: CorralProc
     # Not streamed: the error with a status, and no object before it.
     whole = server.http.post("/api/pull", json={"model": "bad", "stream": False})
     assert whole.status_code == 503 and "checksum mismatch" in whole.json()["error"]
+    assert set(whole.json()) == {"error"}
     assert "bad:latest" not in tags(server)
     assert server.model("bad")["state"] == "failed"
     # download: manual: a pull through the API does not download it either.

@@ -89,13 +89,16 @@ async def pull(request: Request, proxy: Proxy, find: Find) -> Response:
         return StreamingResponse(_encode([{"status": "pulling manifest"},
                                           {"status": "success"}]),
                                  media_type=NDJSON, headers=headers)
-    if not streams:
-        await fetch.result()  # DownloadError: the guard answers 503 in Ollama's shape
-        await _settled(transition)
-        done("success")
-        return JSONResponse({"status": "success"}, headers=headers)
-    return StreamingResponse(_lines(fetch, transition, done, lambda: proxy.drain.draining),
-                             media_type=NDJSON, headers=headers)
+    lines = _lines(fetch, transition, done, lambda: proxy.drain.draining)
+    if streams:
+        return StreamingResponse(lines, media_type=NDJSON, headers=headers)
+    last = b""
+    async for line in lines:  # the same steps, unseen: only the end is answered
+        last = line
+    answer = json.loads(last)
+    if "error" in answer:
+        return JSONResponse(answer, status_code=503, headers={**headers, "Retry-After": "5"})
+    return JSONResponse(answer, headers=headers)
 
 
 def _check_present(model: ManagedModel) -> None:
