@@ -62,6 +62,7 @@ class Progress:
     total: int = 0
     downloaded: int = 0  # bytes this process fetched over the network (for the counter)
     error: str | None = None
+    digest: str | None = None  # the model file's SHA-256, once the source has named it
     started: float = field(default_factory=time.time)
     probe: Callable[[], int] | None = field(default=None, repr=False)
 
@@ -152,6 +153,7 @@ def _fetch(spec: ModelSpec, progress: Progress, allow_download: bool) -> LocalFi
                                 "an LFS file), so it cannot be verified")
     hub.check_space(source, files, directory)
     progress.total = files.size
+    progress.digest = files.all[0].sha256
     progress.probe = lambda: sum(hub.partial_bytes(source, f, directory) for f in files.all)
     progress.done = progress.probe()
     progress.phase = "downloading"

@@ -22,11 +22,10 @@ import pytest
 
 from tests.conftest import FAKE_LLAMA_SERVER, CorralProcess, launch
 from tests.metrics.test_metrics import samples, value
+from tests.proxy.ollama.clients import ADMIN, USER, client, serving
 
 pytestmark = pytest.mark.integration
 
-ADMIN = {"Authorization": "Bearer admin-key"}
-USER = {"Authorization": "Bearer user-key"}
 FEW = {"num_predict": 4}
 HI = [{"role": "user", "content": "Hi"}]
 
@@ -48,26 +47,8 @@ def server(
                        "env": {"FAKE_MODE": "crash_after:2"}},
         },
     })
-    corral.http.headers.update(ADMIN)
-    try:
-        corral.wait_healthy()
-        yield corral
-    finally:
-        for made in _clients.values():
-            made.close()
-        _clients.clear()
-        corral.close()
-
-
-_clients: dict[tuple[int, str], ollama.Client] = {}
-
-
-def client(server: CorralProcess, headers: dict[str, str] = ADMIN) -> ollama.Client:
-    """The official client for ``headers`` (one per key, closed with the server)."""
-    key = (server.port, headers.get("Authorization", ""))
-    if key not in _clients:
-        _clients[key] = ollama.Client(host=server.url, headers=headers, timeout=240)
-    return _clients[key]
+    with serving(corral) as ready:
+        yield ready
 
 
 def pid(server: CorralProcess, name: str) -> int | None:
@@ -257,9 +238,9 @@ def test_errors_before_the_stream_are_ollama_shaped(server: CorralProcess) -> No
     with pytest.raises(ollama.ResponseError) as nokey:
         client(server, {}).chat(model="smol", messages=HI)
     assert nokey.value.status_code == 401
-    with pytest.raises(ollama.ResponseError) as pull:
-        client(server).pull("llama3")
-    assert pull.value.status_code == 501 and "config" in pull.value.error
+    with pytest.raises(ollama.ResponseError) as push:
+        client(server).push("smol")
+    assert push.value.status_code == 501 and "config" in push.value.error
     # The child's own refusal, before any token: its status, in Ollama's shape.
     with pytest.raises(ollama.ResponseError) as too_long:
         client(server).chat(model="smol", stream=True, options=FEW, messages=[

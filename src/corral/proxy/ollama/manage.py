@@ -1,7 +1,7 @@
-"""Ollama's model management (pull, push, create, copy, delete, blobs): refused, clearly.
+"""Ollama's model management (push, create, copy, delete, blobs): refused, clearly.
 
-corral serves the models its config defines; it does not download or build them. This one
-place answers those endpoints, so that it can be replaced once corral can fetch models.
+corral serves the models its config defines; it does not build, copy or delete them. This one
+place answers those endpoints. (``/api/pull`` fetches a configured model: ``pull``.)
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from starlette.responses import JSONResponse, Response
 
 # (path, methods) of the endpoints that change Ollama's model store.
 MANAGEMENT = (
-    ("/api/pull", ["POST"]),
     ("/api/push", ["POST"]),
     ("/api/create", ["POST"]),
     ("/api/copy", ["POST"]),
@@ -26,5 +25,6 @@ async def refuse_management(request: Request) -> Response:
     return JSONResponse(
         {"error": f"corral cannot {action} models: it serves the models defined in its config "
                   "file (models: with the path of each GGUF); add or remove one there and "
-                  "reload corral (SIGHUP or POST /admin/reload)"},
+                  "reload corral (SIGHUP or POST /admin/reload); /api/pull fetches the "
+                  "files of a model defined there"},
         status_code=501)

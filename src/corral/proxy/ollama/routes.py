@@ -38,6 +38,7 @@ from corral.proxy.handlers import Handler, Proxy, _client, _request_id, endpoint
 from corral.proxy.ollama import translate
 from corral.proxy.ollama.describe import Description, describe
 from corral.proxy.ollama.manage import MANAGEMENT, refuse_management
+from corral.proxy.ollama.pull import pull
 from corral.proxy.ollama.stream import Answer, now
 from corral.proxy.routing import model_name, parse_body
 from corral.supervisor import ManagedModel
@@ -249,6 +250,10 @@ class OllamaApi:
             "modified_at": about.modified_at,
         })
 
+    async def pull(self, request: Request) -> Response:
+        """POST /api/pull: fetch a configured model's files, with Ollama's progress lines."""
+        return await pull(request, self.proxy, self.find)
+
     async def version(self, request: Request) -> Response:
         return JSONResponse({"version": OLLAMA_VERSION})
 
@@ -293,6 +298,7 @@ def routes(proxy: Proxy) -> list[Route]:
         Route("/api/tags", guarded(api.tags), methods=["GET"]),
         Route("/api/ps", guarded(api.ps), methods=["GET"]),
         Route("/api/show", guarded(api.show), methods=["POST"]),
+        Route("/api/pull", guarded(api.pull), methods=["POST"]),
         Route("/api/chat", api.handler(translate.chat), methods=["POST"]),
         Route("/api/generate", api.handler(translate.generate), methods=["POST"]),
         Route("/api/embed", api.handler(translate.embed), methods=["POST"]),
