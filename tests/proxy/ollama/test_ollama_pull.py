@@ -100,6 +100,8 @@ def test_pull_streams_progress_then_the_model_is_listed_and_answers(
     before = tags(server)
     assert "local:latest" in before  # on disk: listed
     assert "smol:latest" not in before and "tiny:latest" not in before  # not yet
+    shown = server.http.post("/api/show", json={"model": "smol"})  # as Ollama: not pulled
+    assert shown.status_code == 404 and "not downloaded yet" in shown.json()["error"]
     lines = list(client(server).pull("smol:latest", stream=True))
     statuses = [line.status for line in lines]
     assert statuses[0] == "pulling manifest"

@@ -90,6 +90,10 @@ class OllamaApi:
         return self.proxy.find(name.removesuffix(":latest"), key)
 
     def _describe(self, model: ManagedModel) -> Description:
+        if model.needs_files:  # as Ollama answers for a model not pulled yet
+            raise BadRequestError(
+                f"model {model.name!r} is not downloaded yet: POST /api/pull, or send it a "
+                "request, to fetch it", code="model_not_downloaded", status=404)
         try:
             return describe(model.local_spec)
         except (OSError, ValueError) as exc:
