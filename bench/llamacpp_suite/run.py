@@ -1,0 +1,122 @@
+"""Run llama.cpp's server tests against llama-server and against corral in its place.
+
+Usage::
+
+    python bench/llamacpp_suite/run.py [--tests DIR] [--only llama-server|corral]
+        [--out DIR] [-k EXPR] [FILE ...]
+
+``FILE``: test files under ``DIR/unit`` (default: the ones the drop-in promise covers).
+``DIR``: llama.cpp's ``tools/server/tests`` (default: the llama.cpp checkout corral's
+``scripts/install-llama-server`` left under ``~/.cache/corral``). Nothing is committed from it.
+Each server runs the same files on a free port, its model mapped to a local file
+(``models.json``); the outcome of every test goes to ``OUT/TARGET.xml`` (JUnit) and both, side
+by side, to ``OUT/compare.json``; the differences are printed. Needs nothing of llama.cpp's test
+requirements beyond what corral's dev environment has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+FILES = ("test_basic.py", "test_chat_completion.py", "test_completion.py", "test_tokenize.py",
+         "test_security.py", "test_compat_anthropic.py", "test_compat_oai_responses.py",
+         "test_metrics.py", "test_template.py", "test_ignore_eos.py", "test_ctx_shift.py",
+         "test_stream.py")
+TARGETS = {"llama-server": "as_llama_server.py", "corral": "as_corral.py"}
+
+
+def default_tests() -> Path | None:
+    """llama.cpp's server tests in corral's cache, if there."""
+    found = sorted(Path.home().glob(".cache/corral/llama.cpp-*/tools/server/tests/unit"))
+    return found[-1].parent if found else None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run(target: str, tests: Path, files: list[str], out: Path, keyword: str | None) -> Path:
+    """Run ``files`` with ``target`` as llama-server; the JUnit file of the outcomes."""
+    launcher = out / f"{target}.sh"
+    launcher.write_text(f"#!/bin/sh\nexec {sys.executable} {HERE / TARGETS[target]} \"$@\"\n")
+    launcher.chmod(0o755)
+    report = out / f"{target}.xml"
+    env = {**os.environ, "LLAMA_SERVER_BIN_PATH": str(launcher), "PORT": str(free_port()),
+           "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT / "src")]),
+           "LLAMA_CACHE": str(out / "llama-cache")}
+    command = [sys.executable, "-m", "pytest", "-p", "suite_plugin", "-q", "-rN",
+               "--timeout", "300", f"--junitxml={report}", "-o", f"cache_dir={out / 'cache'}",
+               *(["-k", keyword] if keyword else []), *(f"unit/{f}" for f in files)]
+    started = time.monotonic()
+    with (out / f"{target}.log").open("wb") as log:
+        subprocess.run(command, cwd=tests, env=env, stdout=log, stderr=subprocess.STDOUT,
+                       check=False)
+    print(f"{target}: {time.monotonic() - started:.0f}s, log {out / f'{target}.log'}")
+    return report
+
+
+def outcomes(report: Path) -> dict[str, str]:
+    """``file::test[params]`` -> passed / failed / error / skipped, from a JUnit file."""
+    if not report.exists():
+        return {}
+    found = {}
+    for case in ET.parse(report).iter("testcase"):
+        name = f"{case.get('classname', '').rpartition('.')[2]}.py::{case.get('name')}"
+        kinds = {child.tag for child in case}
+        found[name] = ("failed" if "failure" in kinds else "error" if "error" in kinds
+                       else "skipped" if "skipped" in kinds else "passed")
+    return found
+
+
+def compare(results: dict[str, dict[str, str]]) -> dict[str, object]:
+    """Counts per server and the tests whose outcome differs."""
+    names = sorted(set().union(*results.values()))
+    differ = {n: {t: r.get(n, "absent") for t, r in results.items()} for n in names
+              if len({r.get(n, "absent") for r in results.values()}) > 1}
+    counts = {t: {o: sum(1 for v in r.values() if v == o)
+                  for o in ("passed", "failed", "error", "skipped")}
+              for t, r in results.items()}
+    return {"counts": counts, "differ": differ}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("files", nargs="*", default=list(FILES))
+    parser.add_argument("--tests", type=Path, default=default_tests())
+    parser.add_argument("--only", choices=sorted(TARGETS))
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "llamacpp_suite")
+    parser.add_argument("-k", dest="keyword")
+    args = parser.parse_args()
+    if args.tests is None or not (args.tests / "utils.py").exists():
+        parser.error("llama.cpp's tools/server/tests not found: give --tests")
+    args.out.mkdir(parents=True, exist_ok=True)
+    targets = [args.only] if args.only else list(TARGETS)
+    for target in targets:
+        run(target, args.tests, args.files, args.out, args.keyword)
+    results = {t: outcomes(args.out / f"{t}.xml") for t in TARGETS}
+    summary = compare(results)
+    (args.out / "compare.json").write_text(json.dumps({**summary, "results": results},
+                                                      indent=1, sort_keys=True))
+    for target, count in summary["counts"].items():  # type: ignore[attr-defined]
+        print(f"{target:>12}: " + ", ".join(f"{n} {o}" for o, n in count.items()))
+    differ: dict[str, dict[str, str]] = summary["differ"]  # type: ignore[assignment]
+    print(f"\n{len(differ)} tests differ (llama-server / corral):")
+    for name, by in differ.items():
+        print(f"  {by.get('llama-server', 'absent'):>8} / {by.get('corral', 'absent'):<8} {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
