@@ -3,13 +3,14 @@
 Usage::
 
     python bench/llamacpp_suite/run.py [--tests DIR] [--only llama-server|corral]
-        [--out DIR] [-k EXPR] [FILE ...]
+        [--out DIR] [--compare] [-k EXPR] [FILE ...]
 
 ``FILE``: test files under ``DIR/unit`` (default: the ones the drop-in promise covers).
 ``DIR``: llama.cpp's ``tools/server/tests`` (default: the llama.cpp checkout corral's
 ``scripts/install-llama-server`` left under ``~/.cache/corral``). Nothing is committed from it.
 Each server runs the same files on a free port, its model mapped to a local file
-(``models.json``); the outcome of every test goes to ``OUT/TARGET.xml`` (JUnit) and both, side
+(``models.json``); the outcome of every test goes to ``OUT/TARGET.xml`` (JUnit; ``OUT``
+defaults to ``$TMPDIR/corral-llamacpp-suite``) and both, side
 by side, to ``OUT/compare.json``; the differences are printed. Needs nothing of llama.cpp's test
 requirements beyond what corral's dev environment has.
 """
@@ -22,6 +23,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -96,13 +98,16 @@ def main() -> int:
     parser.add_argument("files", nargs="*", default=list(FILES))
     parser.add_argument("--tests", type=Path, default=default_tests())
     parser.add_argument("--only", choices=sorted(TARGETS))
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "llamacpp_suite")
+    parser.add_argument("--compare", action="store_true",
+                        help="run nothing: compare the outcomes already in --out")
+    parser.add_argument("--out", type=Path,
+                        default=Path(tempfile.gettempdir()) / "corral-llamacpp-suite")
     parser.add_argument("-k", dest="keyword")
     args = parser.parse_args()
     if args.tests is None or not (args.tests / "utils.py").exists():
         parser.error("llama.cpp's tools/server/tests not found: give --tests")
     args.out.mkdir(parents=True, exist_ok=True)
-    targets = [args.only] if args.only else list(TARGETS)
+    targets = [] if args.compare else [args.only] if args.only else list(TARGETS)
     for target in targets:
         run(target, args.tests, args.files, args.out, args.keyword)
     results = {t: outcomes(args.out / f"{t}.xml") for t in TARGETS}
