@@ -67,12 +67,12 @@ def config_for(argv: list[str], workdir: Path) -> dict[str, Any]:
     return _settings(split.model, owned, args, workdir)
 
 
-def _settings(model: Path, owned: dict[str, str], args: list[str],
+def _settings(model: Path | None, owned: dict[str, str], args: list[str],
               workdir: Path) -> dict[str, Any]:
     aliases = sorted({a.strip() for a in (owned.pop("--alias", "") or owned.pop("-a", ""))
                       .split(",") if a.strip()})
     # llama-server's id is the first alias in sorted order, else the file's name.
-    name = aliases[0] if aliases else model.stem
+    name = aliases[0] if aliases else model.stem if model else ""
     slots = int(owned.pop("--parallel", "") or owned.pop("-np", "") or 0)
     ctx = int(owned.pop("--ctx-size", "") or owned.pop("-c", "") or 0)
     spec: dict[str, Any] = {"path": str(model), "aliases": aliases[1:], "args": args,
@@ -95,9 +95,10 @@ def _settings(model: Path, owned: dict[str, str], args: list[str],
     config: dict[str, Any] = {
         "listen": {"host": hosts if len(hosts) > 1 else hosts[0],
                    "port": int(owned.pop("--port", "") or 8080)},
-        "models": {name: spec},
-        "default_model": name,
-        "unknown_model_to_default": True,
+        # No model (llama-server's router mode, its models downloaded on demand): corral
+        # with none, for what needs no model (CORS, /health, /v1/models).
+        "models": {name: spec} if model else {},
+        **({"default_model": name, "unknown_model_to_default": True} if model else {}),
         "state_file": str(workdir / "children.json"),
         "shutdown_timeout": 2,
         "llama_server": {"stop_timeout": 2},

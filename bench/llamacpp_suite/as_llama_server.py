@@ -29,7 +29,8 @@ def main(argv: list[str]) -> None:
     if binary is None:
         fail("llama-server not found: set CORRAL_SUITE_LLAMA_SERVER")
         return
-    os.execv(binary, [binary, "-m", str(split.model), *split.rest])
+    model = [] if split.model is None else ["-m", str(split.model)]  # none: router mode
+    os.execv(binary, [binary, *model, *split.rest])
 
 
 if __name__ == "__main__":

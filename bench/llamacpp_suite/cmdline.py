@@ -30,7 +30,7 @@ class Unsupported(Exception):
 class Split:
     """A command line with the model named by a local path instead of a download."""
 
-    model: Path
+    model: Path | None  # None: no model, llama-server's router mode
     rest: list[str] = field(default_factory=list)  # every other flag, in order
 
 
@@ -62,9 +62,7 @@ def split_model(argv: list[str]) -> Split:
         else:
             rest.append(arg)
             i += 1
-    if model is None:
-        if "repo" not in hf:
-            raise Unsupported("no model: router mode (--models-dir, presets) is not run here")
+    if model is None and "repo" in hf:
         model = local_model(hf["repo"], hf.get("file"))
     return Split(model, rest)
 
