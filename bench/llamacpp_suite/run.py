@@ -8,10 +8,10 @@ Usage::
 ``FILE``: test files under ``DIR/unit`` (default: the ones the drop-in promise covers).
 ``DIR``: llama.cpp's ``tools/server/tests`` (default: the llama.cpp checkout corral's
 ``scripts/install-llama-server`` left under ``~/.cache/corral``). Nothing is committed from it.
-Each server runs the same files on a free port, its model mapped to a local file
-(``models.json``); the outcome of every test goes to ``OUT/TARGET.xml`` (JUnit; ``OUT``
-defaults to ``$TMPDIR/corral-llamacpp-suite``) and both, side
-by side, to ``OUT/compare.json``; the differences are printed. Needs nothing of llama.cpp's test
+Both servers run at once, each the same files on free ports, its model mapped to a local
+file (``models.json``); the outcome of every test goes to ``OUT/TARGET/FILE.xml`` (JUnit, one
+pytest per file; ``OUT`` defaults to ``$TMPDIR/corral-llamacpp-suite``) and both, side by
+side, to ``OUT/compare.json``; the differences are printed. Needs nothing of llama.cpp's test
 requirements beyond what corral's dev environment has.
 """
 
@@ -24,16 +24,17 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-FILES = ("test_basic.py", "test_chat_completion.py", "test_completion.py", "test_tokenize.py",
-         "test_security.py", "test_compat_anthropic.py", "test_compat_oai_responses.py",
-         "test_metrics.py", "test_template.py", "test_ignore_eos.py", "test_ctx_shift.py",
-         "test_stream.py")
+FILES = ("test_tokenize.py", "test_ignore_eos.py", "test_ctx_shift.py", "test_template.py",
+         "test_basic.py", "test_security.py", "test_compat_oai_responses.py", "test_metrics.py",
+         "test_stream.py", "test_chat_completion.py", "test_completion.py",
+         "test_compat_anthropic.py")
 TARGETS = {"llama-server": "as_llama_server.py", "corral": "as_corral.py"}
 
 
@@ -49,30 +50,37 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def run(target: str, tests: Path, files: list[str], out: Path, keyword: str | None) -> Path:
-    """Run ``files`` with ``target`` as llama-server; the JUnit file of the outcomes."""
+def run(target: str, tests: Path, files: list[str], out: Path, keyword: str | None) -> None:
+    """Run ``files`` with ``target`` as llama-server, one pytest per file (so what finished
+    is kept if the run is cut short): ``OUT/TARGET/FILE.xml``."""
     launcher = out / f"{target}.sh"
     launcher.write_text(f"#!/bin/sh\nexec {sys.executable} {HERE / TARGETS[target]} \"$@\"\n")
     launcher.chmod(0o755)
-    report = out / f"{target}.xml"
-    env = {**os.environ, "LLAMA_SERVER_BIN_PATH": str(launcher), "PORT": str(free_port()),
-           "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT / "src")]),
-           "LLAMA_CACHE": str(out / "llama-cache")}
-    command = [sys.executable, "-m", "pytest", "-p", "suite_plugin", "-q", "-rN",
-               "--timeout", "300", f"--junitxml={report}", "-o", f"cache_dir={out / 'cache'}",
-               *(["-k", keyword] if keyword else []), *(f"unit/{f}" for f in files)]
-    started = time.monotonic()
-    with (out / f"{target}.log").open("wb") as log:
-        subprocess.run(command, cwd=tests, env=env, stdout=log, stderr=subprocess.STDOUT,
-                       check=False)
-    print(f"{target}: {time.monotonic() - started:.0f}s, log {out / f'{target}.log'}")
-    return report
+    (out / target).mkdir(exist_ok=True)
+    env = {**os.environ, "LLAMA_SERVER_BIN_PATH": str(launcher), "PYTHONPATH": os.pathsep.join(
+        [str(HERE), str(ROOT / "src")]), "LLAMA_CACHE": str(out / "llama-cache")}
+    for file in files:
+        report = out / target / f"{Path(file).stem}.xml"
+        command = [sys.executable, "-m", "pytest", "-p", "suite_plugin", "-q", "-rN",
+                   "--timeout", "300", f"--junitxml={report}", "-o",
+                   f"cache_dir={out / 'cache'}", *(["-k", keyword] if keyword else []),
+                   f"unit/{file}"]
+        started = time.monotonic()
+        with (out / target / f"{Path(file).stem}.log").open("wb") as log:
+            subprocess.run(command, cwd=tests, env={**env, "PORT": str(free_port())},
+                           stdout=log, stderr=subprocess.STDOUT, check=False)
+        print(f"{target} {file}: {time.monotonic() - started:.0f}s", flush=True)
 
 
-def outcomes(report: Path) -> dict[str, str]:
-    """``file::test[params]`` -> passed / failed / error / skipped, from a JUnit file."""
-    if not report.exists():
-        return {}
+def outcomes(reports: Path) -> dict[str, str]:
+    """``file::test[params]`` -> passed / failed / error / skipped, from the JUnit files."""
+    found = {}
+    for report in sorted(reports.glob("*.xml")):
+        found.update(_outcomes(report))
+    return found
+
+
+def _outcomes(report: Path) -> dict[str, str]:
     found = {}
     for case in ET.parse(report).iter("testcase"):
         name = f"{case.get('classname', '').rpartition('.')[2]}.py::{case.get('name')}"
@@ -108,9 +116,14 @@ def main() -> int:
         parser.error("llama.cpp's tools/server/tests not found: give --tests")
     args.out.mkdir(parents=True, exist_ok=True)
     targets = [] if args.compare else [args.only] if args.only else list(TARGETS)
-    for target in targets:
-        run(target, args.tests, args.files, args.out, args.keyword)
-    results = {t: outcomes(args.out / f"{t}.xml") for t in TARGETS}
+    # Side by side: each target runs its files in a thread of its own.
+    threads = [threading.Thread(target=run, args=(t, args.tests, args.files, args.out,
+                                                  args.keyword)) for t in targets]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    results = {t: outcomes(args.out / t) for t in TARGETS}
     summary = compare(results)
     (args.out / "compare.json").write_text(json.dumps({**summary, "results": results},
                                                       indent=1, sort_keys=True))
