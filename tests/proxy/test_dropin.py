@@ -118,6 +118,7 @@ async def test_embeddings_and_rerank_need_a_model_started_for_them(
 @pytest.mark.parametrize("path", [
     "/responses", "/chat/completions", "/completions", "/embeddings", "/rerank",
     "/chat/completions/input_tokens", "/responses/input_tokens", "/v1/reranking",
+    "/v1/chat/completions/control", "/v1/systemone",
 ])
 async def test_llama_servers_paths_without_v1_are_routed_by_model(
     client: Client, path: str

@@ -20,6 +20,8 @@ INFERENCE_PATHS = (
     "/v1/responses",
     "/v1/chat/completions/input_tokens",
     "/v1/responses/input_tokens",
+    "/v1/chat/completions/control",
+    "/v1/systemone",
     "/chat/completions",
     "/chat/completions/input_tokens",
     "/completions",
@@ -41,6 +43,8 @@ SLOTLESS_PATHS = frozenset({
     "/tokenize", "/detokenize", "/apply-template", "/v1/messages/count_tokens",
     "/v1/chat/completions/input_tokens", "/chat/completions/input_tokens",
     "/v1/responses/input_tokens", "/responses/input_tokens",
+    # Acts on a completion already running (stops it): must not wait behind it for a slot.
+    "/v1/chat/completions/control",
 })
 
 
