@@ -65,7 +65,7 @@ async def test_unknown_model_names_are_refused_by_default(client: Client, name: 
 
 
 @pytest.mark.parametrize("name", ["gpt-3.5-turbo", "davinci-002", "test",
-                                  "ggml-org/models:Q4_K_M"])
+                                  "ggml-org/models:Q4_K_M", ""])
 async def test_unknown_model_names_go_to_the_default_when_asked(
     client: Client, name: str
 ) -> None:

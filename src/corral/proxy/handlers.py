@@ -118,7 +118,8 @@ class Proxy:
             key = self.require(request, "inference")
             body = await read_body(request, self.limits.max_body, self.limits.body_timeout)
             payload = parse_body(body)
-            model = self.find(model_name(payload, self.default_model), key, fallback=True)
+            asked = model_name(payload, self.default_model, self.unknown_to_default)
+            model = self.find(asked, key, fallback=True)
             name = model.name
             check_purpose(request.url.path, model.spec)
             check_fields(request.url.path, payload, model.plan.n_vocab if model.plan else None,

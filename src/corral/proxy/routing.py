@@ -152,10 +152,11 @@ def _check_tools(path: str, tools: object) -> None:
                                       code="invalid_tools")
 
 
-def model_name(data: dict[str, Any], default: str | None) -> str:
-    """The model a parsed body asks for; the default when it names none."""
+def model_name(data: dict[str, Any], default: str | None, empty_is_none: bool = False) -> str:
+    """The model a parsed body asks for; the default when it names none (or, with
+    ``empty_is_none``, names ``""``, which a single llama-server ignores as any name)."""
     name = data.get("model")
-    if name is None:
+    if name is None or (empty_is_none and name == ""):
         if default is None:
             raise BadRequestError(
                 "the request has no \"model\" and corral has no default_model",
