@@ -24,7 +24,9 @@ def server(
 ) -> Iterator[CorralProcess]:
     corral = launch(tmp_path_factory.mktemp("dropin"), llama_server, {
         "listen": {"host": ["127.0.0.1", "::1"]},
-        "models": {"m": {"path": str(smollm2), "slots": 1, "ctx_per_slot": 512}},
+        "models": {"m": {"path": str(smollm2), "slots": 1, "ctx_per_slot": 512},
+                   "e": {"path": str(smollm2), "slots": 1, "ctx_per_slot": 256,
+                         "args": ["--embeddings", "--pooling", "mean"]}},
         "default_model": "m",
         "unknown_model_to_default": True,
     })
@@ -65,7 +67,7 @@ def test_model_names_corral_does_not_know_reach_the_default(server: CorralProces
         reply = client.chat.completions.create(
             model=name, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
         assert reply.choices[0].message.role == "assistant"
-    assert [m.id for m in client.models.list()] == ["m"]
+    assert sorted(m.id for m in client.models.list()) == ["e", "m"]
 
 
 @pytest.mark.parametrize(("path", "body", "field"), [
@@ -84,7 +86,7 @@ def test_paths_without_v1_are_served(
 
 def test_models_list_llama_servers_fields(server: CorralProcess) -> None:
     assert server.http.post("/tokenize", json={"content": "Hi"}).status_code == 200  # loaded
-    entry = server.http.get("/models").json()["data"][0]
+    entry = next(e for e in server.http.get("/models").json()["data"] if e["id"] == "m")
     assert entry["id"] == "m" and entry["aliases"] == ["m"]
     assert entry["architecture"]["input_modalities"] == ["text"]
     # Placed: the context each request gets.
@@ -94,3 +96,12 @@ def test_models_list_llama_servers_fields(server: CorralProcess) -> None:
 def test_every_listed_address_is_served(server: CorralProcess) -> None:
     for url in (f"http://127.0.0.1:{server.port}", f"http://[::1]:{server.port}"):
         assert httpx.get(url + "/health", timeout=30).json() == {"status": "ok"}, url
+
+
+def test_embeddings_need_a_model_started_for_them(server: CorralProcess) -> None:
+    refused = server.http.post("/v1/embeddings", json={"model": "m", "input": "Hi"})
+    assert refused.status_code == 400, refused.text
+    assert "add --embeddings to its args (models.m.args)" in refused.json()["error"]["message"]
+    served = server.http.post("/v1/embeddings", json={"model": "e", "input": "Hi"})
+    assert served.status_code == 200, served.text
+    assert served.json()["data"][0]["embedding"]
