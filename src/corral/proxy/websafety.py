@@ -203,17 +203,17 @@ class WebGuard:
             names = list(policy.headers)
         answer = [
             *_cors_headers(allow_origin),
-            (b"Access-Control-Allow-Methods", policy.methods),
-            (b"Access-Control-Max-Age", b"600"),
-            (b"Vary", b"Access-Control-Request-Method, Access-Control-Request-Headers"),
-            (b"Content-Length", b"0"),
+            (b"access-control-allow-methods", policy.methods),
+            (b"access-control-max-age", b"600"),
+            (b"vary", b"Access-Control-Request-Method, Access-Control-Request-Headers"),
+            (b"content-length", b"0"),
         ]
         allowed = ", ".join(n for n in names if _TOKEN.fullmatch(n))
         if allowed:
-            answer.append((b"Access-Control-Allow-Headers", allowed.encode()))
+            answer.append((b"access-control-allow-headers", allowed.encode()))
         # Chrome asks before a public page may reach a private address (127.0.0.1).
         if headers.get(b"access-control-request-private-network") == b"true":
-            answer.append((b"Access-Control-Allow-Private-Network", b"true"))
+            answer.append((b"access-control-allow-private-network", b"true"))
         # 200, not 204: llama-server's answer, which its clients' tests check.
         await send({"type": "http.response.start", "status": 200, "headers": answer})
         await send({"type": "http.response.body", "body": b""})
@@ -231,10 +231,8 @@ async def _refuse(
 def _cors_headers(allow_origin: bytes | None) -> list[tuple[bytes, bytes]]:
     if allow_origin is None:
         return []
-    # Spelled as llama-server does: names are case-insensitive, but some of its clients read
-    # them from a plain dict.
-    return [(b"Access-Control-Allow-Origin", allow_origin),
-            (b"Access-Control-Expose-Headers", _EXPOSED), (b"Vary", b"Origin")]
+    return [(b"access-control-allow-origin", allow_origin),
+            (b"access-control-expose-headers", _EXPOSED), (b"vary", b"Origin")]
 
 
 def _shown(value: str | None) -> str | None:
