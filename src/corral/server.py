@@ -122,6 +122,7 @@ def bind_sockets(hosts: tuple[str, ...], port: int) -> list[socket.socket]:
     sockets take IPv6 only, so ``0.0.0.0`` and ``::`` go together. Raises ``OSError`` (the
     address in use, or not on this machine) with the sockets bound so far closed."""
     bound: list[socket.socket] = []
+    host = hosts[0]
     try:
         for host in hosts:
             for family, kind, proto, _, address in socket.getaddrinfo(
@@ -134,10 +135,11 @@ def bind_sockets(hosts: tuple[str, ...], port: int) -> list[socket.socket]:
                 sock.bind(address)
                 sock.listen(2048)
                 sock.set_inheritable(True)
-    except OSError:
+    except OSError as exc:
         for sock in bound:
             sock.close()
-        raise
+        raise OSError(exc.errno, f"cannot listen on {host} port {port}: "
+                                 f"{exc.strerror or exc}") from exc
     return bound
 
 
@@ -145,7 +147,12 @@ def _run(config: Config, corral: Corral) -> None:
     app = create_app(config, corral)
     listen = config.file.listen
     # One address: uvicorn binds it. Several (listen.host as a list): corral binds each.
-    sockets = bind_sockets(listen.hosts, listen.port) if len(listen.hosts) > 1 else None
+    try:
+        sockets = bind_sockets(listen.hosts, listen.port) if len(listen.hosts) > 1 else None
+    except OSError as exc:
+        # As uvicorn does for the one address it binds: the reason, and exit status 1.
+        log.error("listen_failed", error=str(exc))
+        raise SystemExit(1) from None
     server = CorralServer(
         uvicorn.Config(
             app,
