@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "plan":
         return plan(config, args.json)
     if args.command == "ps":
-        return ps(local_url(config.file.listen.host, config.file.listen.port), args.json, key)
+        return ps(local_url(config.file.listen.hosts[0], config.file.listen.port), args.json, key)
     return serve(config)
 
 
@@ -137,7 +137,7 @@ def serve(config: Config) -> int:
     for problem in check_model_files(config):
         # One bad model must not keep the others from serving: it fails when it is requested.
         log.warning("model_file_problem", problem=problem)
-    log.info("corral_starting", config=config.source, host=config.file.listen.host,
+    log.info("corral_starting", config=config.source, host=list(config.file.listen.hosts),
              port=config.file.listen.port, models=list(config.models))
     try:
         run_server(config)

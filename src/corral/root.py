@@ -64,7 +64,7 @@ class Corral:
         keys.
         """
         config = load_config(self.config.source)
-        problems = reload_problems(self.config, config, self.listen.host)
+        problems = reload_problems(self.config, config, self.listen.hosts)
         if problems:
             raise ReloadRefusedError(config.source, problems)
         changes: dict[str, Any] = self.supervisor.reconfigure(config)

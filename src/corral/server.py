@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -116,13 +117,46 @@ def serve(config: Config) -> None:
         _run(config, corral)
 
 
+def bind_sockets(hosts: tuple[str, ...], port: int) -> list[socket.socket]:
+    """A listening socket on every address of every host, as uvicorn binds one: IPv6
+    sockets take IPv6 only, so ``0.0.0.0`` and ``::`` go together. Raises ``OSError`` (the
+    address in use, or not on this machine) with the sockets bound so far closed."""
+    bound: list[socket.socket] = []
+    host = hosts[0]
+    try:
+        for host in hosts:
+            for family, kind, proto, _, address in socket.getaddrinfo(
+                    host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
+                sock = socket.socket(family, kind, proto)
+                bound.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(address)
+                sock.listen(2048)
+                sock.set_inheritable(True)
+    except OSError as exc:
+        for sock in bound:
+            sock.close()
+        raise OSError(exc.errno, f"cannot listen on {host} port {port}: "
+                                 f"{exc.strerror or exc}") from exc
+    return bound
+
+
 def _run(config: Config, corral: Corral) -> None:
     app = create_app(config, corral)
     listen = config.file.listen
+    # One address: uvicorn binds it. Several (listen.host as a list): corral binds each.
+    try:
+        sockets = bind_sockets(listen.hosts, listen.port) if len(listen.hosts) > 1 else None
+    except OSError as exc:
+        # As uvicorn does for the one address it binds: the reason, and exit status 1.
+        log.error("listen_failed", error=str(exc))
+        raise SystemExit(1) from None
     server = CorralServer(
         uvicorn.Config(
             app,
-            host=listen.host,
+            host=listen.hosts[0],
             port=listen.port,
             # Read at each request: a reload applies the new limits to the next one.
             http=guarded_protocol(lambda: corral.config.file.limits),
@@ -141,4 +175,4 @@ def _run(config: Config, corral: Corral) -> None:
         ),
         corral,
     )
-    server.run()
+    server.run(sockets=sockets)

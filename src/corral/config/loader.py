@@ -199,10 +199,10 @@ def _header_safe(secret: str) -> bool:
 
 
 def _exposure_problems(file: ConfigFile, keys: tuple[ResolvedKey, ...]) -> list[str]:
-    host = file.listen.host
-    if keys or file.allow_unauthenticated or _is_loopback(host):
+    exposed = [h for h in file.listen.hosts if not _is_loopback(h)]
+    if keys or file.allow_unauthenticated or not exposed:
         return []
-    return [f"listen.host: {host!r} is reachable from other machines and no auth.keys are "
+    return [f"listen.host: {exposed[0]!r} is reachable from other machines and no auth.keys are "
             "configured; add keys or set allow_unauthenticated: true"]
 
 
@@ -211,12 +211,14 @@ def _exposure_problems(file: ConfigFile, keys: tuple[ResolvedKey, ...]) -> list[
 RESTART_ONLY = ("listen", "state_file", "devices", "reserve", "log_level")
 
 
-def reload_problems(running: Config, new: Config, listening_on: str) -> list[str]:
+def reload_problems(
+    running: Config, new: Config, listening_on: str | tuple[str, ...]
+) -> list[str]:
     """Why ``new`` cannot replace ``running`` by a reload; empty if it can.
 
-    ``listening_on`` is the host corral is bound to. Exposure is judged against it, not the new
-    file's ``listen.host``: a file that says loopback would otherwise pass without keys while
-    corral still listens on every interface.
+    ``listening_on`` is the host (or hosts) corral is bound to. Exposure is judged against
+    it, not the new file's ``listen.host``: a file that says loopback would otherwise pass
+    without keys while corral still listens on every interface.
     """
     old_values = dict(_leaves(running.file.model_dump(mode="json", include=set(RESTART_ONLY))))
     new_values = dict(_leaves(new.file.model_dump(mode="json", include=set(RESTART_ONLY))))
@@ -226,9 +228,11 @@ def reload_problems(running: Config, new: Config, listening_on: str) -> list[str
         for path in sorted(old_values.keys() | new_values.keys())
         if old_values.get(path) != new_values.get(path)
     ]
-    if not (new.api_keys or new.file.allow_unauthenticated or _is_loopback(listening_on)):
+    hosts = (listening_on,) if isinstance(listening_on, str) else listening_on
+    exposed = [h for h in hosts if not _is_loopback(h)]
+    if exposed and not (new.api_keys or new.file.allow_unauthenticated):
         problems.append(
-            f"auth.keys: corral listens on {listening_on!r}, reachable from other machines, and "
+            f"auth.keys: corral listens on {exposed[0]!r}, reachable from other machines, and "
             "the file has no auth.keys; add keys or set allow_unauthenticated: true"
         )
     return problems

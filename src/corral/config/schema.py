@@ -111,12 +111,35 @@ def _args_as_text(value: object) -> object:
     return value
 
 
+def _listen_host(value: object) -> str | list[str]:
+    # One address or several (llama-server's `--host 127.0.0.1,::1`): a socket on each.
+    given = value if isinstance(value, list) else [value]
+    hosts: list[str] = []
+    for host in given:
+        if not isinstance(host, str) or not host.strip() or host != host.strip():
+            raise ValueError(f"must be addresses or host names without spaces, got {host!r}")
+        hosts.append(host)
+    if not hosts:
+        raise ValueError("must be an address or a non-empty list of addresses")
+    if len(set(hosts)) != len(hosts):
+        raise ValueError(f"lists an address twice: {hosts}")
+    return hosts[0] if isinstance(value, str) else hosts
+
+
+ListenHost = Annotated[str | list[str], PlainValidator(_listen_host)]
+
+
 class Listen(StrictModel):
-    host: str = "127.0.0.1"
+    host: ListenHost = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     # Proxies whose X-Forwarded-For / X-Forwarded-Proto corral believes; from anyone else (the
     # loopback included) those headers are ignored, so a client cannot pose as another address.
     trusted_proxies: list[ProxyAddress] = Field(default_factory=list)
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        """Every address corral listens on (``host`` as one or a list)."""
+        return (self.host,) if isinstance(self.host, str) else tuple(self.host)
 
 
 class LlamaServerSettings(StrictModel):
@@ -382,6 +405,9 @@ class ConfigFile(StrictModel):
     defaults: ModelSettings = Field(default_factory=ModelSettings)
     models: dict[ModelName, ModelConfig]
     default_model: str | None = None
+    # A request naming a model corral does not know goes to default_model, as a single
+    # llama-server ignores the name; off: 404.
+    unknown_model_to_default: bool = False
     shutdown_timeout: PositiveDuration = 30.0
     log_level: LogLevel = "info"
     state_file: str | None = None
@@ -419,6 +445,9 @@ class ConfigFile(StrictModel):
             raise ValueError(
                 f"default_model: {self.default_model!r} is not a configured model or alias"
             )
+        if self.unknown_model_to_default and self.default_model is None:
+            raise ValueError("unknown_model_to_default: needs a default_model to send the "
+                             "requests to")
         if self.devices is not None:
             ids = [d.id for d in self.devices]
             if "cpu" not in ids:

@@ -14,6 +14,27 @@ from pydantic import BaseModel, ConfigDict, Field, PlainValidator
 # have them), joined by dots.
 _NAME = re.compile(r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?(?:\.[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?)*")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
+# In cors.allow_origins: any page served from this machine (http(s)://localhost, 127.0.0.1 or
+# [::1], any port), as llama-server's `--cors-origins localhost`.
+LOCALHOST_ORIGINS = "localhost"
+_LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]"})
+
+
+def loopback_origin(origin: str) -> bool:
+    """Whether ``origin`` (as a browser sends it) is a page served from this machine."""
+    scheme, sep, rest = origin.lower().partition("://")
+    if not sep or scheme not in _DEFAULT_PORTS:
+        return False
+    if rest.startswith("["):
+        end = rest.find("]") + 1
+        name, port = rest[:end], rest[end:]
+    else:
+        name, colon, digits = rest.partition(":")
+        port = colon + digits
+    if port and not (port.startswith(":") and port[1:].isdigit()):
+        return False
+    return name in _LOOPBACK_NAMES
 
 
 def ip_literal(host: str) -> bool:
@@ -38,7 +59,7 @@ def _allowed_host(value: object) -> str:
 
 def _origin(value: object) -> str:
     if isinstance(value, str):
-        if value in ("*", "null"):
+        if value in ("*", "null", LOCALHOST_ORIGINS):
             return value
         try:
             parts = urlsplit(value.strip())
@@ -53,16 +74,38 @@ def _origin(value: object) -> str:
             shown_port = "" if port in (None, _DEFAULT_PORTS[parts.scheme]) else f":{port}"
             return f"{parts.scheme}://{host}{shown_port}"
     raise ValueError("must be an origin, scheme and host with an optional port and nothing "
-                     "else ('https://app.example.com', 'http://localhost:3000'), or '*'")
+                     "else ('https://app.example.com', 'http://localhost:3000'), 'localhost' "
+                     "for pages served from this machine, or '*'")
+
+
+def _method(value: object) -> str:
+    if isinstance(value, str) and _TOKEN.fullmatch(value.strip()):
+        return value.strip().upper()
+    raise ValueError("must be an HTTP method name ('GET', 'POST')")
+
+
+def _header_name(value: object) -> str:
+    if isinstance(value, str) and (value == "*" or _TOKEN.fullmatch(value.strip())):
+        return value.strip()
+    raise ValueError("must be a header name ('Authorization', 'Content-Type') or '*' for any")
 
 
 AllowedHost = Annotated[str, PlainValidator(_allowed_host)]
 Origin = Annotated[str, PlainValidator(_origin)]
+Method = Annotated[str, PlainValidator(_method)]
+HeaderName = Annotated[str, PlainValidator(_header_name)]
 
 
 class CorsSettings(BaseModel):
-    """Web pages (origins) allowed to call corral from a browser; none by default."""
+    """Web pages (origins) allowed to call corral from a browser, and what their preflights
+    are answered. By default pages served from this machine only (``localhost``), besides
+    corral's own origin: a page of any other site is refused."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    allow_origins: list[Origin] = Field(default_factory=list)
+    allow_origins: list[Origin] = Field(default_factory=lambda: [LOCALHOST_ORIGINS])
+    # Answered to a preflight; llama-server's defaults. "*" in allow_headers: every header
+    # the preflight asks for, named back (a literal "*" would not cover Authorization).
+    allow_methods: list[Method] = Field(
+        default_factory=lambda: ["GET", "POST", "DELETE", "OPTIONS"], min_length=1)
+    allow_headers: list[HeaderName] = Field(default_factory=lambda: ["*"])

@@ -36,6 +36,7 @@ from corral.proxy.clientwatch import ClientWatch
 from corral.proxy.drain import DrainState
 from corral.proxy.errors import CLIENT_CLOSED_REQUEST, BadRequestError, response_for
 from corral.proxy.forward import UpstreamResponse, send_upstream
+from corral.proxy.purposes import check_purpose
 from corral.proxy.routing import SLOTLESS_PATHS, check_fields, model_name, parse_body
 from corral.supervisor import Lease, ManagedModel, Supervisor
 
@@ -67,6 +68,7 @@ class Proxy:
         self.config = config
         self.auth = Authenticator(config.api_keys)
         self.default_model = config.file.default_model
+        self.unknown_to_default = config.file.unknown_model_to_default
         self.limits = config.file.limits
         self.queues.configure(config, self.supervisor.models)
 
@@ -74,15 +76,20 @@ class Proxy:
         """The request's key, if it has ``scope``; raises 401/403 otherwise."""
         return self.auth.authenticate(request.headers, scope)
 
-    def find(self, name: str, key: ResolvedKey) -> ManagedModel:
+    def find(self, name: str, key: ResolvedKey, fallback: bool = False) -> ManagedModel:
         """The model ``name`` names, if ``key`` may use it.
 
         Otherwise 404, listing only the models ``key`` may use: a model (or alias) it may not
         use is answered exactly like one that does not exist, so a key learns no other names.
+        With ``fallback`` and ``unknown_model_to_default``, a name corral does not know is
+        the default model (a single llama-server ignores the name).
         """
         try:
             model = self.supervisor.get(name)
         except ModelNotFoundError as exc:
+            default = self._default_for_unknown(key) if fallback else None
+            if default is not None:
+                return default
             if key.models is None:
                 raise
             known = exc.available
@@ -95,6 +102,17 @@ class Proxy:
                 if (spec := config.resolve(n)) is not None and may_use(key, spec.name)]
         raise ModelNotFoundError(name, mine) from None
 
+    def _default_for_unknown(self, key: ResolvedKey) -> ManagedModel | None:
+        # A key that may not use the default gets the 404 of the name it sent, not the
+        # default's name.
+        if not (self.unknown_to_default and self.default_model):
+            return None
+        try:
+            model = self.supervisor.get(self.default_model)
+        except ModelNotFoundError:
+            return None
+        return model if may_use(key, model.name) else None
+
     async def inference(self, request: Request) -> Response:
         """POST on a model endpoint: route by ``model``, admit, load on demand, stream back."""
         started = time.perf_counter()
@@ -104,8 +122,10 @@ class Proxy:
             key = self.require(request, "inference")
             body = await read_body(request, self.limits.max_body, self.limits.body_timeout)
             payload = parse_body(body)
-            model = self.find(model_name(payload, self.default_model), key)
+            asked = model_name(payload, self.default_model, self.unknown_to_default)
+            model = self.find(asked, key, fallback=True)
             name = model.name
+            check_purpose(request.url.path, model.spec)
             check_fields(request.url.path, payload, model.plan.n_vocab if model.plan else None,
                          model.spec.multimodal)
             uses_slot = request.url.path not in SLOTLESS_PATHS
@@ -136,7 +156,7 @@ class Proxy:
                     f"{path} needs ?model= when corral has no default_model",
                     code="model_required",
                 )
-            model = self.find(asked, key)
+            model = self.find(asked, key, fallback=True)
             name = model.name
             body = (await read_body(request, self.limits.max_body, self.limits.body_timeout)
                     if changes else b"")
@@ -331,12 +351,26 @@ class Proxy:
 def _model_entry(
     model: ManagedModel, name: str, alias_of: str | None = None
 ) -> dict[str, Any]:
-    # Only what is at hand: clients poll this, so no process or memory look-ups.
+    # Only what is at hand: clients poll this, so no process or memory look-ups. The fields
+    # of llama-server's own entry come first, for its clients; corral's under "corral".
+    spec = model.spec
+    meta: dict[str, int] = {}
+    if model.plan is not None:
+        meta["n_ctx"] = model.plan.ctx_per_slot
+        if model.plan.n_vocab:
+            meta["n_vocab"] = model.plan.n_vocab
     return {
         "id": name,
         "object": "model",
         "created": 0,
         "owned_by": "corral",
+        "aliases": [model.name, *spec.aliases],
+        "tags": [],
+        "architecture": {
+            "input_modalities": ["text", "image"] if spec.multimodal else ["text"],
+            "output_modalities": ["text"],
+        },
+        "meta": meta,
         "corral": {
             "state": str(model.state),
             "slots": model.slots,

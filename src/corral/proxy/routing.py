@@ -7,18 +7,27 @@ from typing import Any
 
 from corral.proxy.errors import BadRequestError
 
-# Every POST endpoint of llama-server that serves a model. The body goes upstream unchanged.
+# Every POST endpoint of llama-server that serves a model and takes JSON, with and without
+# the /v1 prefix where llama-server has both. The body goes upstream unchanged.
 INFERENCE_PATHS = (
     "/v1/chat/completions",
     "/v1/completions",
     "/v1/embeddings",
     "/v1/rerank",
+    "/v1/reranking",
     "/v1/messages",
     "/v1/messages/count_tokens",
     "/v1/responses",
+    "/v1/chat/completions/input_tokens",
+    "/v1/responses/input_tokens",
+    "/v1/chat/completions/control",
+    "/v1/systemone",
     "/chat/completions",
+    "/chat/completions/input_tokens",
     "/completions",
     "/completion",
+    "/responses",
+    "/responses/input_tokens",
     "/embeddings",
     "/embedding",
     "/rerank",
@@ -32,6 +41,10 @@ INFERENCE_PATHS = (
 # Endpoints that use no slot (they never decode): they skip admission but still need the model.
 SLOTLESS_PATHS = frozenset({
     "/tokenize", "/detokenize", "/apply-template", "/v1/messages/count_tokens",
+    "/v1/chat/completions/input_tokens", "/chat/completions/input_tokens",
+    "/v1/responses/input_tokens", "/responses/input_tokens",
+    # Acts on a completion already running (stops it): must not wait behind it for a slot.
+    "/v1/chat/completions/control",
 })
 
 
@@ -56,9 +69,11 @@ def parse_body(body: bytes) -> dict[str, Any]:
     return data
 
 
-CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
+CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions",
+                        "/v1/chat/completions/input_tokens", "/chat/completions/input_tokens"})
 MESSAGES_PATHS = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
-RESPONSES_PATHS = frozenset({"/v1/responses"})
+RESPONSES_PATHS = frozenset({"/v1/responses", "/responses", "/v1/responses/input_tokens",
+                             "/responses/input_tokens"})
 
 
 def check_fields(
@@ -137,10 +152,11 @@ def _check_tools(path: str, tools: object) -> None:
                                       code="invalid_tools")
 
 
-def model_name(data: dict[str, Any], default: str | None) -> str:
-    """The model a parsed body asks for; the default when it names none."""
+def model_name(data: dict[str, Any], default: str | None, empty_is_none: bool = False) -> str:
+    """The model a parsed body asks for; the default when it names none (or, with
+    ``empty_is_none``, names ``""``, which a single llama-server ignores as any name)."""
     name = data.get("model")
-    if name is None:
+    if name is None or (empty_is_none and name == ""):
         if default is None:
             raise BadRequestError(
                 "the request has no \"model\" and corral has no default_model",

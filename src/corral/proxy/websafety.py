@@ -5,10 +5,12 @@ them. Before anything else (the drain guard, keys, routing) each request passes 
 
 1. ``Host`` (DNS rebinding: a page whose name resolves to 127.0.0.1 sends its own name): an IP
    address, ``localhost``, ``listen.host`` or a name in ``allowed_hosts``; else 421.
-2. ``Origin`` (a page's request): only origins in ``cors.allow_origins``, or the host's own;
-   else 403 ``cross_site_request``. Without ``Origin``, ``Sec-Fetch-Site: cross-site`` or
+2. ``Origin`` (a page's request): only origins in ``cors.allow_origins`` (by default
+   ``localhost``: pages served from this machine), or the host's own; else 403
+   ``cross_site_request``. Without ``Origin``, ``Sec-Fetch-Site: cross-site`` or
    ``same-site`` (a navigation, an image, a script of another site's page) is refused alike.
-3. ``OPTIONS`` preflights of allowed origins are answered here (204).
+3. ``OPTIONS`` preflights of allowed origins are answered here (200, as llama-server does),
+   with ``cors.allow_methods`` and ``cors.allow_headers``.
 4. A request that may change state (any method but GET, HEAD, OPTIONS) with a body type that is
    not JSON gets 415: an HTML form (``application/x-www-form-urlencoded``,
    ``multipart/form-data``, ``text/plain``) cannot trigger anything. One without a body type
@@ -29,7 +31,7 @@ import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from corral.config import ConfigFile
-from corral.config.web import ip_literal
+from corral.config.web import LOCALHOST_ORIGINS, ip_literal, loopback_origin
 from corral.echo import clip, quote
 from corral.errors import BadRequestError, CorralError, CrossSiteRequestError, HostNotAllowedError
 from corral.proxy.errors import response_for
@@ -66,18 +68,25 @@ class WebPolicy:
     any_host: bool
     origins: frozenset[str]
     any_origin: bool
+    loopback_origins: bool  # "localhost" listed: pages served from this machine
+    methods: bytes  # Access-Control-Allow-Methods
+    headers: tuple[str, ...] | None  # Access-Control-Allow-Headers; None: those asked for
 
     @classmethod
     def of(cls, file: ConfigFile) -> WebPolicy:
         """The policy of ``file`` (whose ``listen.host`` is where corral is bound: a reload
         may not change it)."""
-        names = {"localhost", file.listen.host.lower(), *file.allowed_hosts}
+        names = {"localhost", *(h.lower() for h in file.listen.hosts), *file.allowed_hosts}
+        cors = file.cors
         return cls(
             hosts=frozenset(n for n in names if not n.startswith(".")),
             domains=tuple(n for n in names if n.startswith(".")),
             any_host="*" in names,
-            origins=frozenset(file.cors.allow_origins),
-            any_origin="*" in file.cors.allow_origins,
+            origins=frozenset(cors.allow_origins) - {LOCALHOST_ORIGINS},  # a keyword
+            any_origin="*" in cors.allow_origins,
+            loopback_origins=LOCALHOST_ORIGINS in cors.allow_origins,
+            methods=", ".join(dict.fromkeys(cors.allow_methods)).encode(),
+            headers=None if "*" in cors.allow_headers else tuple(cors.allow_headers),
         )
 
     def host_allowed(self, host: str) -> bool:
@@ -100,10 +109,13 @@ class WebPolicy:
                 or any(name == d[1:] or name.endswith(d) for d in self.domains))
 
     def origin_allowed(self, origin: str, host: str | None) -> bool:
-        """Whether a page of ``origin`` may call corral: listed in ``cors.allow_origins``, or
-        corral's own origin (the ``Host`` it was sent to)."""
+        """Whether a page of ``origin`` may call corral: listed in ``cors.allow_origins`` (or
+        served from this machine, with ``localhost`` listed), or corral's own origin (the
+        ``Host`` it was sent to)."""
         lowered = origin.lower()
         if self.any_origin or lowered in self.origins:
+            return True
+        if self.loopback_origins and loopback_origin(lowered):
             return True
         return host is not None and lowered.partition("://")[2] == host.lower()
 
@@ -132,13 +144,14 @@ class WebGuard:
             return
         headers = _Headers(scope["headers"])
         try:
-            cors = self._check_page(headers, self.policy())
+            policy = self.policy()
+            cors = self._check_page(headers, policy)
         except CorralError as exc:
             await _refuse(exc, scope, receive, send, headers)
             return
         if (cors and scope["method"] == "OPTIONS"
                 and headers.get(b"access-control-request-method") is not None):
-            await self._preflight(headers, cors, send)
+            await self._preflight(headers, cors, policy, send)
             return
         extra = _cors_headers(cors)
 
@@ -180,14 +193,20 @@ class WebGuard:
         return None
 
     @staticmethod
-    async def _preflight(headers: _Headers, allow_origin: bytes, send: Send) -> None:
-        requested = (headers.text(b"access-control-request-headers") or "").split(",")
-        names = [n.strip() for n in requested[:_MAX_REQUESTED_HEADERS]]
+    async def _preflight(
+        headers: _Headers, allow_origin: bytes, policy: WebPolicy, send: Send
+    ) -> None:
+        if policy.headers is None:  # "*": the names asked for, back
+            requested = (headers.text(b"access-control-request-headers") or "").split(",")
+            names = [n.strip() for n in requested[:_MAX_REQUESTED_HEADERS]]
+        else:
+            names = list(policy.headers)
         answer = [
             *_cors_headers(allow_origin),
-            (b"access-control-allow-methods", b"GET, POST"),
+            (b"access-control-allow-methods", policy.methods),
             (b"access-control-max-age", b"600"),
             (b"vary", b"Access-Control-Request-Method, Access-Control-Request-Headers"),
+            (b"content-length", b"0"),
         ]
         allowed = ", ".join(n for n in names if _TOKEN.fullmatch(n))
         if allowed:
@@ -195,7 +214,8 @@ class WebGuard:
         # Chrome asks before a public page may reach a private address (127.0.0.1).
         if headers.get(b"access-control-request-private-network") == b"true":
             answer.append((b"access-control-allow-private-network", b"true"))
-        await send({"type": "http.response.start", "status": 204, "headers": answer})
+        # 200, not 204: llama-server's answer, which its clients' tests check.
+        await send({"type": "http.response.start", "status": 200, "headers": answer})
         await send({"type": "http.response.body", "body": b""})
 
 

@@ -1,0 +1,73 @@
+"""bench/llamacpp_suite's stand-in: llama-server's command line becomes a corral config that
+corral accepts, so the comparison with llama-server cannot rot when the config changes.
+
+Only the translation (no server is started): the full comparison is
+``bench/llamacpp_suite/run.py``, documented in docs/llama-server-compat.md.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from corral.config import parse_config
+from tests.conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "bench" / "llamacpp_suite"))
+import as_corral  # noqa: E402
+from cmdline import Unsupported  # noqa: E402
+
+
+@pytest.fixture
+def model_map(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    model = tmp_path / "stories.gguf"
+    model.write_bytes(b"")
+    table = tmp_path / "models.json"
+    table.write_text(json.dumps({"ggml-org/test-model-stories260K": str(model)}))
+    monkeypatch.setattr("cmdline.MODEL_MAP", table)
+    return model
+
+
+def translate(line: str, tmp_path: Path) -> dict[str, Any]:
+    config = as_corral.config_for(line.split(), tmp_path)
+    parse_config(config)  # corral takes it as it is
+    return config
+
+
+def test_the_tests_command_line_becomes_one_default_model(
+    model_map: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # What llama.cpp's tests/utils.py starts for its tinyllama2 preset, with an API key.
+    config = translate(
+        "--port 8123 --temp 0.8 --seed 42 --host 127.0.0.1,::1 --offline --hf-repo "
+        "ggml-org/test-model-stories260K --batch-size 32 --alias tinyllama-2,fim --ctx-size 700 "
+        "--parallel 2 --n-predict 64 -fa on --api-key sk-secret-0123 --cors-origins localhost",
+        tmp_path)
+    assert config["listen"] == {"host": ["127.0.0.1", "::1"], "port": 8123}
+    # llama-server's id is the first alias in sorted order.
+    assert config["default_model"] == "fim" and config["unknown_model_to_default"] is True
+    model = config["models"]["fim"]
+    assert model["path"] == str(model_map) and model["aliases"] == ["tinyllama-2"]
+    # 700 over 2 slots, up to corral's multiple of 256.
+    assert model["slots"] == 2 and model["ctx_per_slot"] == 512
+    assert model["args"] == ["--temp", "0.8", "--seed", "42", "--offline", "--n-predict", "64"]
+    assert config["auth"]["keys"] == [{"key": "sk-secret-0123",
+                                       "scopes": ["inference", "admin"]}]
+    assert config["cors"] == {"allow_origins": ["localhost"]}
+    assert "dropped: --batch-size -fa" in capsys.readouterr().err
+
+
+def test_router_mode_is_corral_without_models(tmp_path: Path) -> None:
+    config = translate("--port 8123 --host 127.0.0.1 --ctx-size 1024", tmp_path)
+    assert config["models"] == {} and "default_model" not in config
+    with pytest.raises(Unsupported, match="router"):
+        as_corral.config_for(["--models-dir", "/m"], tmp_path)
+
+
+def test_a_model_not_in_the_map_is_refused(model_map: Path, tmp_path: Path) -> None:
+    with pytest.raises(Unsupported, match="no local file for ggml-org/other"):
+        as_corral.config_for(["--hf-repo", "ggml-org/other"], tmp_path)
