@@ -7,9 +7,9 @@ Usage (what llama.cpp's server tests run as ``$LLAMA_SERVER_BIN_PATH``)::
 One model, ``default_model`` set to it and ``unknown_model_to_default: true`` (what a single
 llama-server does with the ``model`` a request names), loaded at start as llama-server loads
 its model. The flags corral owns become its settings (``--host``, ``--port``, ``--alias``,
-``--api-key``, ``-c``/``-np``, ``-ngl``, ``-ctk``/``-ctv``, ``--cors-*``); the flags that would
-break corral's memory estimate (``-b``, ``-ub``, ``-fa``, ``--kv-unified``, ...) are dropped
-with a note on stderr; every other flag goes to the child as the model's ``args``. The config
+``--api-key``, ``-c``/``-np``, ``-ngl``, ``-ctk``/``-ctv``, ``--cors-*``); every other flag
+goes to the model's ``args``, where corral reads its tuning flags (``-b``, ``-ub``, ``-fa``,
+...) into their settings; a flag corral still refuses is dropped with a note on stderr. The config
 and the state file go to ``$TMPDIR/corral-as-llama-server-PORT/``, reused at each start.
 """
 
@@ -34,6 +34,10 @@ _SWITCHES = frozenset({
 })
 _CACHE_TYPES = frozenset({"f16", "q8_0", "q4_0"})
 _ROUTER = frozenset({"--models-dir", "--models-preset", "--models-max"})
+# Flags corral would also read from args into its settings: translated here, so the config
+# shows them as settings.
+_TRANSLATED = frozenset({"--parallel", "-np", "--n-gpu-layers", "-ngl", "--gpu-layers", "-ctk",
+                         "--cache-type-k", "-ctv", "--cache-type-v"})
 
 
 def config_for(argv: list[str], workdir: Path) -> dict[str, Any]:
@@ -54,7 +58,7 @@ def config_for(argv: list[str], workdir: Path) -> dict[str, Any]:
             takes = 2
         if arg in _ROUTER:
             raise Unsupported("router mode: corral is the router, one model per child")
-        if arg in ("--cors-origins", "--cors-methods", "--cors-headers") or (
+        if arg in ("--cors-origins", "--cors-methods", "--cors-headers") or arg in _TRANSLATED or (
                 arg in RESERVED_FLAGS and arg not in _SWITCHES):
             owned[arg] = value
             i += takes
