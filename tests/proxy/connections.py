@@ -6,6 +6,7 @@ import json
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -23,10 +24,15 @@ def connect(server: CorralProcess, rcvbuf: int | None = None) -> socket.socket:
     return sock
 
 
+# Bytes read past the end of one response (pipelined answers may arrive in one read): the
+# next read_response on that socket starts with them.
+_LEFTOVER: weakref.WeakKeyDictionary[socket.socket, bytes] = weakref.WeakKeyDictionary()
+
+
 def read_response(sock: socket.socket, timeout: float = 30) -> tuple[int, dict[str, str], bytes]:
     """One response with a Content-Length body: status, headers (lower-case), body."""
     sock.settimeout(timeout)
-    data = b""
+    data = _LEFTOVER.pop(sock, b"")
     while b"\r\n\r\n" not in data:
         chunk = sock.recv(65536)
         if not chunk:
@@ -35,13 +41,17 @@ def read_response(sock: socket.socket, timeout: float = 30) -> tuple[int, dict[s
     head, _, body = data.partition(b"\r\n\r\n")
     status_line, *lines = head.decode("latin-1").split("\r\n")
     headers = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines)}
-    length = int(headers.get("content-length", "0"))
+    if "content-length" not in headers:
+        return int(status_line.split()[1]), headers, body  # what came with it, as it came
+    length = int(headers["content-length"])
     while len(body) < length:
         chunk = sock.recv(65536)
         if not chunk:
             break
         body += chunk
-    return int(status_line.split()[1]), headers, body
+    if len(body) > length:
+        _LEFTOVER[sock] = body[length:]
+    return int(status_line.split()[1]), headers, body[:length]
 
 
 def error_code(body: bytes) -> str:

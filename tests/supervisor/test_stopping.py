@@ -108,7 +108,8 @@ def test_a_child_that_ignores_sigterm_is_killed_with_its_group_after_stop_timeou
     # ... then SIGKILLed the whole group: the grandchild ignored SIGTERM as well.
     assert took < STOP_TIMEOUT + SLACK
     assert gone(child)
-    assert gone(grandchild)
+    # A SIGKILLed process dies when it is next scheduled: on a busy machine, a moment later.
+    wait_until(lambda: gone(grandchild), timeout=30)
     assert server.children(None) == []
 
 
@@ -138,8 +139,9 @@ def test_corrals_shutdown_kills_a_child_that_ignores_sigterm_and_its_group(
     assert record.lines().count("SIGTERM") == 1
     assert STOP_TIMEOUT <= took < STOP_TIMEOUT + SLACK
     assert gone(child)
-    # No parent-death signal reaches a grandchild: only corral's group kill ends it.
-    assert gone(grandchild)
+    # No parent-death signal reaches a grandchild: only corral's group kill ends it (when it is
+    # next scheduled: on a busy machine, a moment later).
+    wait_until(lambda: gone(grandchild), timeout=30)
 
 
 def test_a_child_not_ready_within_startup_timeout_is_killed_and_reported(
