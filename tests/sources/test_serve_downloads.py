@@ -124,13 +124,26 @@ def test_pull_shows_progress_and_resumes_an_interrupted_download(hub: LocalHub) 
                f"blobs/{entry.sha256}.incomplete")
     first = subprocess.Popen([sys.executable, "-m", "corral", "pull", f"{SMOL_REPO}:Q4_1"],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    printed: list[str] = []
+
+    def read() -> None:
+        assert first.stdout is not None
+        for line in first.stdout:
+            printed.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    progress = re.compile(r"downloading \d+% \(.* of 93\.8 MiB\)")
     try:
-        wait_until(lambda: os.path.exists(partial) and os.path.getsize(partial) > 0)
+        # Held half-way by the hub, however fast the machine: its progress shows meanwhile.
+        wait_until(lambda: os.path.exists(partial) and os.path.getsize(partial) > 0
+                   and any(progress.search(line) for line in printed))
         first.kill()  # interrupted as hard as can be: no chance to clean up
         first.wait(30)
     finally:
         if first.poll() is None:
             first.kill()
+        reader.join(30)
         assert first.stdout is not None
         first.stdout.close()
     had = os.path.getsize(partial)
@@ -139,7 +152,6 @@ def test_pull_shows_progress_and_resumes_an_interrupted_download(hub: LocalHub) 
     assert done.returncode == 0, done.stdout + done.stderr
     gets = hub.downloads(SMOL_FILE)
     assert gets[-1].range == f"bytes={had}-"  # resumed, not started again
-    assert re.search(r"downloading \d+% \(.* of 93\.8 MiB\)", done.stdout)
     assert re.search(rf"{re.escape(SMOL_REPO)}:Q4_1: ready, verified: .*{SMOL_FILE}",
                      done.stdout)
 
