@@ -40,6 +40,7 @@ def test_serving_imports_neither_gguf_nor_numpy(smollm2: Path) -> None:
     code = ("import sys, corral.cli, corral.server\n"
             "from corral.probe.gguf import read_profile\n"
             f"read_profile({str(smollm2)!r})\n"
-            "print(sorted(m for m in ('gguf', 'numpy', 'huggingface_hub') if m in sys.modules))")
+            "print(sorted(m for m in ('gguf', 'numpy', 'huggingface_hub', 'aiohttp', 'yarl')\n"
+            "             if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -21,7 +21,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-import httpx
 import structlog
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -41,6 +40,7 @@ from corral.proxy.ollama.manage import MANAGEMENT, refuse_management
 from corral.proxy.ollama.stream import Answer, now
 from corral.proxy.routing import model_name, parse_body
 from corral.supervisor import ManagedModel
+from corral.supervisor.childhttp import Upstream
 
 log = structlog.get_logger("corral.proxy")
 
@@ -129,7 +129,7 @@ class OllamaApi:
                 _check_capability(translated, about)
             was_serving = model.state.serving
 
-            def answer(upstream: httpx.Response, finish: Callable[[], None],
+            def answer(upstream: Upstream, finish: Callable[[], None],
                        headers: list[tuple[bytes, bytes]]) -> Answer:
                 def done() -> None:
                     model.keep_for(translated.keep_alive)  # before the lease's release
