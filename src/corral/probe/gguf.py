@@ -16,6 +16,7 @@ import re
 import struct
 
 from corral.placement.profile import ModelProfile, profile_from_fields
+from corral.probe.ggml_types import type_size
 
 # Large tokenizer arrays: only their length matters (the vocabulary size), decoding 150k strings
 # would cost a second per read.
@@ -141,7 +142,7 @@ def read_header(path: str) -> tuple[dict[str, object], list[tuple[str, int]]]:
     ``gguf.GGUFReader`` builds an object for every element of every array, which takes five
     seconds for a 49k-token vocabulary; corral needs the hyper-parameters and tensor sizes only.
     This scanner walks the same header, skipping string arrays by their lengths, and takes
-    the type sizes from the ``gguf`` package's own tables. Raises ``OSError`` when the file
+    the type sizes from ``corral.probe.ggml_types``. Raises ``OSError`` when the file
     cannot be read and ``ValueError`` (naming the file) for anything it cannot make sense of.
     """
     try:
@@ -157,8 +158,6 @@ def read_header(path: str) -> tuple[dict[str, object], list[tuple[str, int]]]:
 
 
 def _scan_header(path: str) -> tuple[dict[str, object], list[tuple[str, int]]]:
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
     with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
         scan = _Scanner(data)
         if scan.take(4) != b"GGUF":
@@ -182,10 +181,9 @@ def _scan_header(path: str) -> tuple[dict[str, object], list[tuple[str, int]]]:
         for _ in range(n_tensors):
             name = scan.string()
             dims = [scan.unpack("<Q") for _ in range(scan.unpack("<I"))]
-            ggml_type = GGMLQuantizationType(scan.unpack("<I"))
+            block, size = type_size(scan.unpack("<I"))
             scan.unpack("<Q")  # offset of the data
-            block, type_size = GGML_QUANT_SIZES[ggml_type]
-            tensors.append((name, math.prod(dims) // block * type_size))
+            tensors.append((name, math.prod(dims) // block * size))
     return fields, tensors
 
 

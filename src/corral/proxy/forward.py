@@ -24,6 +24,7 @@ from corral.errors import (
     out_of_files,
 )
 from corral.proxy.clientwatch import ClientWatch
+from corral.supervisor.childhttp import ChildResponse, ChildSession, Upstream
 
 # Never forwarded: connection-level headers, and the client's credentials (the child has its own
 # private key, which the pooled client adds).
@@ -41,7 +42,7 @@ _DROP_RESPONSE = frozenset({
 
 
 async def send_upstream(
-    client: httpx.AsyncClient,
+    client: ChildSession,
     model: str,
     method: str,
     path: str,
@@ -49,23 +50,17 @@ async def send_upstream(
     headers: list[tuple[bytes, bytes]],
     body: bytes,
     answer_within: float | None = None,
-) -> httpx.Response:
+) -> ChildResponse:
     """Send the request to the child; the response is open for streaming (close it!).
 
     ``answer_within`` (seconds, 0 for no limit) replaces the client's read timeout, the longest
     silence between two chunks, for an answer that is silent until complete.
     """
-    url = httpx.URL(path=path, query=query)
-    timeout = client.timeout
-    if answer_within is not None:
-        timeout = httpx.Timeout(connect=timeout.connect, read=answer_within or None,
-                                write=timeout.write, pool=timeout.pool)
-    request = client.build_request(
-        method, url, content=body, timeout=timeout,
-        headers=[(k, v) for k, v in headers if k.lower() not in _DROP_REQUEST],
-    )
+    read = client.read_timeout if answer_within is None else (answer_within or None)
+    forwarded = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers
+                 if k.lower() not in _DROP_REQUEST]
     try:
-        return await client.send(request, stream=True)
+        return await client.send(method, path, query, forwarded, body, read)
     except httpx.ReadTimeout:
         if answer_within is None:
             raise UpstreamError(model, "ReadTimeout: no answer within upstream.read_timeout") \
@@ -92,7 +87,7 @@ class UpstreamResponse:
 
     def __init__(
         self,
-        upstream: httpx.Response,
+        upstream: Upstream,
         on_close: Callable[[], None],
         extra_headers: list[tuple[bytes, bytes]] = (),  # type: ignore[assignment]
     ) -> None:

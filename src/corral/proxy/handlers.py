@@ -8,7 +8,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import httpx
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
@@ -39,13 +38,14 @@ from corral.proxy.forward import UpstreamResponse, send_upstream
 from corral.proxy.purposes import check_purpose
 from corral.proxy.routing import SLOTLESS_PATHS, check_fields, model_name, parse_body
 from corral.supervisor import Lease, ManagedModel, Supervisor
+from corral.supervisor.childhttp import Upstream
 
 log = structlog.get_logger("corral.proxy")
 
 Handler = Callable[[Request], Awaitable[Response]]
 # Makes the client's answer from the child's open response: ``UpstreamResponse`` passes it
 # through; another API's translation (``corral.proxy.ollama``) subclasses it.
-Responder = Callable[[httpx.Response, Callable[[], None], list[tuple[bytes, bytes]]],
+Responder = Callable[[Upstream, Callable[[], None], list[tuple[bytes, bytes]]],
                      UpstreamResponse]
 
 
@@ -243,7 +243,7 @@ class Proxy:
         touch: bool = True,
         streams: bool = True,
         upstream_path: str | None = None,
-    ) -> tuple[Lease, httpx.Response]:
+    ) -> tuple[Lease, Upstream]:
         """A lease and the child's open response; waits for a load or restart if needed.
 
         While it waits for the model, an admitted request counts as queued (``loading``).
@@ -257,8 +257,9 @@ class Proxy:
                 if queue is not None:
                     queue.loading -= 1
             try:
+                assert lease.process.session is not None
                 upstream = await send_upstream(
-                    lease.client, model.name, request.method,
+                    lease.process.session, model.name, request.method,
                     upstream_path or request.url.path,
                     request.scope["query_string"], request.headers.raw, body,
                     # The read timeout bounds the silence between chunks of a stream. A
@@ -381,13 +382,13 @@ def _model_entry(
 
 
 async def _unless_client_leaves(
-    receive: Receive, sending: Awaitable[tuple[Lease, httpx.Response]]
-) -> tuple[Lease, httpx.Response]:
+    receive: Receive, sending: Awaitable[tuple[Lease, Upstream]]
+) -> tuple[Lease, Upstream]:
     """Await ``sending``, but give up (closing what it opened) once the client disconnects."""
     return await ClientWatch(receive).unless_left(sending, _close_unwanted)
 
 
-def _close_unwanted(sent: tuple[Lease, httpx.Response]) -> None:
+def _close_unwanted(sent: tuple[Lease, Upstream]) -> None:
     # The client left: what the send still opened (or just did) is closed again.
     lease, upstream = sent
     lease.release()

@@ -34,7 +34,7 @@ import structlog
 from corral.config import ModelSpec
 from corral.config.sources import HfSource, OllamaSource
 from corral.errors import DownloadError
-from corral.sources import hub, ollama_store
+from corral.sources import ollama_store
 from corral.sources.verify import verify
 
 log = structlog.get_logger("corral.sources")
@@ -87,6 +87,8 @@ class Progress:
         """``downloading 43% (58.1 MiB of 135.2 MiB)``."""
         self.refresh()
         if self.phase in ("downloading", "verifying") and self.total:
+            from corral.sources import hub
+
             return (f"{self.phase} {self.percent}% ({hub.human(self.done)} of "
                     f"{hub.human(self.total)})")
         return self.error if self.phase == "failed" and self.error else self.phase
@@ -123,6 +125,10 @@ def fetch_now(spec: ModelSpec, progress: Progress, *, allow_download: bool) -> L
 
 
 def _fetch(spec: ModelSpec, progress: Progress, allow_download: bool) -> LocalFiles:
+    # Imported here: huggingface_hub takes a third of a second to import, and `corral serve`
+    # should listen without it when no model needs a download.
+    from corral.sources import hub
+
     source = spec.source
     if isinstance(source, OllamaSource):
         model, projector = ollama_store.find_model(source)

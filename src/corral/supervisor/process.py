@@ -37,6 +37,7 @@ import structlog
 from corral.config.schema import UpstreamSettings
 from corral.errors import ModelLoadError
 from corral.llamacpp.command import ChildCommand, child_env
+from corral.supervisor.childhttp import ChildSession
 from corral.supervisor.children import child_preexec
 
 log = structlog.get_logger("corral.supervisor")
@@ -87,6 +88,7 @@ class ModelProcess:
         # A private key per child: even a process that reached its socket could not use it.
         self.api_key = secrets.token_urlsafe(24)
         self.client: httpx.AsyncClient | None = None
+        self.session: ChildSession | None = None  # model requests (corral.supervisor.childhttp)
         # Everything printed until the child is ready: its buffer sizes are among these lines,
         # and with many tensors or slots they can scroll out of the 200-line tail.
         self.startup_lines: list[str] | None = []
@@ -136,6 +138,8 @@ class ModelProcess:
             timeout=httpx.Timeout(connect=self.upstream.connect_timeout,
                                   read=self.upstream.read_timeout, write=60.0, pool=None),
         )
+        self.session = ChildSession(self.socket, self.api_key, self.upstream.connect_timeout,
+                                    self.upstream.read_timeout)
         self._pump = asyncio.create_task(self._pump_output(self._proc.stdout))
         self._exited = asyncio.create_task(self._wait_exit(self._proc))
         log.info("child_started", model=self.model, pid=self.pid, socket=self.socket,
@@ -245,6 +249,8 @@ class ModelProcess:
         await self._drain_output()
         if self.client is not None:
             await self.client.aclose()
+        if self.session is not None:
+            await self.session.aclose()
 
     def error_lines(self) -> list[str]:
         return list(self.log_tail)[-ERROR_TAIL_LINES:]

@@ -21,7 +21,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-import httpx
 import structlog
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -42,6 +41,7 @@ from corral.proxy.ollama.pull import pull
 from corral.proxy.ollama.stream import Answer, now
 from corral.proxy.routing import model_name, parse_body
 from corral.supervisor import ManagedModel
+from corral.supervisor.childhttp import Upstream
 
 log = structlog.get_logger("corral.proxy")
 
@@ -134,7 +134,7 @@ class OllamaApi:
                 _check_capability(translated, about)
             was_serving = model.state.serving
 
-            def answer(upstream: httpx.Response, finish: Callable[[], None],
+            def answer(upstream: Upstream, finish: Callable[[], None],
                        headers: list[tuple[bytes, bytes]]) -> Answer:
                 def done() -> None:
                     model.keep_for(translated.keep_alive)  # before the lease's release

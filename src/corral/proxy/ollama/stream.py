@@ -24,6 +24,7 @@ from starlette.types import Send
 
 from corral.proxy.forward import UpstreamResponse
 from corral.proxy.ollama.translate import Translated
+from corral.supervisor.childhttp import Upstream
 
 NDJSON = b"application/x-ndjson"
 JSON = b"application/json"
@@ -187,7 +188,7 @@ class Answer(UpstreamResponse):
 
     def __init__(
         self,
-        upstream: httpx.Response,
+        upstream: Upstream,
         on_close: Callable[[], None],
         extra_headers: list[tuple[bytes, bytes]],
         *,
@@ -285,7 +286,7 @@ class _ChildError(Exception):
     """An ``error`` the child sent inside its stream."""
 
 
-async def _events(upstream: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+async def _events(upstream: Upstream) -> AsyncIterator[dict[str, Any]]:
     """The JSON objects of the child's SSE stream, until ``[DONE]`` or its end."""
     async for line in upstream.aiter_lines():
         if not line.startswith("data:"):
