@@ -232,6 +232,9 @@ http {{
     upstream backend {{
         server 127.0.0.1:{upstream};
         keepalive 64;
+        # llama-server closes a connection idle for 5 s; one nginx reused at that moment would
+        # answer a POST with 502 (not retried): forget idle ones sooner, as corral does.
+        keepalive_timeout 2s;
     }}
     server {{
         listen 127.0.0.1:{port};

@@ -38,16 +38,17 @@ def test_ten_streams_on_two_slots_never_exceed_two_upstream(
     # The last of the eight may wait long on a loaded machine: not the default 60 s.
     server = corral(config(smollm2, 2, timeout="5m"))
     assert server.http.post("/admin/models/m/load").status_code == 200
-    busiest, deepest, deferred, scrapes = 0, 0, 0.0, 0
+    busiest, deepest, deferred, scrapes, admitted = 0, 0, 0.0, 0, 0
     done = threading.Event()
 
     def watch() -> None:
-        nonlocal busiest, deepest, deferred, scrapes
+        nonlocal busiest, deepest, deferred, scrapes, admitted
         while not done.is_set():
             slots = server.http.get("/slots", params={"model": "m"}).json()
             busiest = max(busiest, sum(s["is_processing"] for s in slots))
-            deepest = max(deepest, server.http.get("/admin/status").json()["totals"][
-                "queue_depth"])
+            totals = server.http.get("/admin/status").json()["totals"]
+            deepest = max(deepest, totals["queue_depth"])
+            admitted = max(admitted, totals["in_flight"])  # corral's own count upstream
             # llama-server's own count of requests it had to hold back for want of a slot:
             # a third request upstream would show here, not in is_processing.
             for line in server.http.get("/metrics").text.splitlines():
@@ -78,12 +79,13 @@ def test_ten_streams_on_two_slots_never_exceed_two_upstream(
         done.set()
         watcher.join()
     assert all(b.rstrip().endswith("data: [DONE]") for b in bodies)
-    assert busiest == 2  # both slots worked, never more
+    assert busiest == 2 and admitted == 2  # both slots worked, never more
     # Never a third request upstream: ten at once would leave eight deferred in llama-server.
     # A slot's end is seen by corral with the answer's last byte, a moment before llama-server
     # frees it, so the request corral admits then may be counted deferred for that moment
-    # (seen once in a fresh-clone run with both cores busy): one, never more.
-    assert scrapes > 0 and deferred <= 1
+    # (seen in fresh-clone runs with both cores busy: 1, and 2 under stress-ng when both slots
+    # handed over at once): at most one per slot, never the eight a third request would add.
+    assert scrapes > 0 and deferred <= 2
     metrics = server.http.get("/metrics").text
     assert 'corral_queue_wait_seconds_count{model="m"} 10.0' in metrics
     assert 'corral_requests_total{code="200",endpoint="/v1/chat/completions",model="m"} 8.0' \

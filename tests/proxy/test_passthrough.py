@@ -91,8 +91,14 @@ def test_every_llama_cpp_endpoint_reaches_the_real_llama_server(
     server = corral({"models": {"m": {"path": str(smollm2), "slots": 1, "ctx_per_slot": 512}}})
     chat = {"model": "m", "messages": [{"role": "user", "content": "Hi"}]}
     tokens = server.http.post("/tokenize", json={"model": "m", "content": "hello"}).json()
-    no_embeddings = llama_error(501, "not_supported_error", "Start it with `--embeddings`")
-    no_reranking = llama_error(501, "not_supported_error", "Start it with `--reranking`")
+    # A model started without --embeddings / --reranking: corral says which config key enables
+    # them (400) before any child is asked, instead of llama-server's 501 naming its flag.
+    def not_enabled(code: str, flag: str) -> Callable[[Any], bool]:
+        return lambda b: (b["error"]["code"] == code
+                          and f"add {flag} to its args (models.m.args)" in b["error"]["message"])
+
+    no_embeddings = not_enabled("embeddings_not_enabled", "--embeddings")
+    no_reranking = not_enabled("rerank_not_enabled", "--reranking")
     rerank = {"model": "m", "query": "a", "documents": ["a", "b"]}
 
     # path, body, the status llama-server answers, what only llama-server's answer looks like
@@ -110,14 +116,14 @@ def test_every_llama_cpp_endpoint_reaches_the_real_llama_server(
         ("/detokenize", {"model": "m", **tokens}, 200, lambda b: b["content"] == "hello"),
         ("/apply-template", chat, 200,
          lambda b: "<|im_start|>user\nHi<|im_end|>" in b["prompt"]),  # SmolLM2's template
-        # SmolLM2 runs without --embeddings / --reranking and has no fill-in-the-middle tokens:
-        # llama-server refuses with 501 Not Implemented, and corral passes that on unchanged.
-        ("/v1/embeddings", {"model": "m", "input": "hi"}, 501, no_embeddings),
-        ("/embeddings", {"model": "m", "content": "hi"}, 501, no_embeddings),
-        ("/embedding", {"model": "m", "content": "hi"}, 501, no_embeddings),
-        ("/v1/rerank", rerank, 501, no_reranking),
-        ("/rerank", rerank, 501, no_reranking),
-        ("/reranking", rerank, 501, no_reranking),
+        ("/v1/embeddings", {"model": "m", "input": "hi"}, 400, no_embeddings),
+        ("/embeddings", {"model": "m", "content": "hi"}, 400, no_embeddings),
+        ("/embedding", {"model": "m", "content": "hi"}, 400, no_embeddings),
+        ("/v1/rerank", rerank, 400, no_reranking),
+        ("/rerank", rerank, 400, no_reranking),
+        ("/reranking", rerank, 400, no_reranking),
+        # SmolLM2 has no fill-in-the-middle tokens: llama-server refuses with 501 Not
+        # Implemented, and corral passes that on unchanged.
         ("/infill", {"model": "m", "input_prefix": "def f(", "input_suffix": "):",
                      "n_predict": 2}, 501,
          llama_error(501, "not_supported_error", "Infill is not supported by this model")),
