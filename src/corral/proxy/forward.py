@@ -167,13 +167,13 @@ class UpstreamResponse:
     async def _relay_batched(self, send: Send, group: anyio.abc.TaskGroup) -> None:
         """Relay an event stream, one write to the client per read from the child.
 
-        httpx hands over one chunk of the child's chunked encoding at a time, one SSE event.
-        Written one by one, a stream that the child writes faster than corral relays costs one
-        send (a system call and a wake-up of the client) per event, where nginx writes what one
-        read brought. A reader task pulls every chunk already read (without waiting, they are
-        buffered) and this task sends them joined: one write per read when behind, the same
-        as before when not. At most ``_BATCH_CHUNKS`` wait, so a client that reads slowly
-        still holds the child back.
+        The child's client hands over one chunk of its chunked encoding at a time, one SSE
+        event. Written one by one, a stream that the child writes faster than corral relays
+        costs one send (a system call and a wake-up of the client) per event, where nginx
+        writes what one read brought. A reader task pulls every chunk already read (without
+        waiting, they are buffered) and this task sends them joined: one write per read when
+        behind, the same as before when not. At most ``_BATCH_CHUNKS`` wait, so a client
+        that reads slowly still holds the child back.
         """
         sender, receiver = anyio.create_memory_object_stream[bytes](_BATCH_CHUNKS)
         group.start_soon(self._read_into, sender)
