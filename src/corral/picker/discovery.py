@@ -116,7 +116,7 @@ class KubernetesDiscovery:
 
     async def _run(self) -> None:
         from lightkube import AsyncClient, KubeConfig
-        from lightkube.core.selector import LabelSelector
+        from lightkube.core.client import LabelSelector
         from lightkube.resources.discovery_v1 import EndpointSlice
 
         config = KubeConfig.from_server(self.server) if self.server else None
