@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         subs[name] = sub = commands.add_parser(name, help=text)
         sub.add_argument("-c", "--config", help="YAML file (default $CORRAL_CONFIG, ./corral.yaml)")
     subs["ps"].add_argument("--url", help="corral's address (default: listen from the config)")
+    subs["ps"].add_argument(
+        "--fleet", metavar="URL", help="the endpoint picker's address (its http listen): every "
+        "pod's models, slots and queues in one table")
     subs["ps"].add_argument("--json", action="store_true", help="print /admin/status as JSON")
     subs["ps"].add_argument(
         "--key", help="an API key with the admin scope, needed when auth.keys are configured "
@@ -48,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "pull":
         return pull(args.config, args.models)
     key = (args.key or os.environ.get("CORRAL_API_KEY")) if args.command == "ps" else None
+    if args.command == "ps" and args.fleet:
+        return ps(args.fleet, args.json, key, fleet=True)
     if args.command == "ps" and args.url:
         return ps(args.url, args.json, key)
 
@@ -103,17 +108,19 @@ def local_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def ps(url: str, as_json: bool, api_key: str | None = None) -> int:
+def ps(url: str, as_json: bool, api_key: str | None = None, fleet: bool = False) -> int:
     import json
 
-    from corral.ps import StatusError, fetch_status, render
+    from corral.ps import StatusError, fetch_status, render, render_fleet
 
     try:
         status = fetch_status(url, api_key)
+        text = json.dumps(status, indent=2) if as_json else (
+            render_fleet(status) if fleet else render(status))
     except StatusError as exc:
         print(f"corral: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(status, indent=2) if as_json else render(status))
+    print(text)
     return 0
 
 

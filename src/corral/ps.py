@@ -41,7 +41,7 @@ def fetch_status(url: str, api_key: str | None = None, timeout: float = 5.0) -> 
         body = response.json()
     except ValueError:
         body = None
-    if not isinstance(body, dict) or "models" not in body:
+    if not isinstance(body, dict) or ("models" not in body and "pods" not in body):
         raise StatusError(f"cannot read {endpoint}: the answer is not corral's status; is "
                           "corral listening there?")
     return body
@@ -62,6 +62,8 @@ _BROKEN = ("failed", "crashed", "given_up")
 
 def render(status: dict[str, Any]) -> str:
     """The status as an aligned text table, one row per model, then the totals."""
+    if "models" not in status:
+        raise StatusError("the answer is the endpoint picker's status: use corral ps --fleet")
     rows = [COLUMNS]
     for m in status["models"]:
         usage = m.get("memory") or {}
@@ -86,6 +88,52 @@ def render(status: dict[str, Any]) -> str:
     for d in status.get("devices", ()):
         lines.append(f"{d['device']}: {_size(d['reserved'])} reserved of "
                      f"{_size(d['capacity'])}, {_size(d['free'])} free")
+    return "\n".join(lines)
+
+
+FLEET_COLUMNS = ("POD", "MODEL", "STATE", "SLOTS FREE", "QUEUE", "FITS", "SENT")
+
+
+def render_fleet(status: dict[str, Any]) -> str:
+    """The picker's fleet (its ``/admin/status``): one row per model of every pod, then totals.
+
+    SLOTS FREE is free/total, QUEUE depth/limit; FITS says whether a model not loaded would
+    load there now (``now``), after evicting idle models (``evict``) or not (``no``); SENT is
+    what the picker sent the pod since its last view of it.
+    """
+    if "pods" not in status:
+        raise StatusError("the answer is a corral's status, not a picker's: use corral ps "
+                          "--url for one corral, --fleet for the picker")
+    rows = [FLEET_COLUMNS]
+    for pod in status["pods"]:
+        if not pod["up"]:
+            rows.append((pod["endpoint"], "-", f"down: {(pod.get('error') or '')[:40]}",
+                         "-", "-", "-", str(pod.get("in_flight_sent", 0))))
+            continue
+        if not pod["models"]:
+            rows.append((pod["endpoint"], "-", "no models", "-", "-", "-", "-"))
+        for i, m in enumerate(pod["models"]):
+            fit = m.get("fit")
+            fits = "-" if fit is None else (
+                "now" if fit["now"] else "evict" if fit["after_evicting_idle"] else "no")
+            rows.append((
+                pod["endpoint"] if i == 0 else "",
+                m["name"],
+                m["state"] + (" (draining)" if pod.get("draining") and i == 0 else ""),
+                f"{m['slots_free']}/{m['slots']}",
+                f"{m['queue_depth']}/{m['queue_limit']}",
+                fits,
+                str(pod.get("in_flight_sent", 0)) if i == 0 else "",
+            ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(FLEET_COLUMNS))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+             for row in rows]
+    t = status["totals"]
+    lines.append(f"\n{t['pods_up']}/{t['pods']} pods up, {t['slots_free']}/{t['slots']} slots "
+                 f"free, {t['queue_depth']} queued")
+    decided = {r: n for r, n in (status.get("decisions") or {}).items() if n}
+    if decided:
+        lines.append("decisions: " + ", ".join(f"{r} {n}" for r, n in sorted(decided.items())))
     return "\n".join(lines)
 
 

@@ -129,7 +129,8 @@ class KubernetesDiscovery:
                     listed = {}
                     async for item in client.list(EndpointSlice, labels=labels,
                                                   namespace=self.pods.namespace):
-                        listed[(item.metadata.name if item.metadata else None) or ""] = self._ready(item)
+                        name = (item.metadata.name if item.metadata else None) or ""
+                        listed[name] = self._ready(item)
                     for name in set(self._slices) - set(listed):
                         self._set(name, None)
                     for name, endpoints in listed.items():
