@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
 from corral.picker.config import KubernetesPods, PickerConfig
+
+if TYPE_CHECKING:
+    from lightkube import KubeConfig
+    from lightkube.resources.discovery_v1 import EndpointSlice
 
 log = structlog.get_logger("corral.picker")
 
@@ -64,15 +68,18 @@ def endpoint_of(address: str, port: int) -> str:
 class KubernetesDiscovery:
     """The ready endpoints of a Service, from its EndpointSlices, kept current by a watch."""
 
-    def __init__(self, pods: KubernetesPods, *, server: str | None = None,
-                 resync: float = 60.0) -> None:
+    def __init__(self, pods: KubernetesPods, *, kubeconfig: KubeConfig | None = None,
+                 resync: float = 60.0, max_delay: float = 30.0) -> None:
         self.pods = pods
-        self.server = server        # an API server URL (tests); None: in-cluster, kubeconfig
+        # None: the pod's service account in a cluster, else $KUBECONFIG or ~/.kube/config.
+        self.kubeconfig = kubeconfig
+        self.max_delay = max_delay      # the longest wait between two failed attempts
         self.resync = resync
         self._slices: dict[str, list[str]] = {}     # slice name -> its ready endpoints
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._synced = asyncio.Event()
+        self.failures = 0           # list or watch attempts that failed, in a row
 
     def endpoints(self) -> list[str]:
         return sorted({e for es in self._slices.values() for e in es})
@@ -93,9 +100,12 @@ class KubernetesDiscovery:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    def _ready(self, slice_: object) -> list[str]:
+    def _ready(self, slice_: EndpointSlice) -> list[str]:
+        labels = (slice_.metadata.labels if slice_.metadata else None) or {}
+        if labels.get(SERVICE_LABEL) != self.pods.service:
+            return []       # not the Service's (an API that ignored the selector)
         out = []
-        for endpoint in getattr(slice_, "endpoints", None) or ():
+        for endpoint in slice_.endpoints or ():
             conditions = endpoint.conditions
             # Kubernetes: an unset "ready" means ready; a terminating pod is not ready.
             if conditions is not None and conditions.ready is False:
@@ -115,17 +125,19 @@ class KubernetesDiscovery:
             self._changed.set()
 
     async def _run(self) -> None:
-        from lightkube import AsyncClient, KubeConfig
+        from lightkube import AsyncClient
         from lightkube.core.client import LabelSelector
         from lightkube.resources.discovery_v1 import EndpointSlice
 
-        config = KubeConfig.from_server(self.server) if self.server else None
-        client = AsyncClient(config=config, namespace=self.pods.namespace)
+        client: AsyncClient | None = None
         labels: LabelSelector = {SERVICE_LABEL: self.pods.service}
         delay = 1.0
         try:
             while True:
                 try:
+                    if client is None:      # no credentials found: retried like the API
+                        client = AsyncClient(config=self.kubeconfig,
+                                             namespace=self.pods.namespace)
                     listed = {}
                     async for item in client.list(EndpointSlice, labels=labels,
                                                   namespace=self.pods.namespace):
@@ -136,7 +148,7 @@ class KubernetesDiscovery:
                     for name, endpoints in listed.items():
                         self._set(name, endpoints)
                     self._synced.set()
-                    delay = 1.0
+                    delay, self.failures = 1.0, 0
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(self.resync):
                             async for op, item in client.watch(
@@ -146,12 +158,14 @@ class KubernetesDiscovery:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:   # the API server away, RBAC missing: keep the last
+                    self.failures += 1
                     log.warning("picker_discovery_failed", error=f"{type(exc).__name__}: {exc}",
-                                retry_in=delay)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 30.0)
+                                retry_in=min(delay, self.max_delay))
+                    await asyncio.sleep(min(delay, self.max_delay))
+                    delay = min(delay * 2, self.max_delay)
         finally:
-            await client.close()
+            if client is not None:
+                await client.close()
 
 
 def discovery_for(config: PickerConfig) -> Discovery:
