@@ -8,8 +8,8 @@ from typing import Any
 
 import kmock
 from lightkube import AsyncClient, KubeConfig
-from lightkube.types import PatchType
 from lightkube.resources.discovery_v1 import EndpointSlice
+from lightkube.types import PatchType
 
 from corral.picker.config import KubernetesPods
 from corral.picker.discovery import KubernetesDiscovery, endpoint_of
