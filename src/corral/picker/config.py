@@ -120,11 +120,19 @@ def parse_config(data: Any, source: str = "<picker config>") -> PickerConfig:
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            path = ".".join(str(p) for p in error["loc"]) or "(top level)"
+            # pydantic names the member of a union it tried ("list[str]", "KubernetesSource"):
+            # not a key the user wrote.
+            path = ".".join(str(p) for p in error["loc"] if not _union_tag(p)) or "(top level)"
             message = error["msg"].removeprefix("Value error, ")
-            problems.append(f"{path}: {message}, got {error['input']!r}"
+            # A key is never echoed, right or wrong.
+            value = "(hidden)" if error["loc"][:1] == ("api_key",) else repr(error["input"])
+            problems.append(f"{path}: {message}, got {value}"
                             if error["type"] != "missing" else f"{path}: {message}")
         raise ConfigError(source, problems) from None
+
+
+def _union_tag(part: str | int) -> bool:
+    return isinstance(part, str) and (part[:1].isupper() or "[" in part)
 
 
 def load_picker_config(path: str | Path) -> PickerConfig:
