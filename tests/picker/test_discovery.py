@@ -4,6 +4,7 @@ emulator: a real HTTP server speaking the list and watch API), changing while th
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import kmock
@@ -70,6 +71,15 @@ async def test_endpoint_slices_changing_while_the_picker_picks(
             assert discovery.endpoints() == [ep[2]]     # 127.0.0.3 is not ready
             decision = await picker.pick("smol", {})
             assert decision.endpoints == (ep[2],)
+            # Requests keep coming while the slices change: every one is answered with pods.
+            picked: list[tuple[str, ...]] = []
+
+            async def traffic() -> None:
+                while True:
+                    picked.append((await picker.pick("smol", {})).endpoints)
+                    await asyncio.sleep(0.005)
+
+            flowing = asyncio.create_task(traffic())
 
             # 127.0.0.3 becomes ready, and a second slice adds 127.0.0.4: both are picked
             # from (most free slots first) as soon as their views are read.
@@ -85,6 +95,10 @@ async def test_endpoint_slices_changing_while_the_picker_picks(
             await until(lambda: list(picker.views) == [ep[3]])
             assert (await picker.pick("smol", {})).endpoints == (ep[3],)
             assert picker.registry.get_sample_value("corral_picker_pods", {"state": "seen"}) == 1
+            flowing.cancel()
+            # None refused while pods came and went.
+            assert picked and all(picked), picked
+            assert {e for es in picked for e in es} <= set(ep.values())
         finally:
             await picker.aclose()
             await api.close()

@@ -160,7 +160,8 @@ class Picker:
                 "slots_free": sum(m.slots_free for v in up for m in v.models),
                 "queue_depth": sum(m.queue_depth for v in up for m in v.models),
             },
-            "decisions": {r: int(self.decisions.labels(r)._value.get()) for r in REASONS},
+            "decisions": {r: int(self.registry.get_sample_value(
+                "corral_picker_decisions_total", {"reason": r}) or 0) for r in REASONS},
         }
 
 
