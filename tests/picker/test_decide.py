@@ -201,3 +201,20 @@ def test_decisions_are_well_formed_and_only_name_healthy_pods(
 def test_decide_is_pure(fleet: list[PodView], model: str) -> None:
     sent = Counter({(p.endpoint, model): 1 for p in fleet[:2]})
     assert decide(model, fleet, in_flight=sent) == decide(model, fleet, in_flight=dict(sent))
+
+
+def test_a_model_refusing_requests_on_a_pod_is_no_candidate_there() -> None:
+    for state in ("failed", "given_up", "retiring", "retired"):
+        pods = [pod("a:1", ModelView("smol", (), state, 2, 2, 0, 8, FITS)),
+                pod("b:1", stopped("smol", EVICTING))]
+        decision = decide("smol", pods)
+        assert decision.endpoints == ("b:1",), state
+    alone = decide("smol", [pod("a:1", ModelView("smol", (), "given_up", 0, 0, 0, 8, FITS))])
+    assert (alone.reason, alone.status) == ("full", 429)
+
+
+def test_a_crashed_model_waits_for_its_restart_like_a_loading_one() -> None:
+    pods = [pod("a:1", ModelView("smol", (), "crashed", 0, 0, 1, 8)),
+            pod("b:1", stopped("smol", FITS))]
+    decision = decide("smol", pods)
+    assert (decision.endpoints, decision.reason) == (("a:1", "b:1"), "loaded_queue")

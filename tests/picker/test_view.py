@@ -83,3 +83,11 @@ def test_the_contract_fields_are_read() -> None:
     assert big.fit is not None and big.fit.evict == ("smol",) and not big.fit.now
     assert view.node == {"version": "0.0.0", "listen": ["10.0.0.5:8080"]}
     assert view.fetched_at == 12.0 and view.load() == 1
+
+
+def test_a_corral_without_fit_ranks_its_unloaded_models_last_not_never() -> None:
+    body = status(model("smol", "unloaded"))
+    del body["models"][0]["fit"], body["models"][0]["slots_free"], body["node"]
+    view = parse_status("10.0.0.5:8080", body, 1.0)
+    decision = decide("smol", [view])
+    assert (decision.endpoints, decision.reason) == (("10.0.0.5:8080",), "fits_after_evicting")

@@ -3,13 +3,16 @@
 Tiers, best first (a pod that is in none of them for the model is not a candidate):
 
 1. ``loaded_free``: the model is serving there with a slot free (most free slots first);
-2. ``loaded_queue``: it is serving or loading there and its queue is under its limit (shortest
-   queue first); a pod this picker just sent the model to counts as loading;
+2. ``loaded_queue``: it is serving or loading (or restarting after a crash) there and its queue
+   is under its limit (shortest queue first); a pod this picker just sent the model to counts
+   as loading;
 3. ``fits``: corral's own placement says a load would start there now without evicting;
 4. ``fits_after_evicting``: it would start after evicting idle models.
 
-Within tiers 3 and 4 the least loaded pod goes first. The answer's ``endpoints`` are every
-candidate in that order (the first is the pick, the rest are the gateway's fallbacks).
+Within tiers 3 and 4 the least loaded pod goes first. A model whose state refuses requests on a
+pod (a failed load in its back-off, given up, retiring or retired) makes that pod no candidate.
+The answer's ``endpoints`` are every candidate in that order (the first is the pick, the rest
+are the gateway's fallbacks).
 
 Refusals: ``no_pods`` (503) when no pod is up; ``unknown_model`` (404) when no pod, up or down,
 has a model of that name (the gateway answers it, so a typo costs no pod a request);
@@ -71,7 +74,7 @@ def _load(pod: PodView, in_flight: InFlight) -> int:
 def _rank(model: str, pod: PodView, in_flight: InFlight) -> tuple[int, int] | None:
     """(tier, order within the tier) of ``pod`` for ``model``, or None: not a candidate."""
     m = pod.find(model)
-    if m is None:
+    if m is None or m.refusing:
         return None
     sent = in_flight.get((pod.endpoint, m.name), 0)
     if m.serving:

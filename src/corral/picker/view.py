@@ -16,9 +16,12 @@ from typing import Any
 
 import httpx
 
-# Model states (corral.supervisor.state): serving requests, or on its way to.
-SERVING = frozenset({"ready", "retiring"})
-LOADING = frozenset({"starting", "downloading"})
+# Model states (corral.supervisor.state): serving new requests, or on its way to (a crashed
+# model's requests wait for its restart); refusing them (a failed load in its back-off, given up,
+# removed by a reload): never a candidate, whatever its fit.
+SERVING = frozenset({"ready"})
+LOADING = frozenset({"starting", "downloading", "crashed"})
+REFUSING = frozenset({"failed", "given_up", "retiring", "retired"})
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,10 @@ class ModelView:
     @property
     def loading(self) -> bool:
         return self.state in LOADING
+
+    @property
+    def refusing(self) -> bool:
+        return self.state in REFUSING
 
 
 @dataclass(frozen=True)
@@ -107,7 +114,11 @@ def _model(raw: Any) -> ModelView:
     slots_free = _int(free, "slots_free") if free is not None else max(0, slots - busy)
     fit_raw = raw.get("fit")
     fit = None
-    if isinstance(fit_raw, dict):
+    if "fit" not in raw and not serving and state not in LOADING:
+        # A corral from before "fit" (issue 14): whether it fits is unknown, so it ranks with
+        # "after evicting", last, and that corral's own placement decides when it arrives.
+        fit = Fit(now=False, after_evicting_idle=True)
+    elif isinstance(fit_raw, dict):
         fit = Fit(now=bool(fit_raw.get("now")),
                   after_evicting_idle=bool(fit_raw.get("after_evicting_idle")),
                   evict=tuple(str(e) for e in fit_raw.get("evict") or ()))
