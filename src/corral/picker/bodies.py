@@ -166,7 +166,7 @@ class ModelSniffer:
             self._state = _SKIP_STRING
         elif c in b"{[":
             self._state, self._depth, self._in_string = _SKIP_NESTED, 1, False
-        elif c in b"-0123456789tfn":
+        elif c in b"-0123456789tfnIN":     # Infinity and NaN: Python's json (corral's) takes them
             self._state = _SKIP_SCALAR
         else:
             raise BodyError("the request body is not valid JSON (a value was expected)")
