@@ -98,3 +98,32 @@ async def test_metrics_text_names_every_reason() -> None:
     assert 'corral_picker_pods{state="seen"} 1.0' in text
     assert (await picker.pick(None, {})).status == 503
     await picker.aclose()
+
+
+async def test_session_affinity_by_header() -> None:
+    port = free_port()
+    endpoints = [f"127.0.0.{n}:{port}" for n in (2, 3, 4)]
+    pods = {e: StatusPod(status(model("smol", slots=4, free=4))) for e in endpoints}
+    picker = Picker(StaticDiscovery(endpoints), StatusReader(None), refresh=0.1,
+                    affinity_header="X-Session-Id")
+    async with serving(pods):
+        await picker.start()
+        try:
+            sticky = {}
+            for session in ("alice", "bob", "carol", "dave"):
+                first = await picker.pick("smol", {"x-session-id": session})
+                again = await picker.pick("smol", {"x-session-id": session})
+                assert first.reason == again.reason == "affinity"
+                assert first.endpoints[0] == again.endpoints[0]
+                sticky[session] = first.endpoints[0]
+            # The preferred pod of alice fills up (and its queue): she goes elsewhere.
+            full = sticky["alice"]
+            pods[full].body = status(model("smol", slots=4, free=0, queue=8, limit=8))
+            reads = pods[full].requests
+            await until(lambda: pods[full].requests > reads + 1)
+            moved = await picker.pick("smol", {"x-session-id": "alice"})
+            assert moved.endpoints[0] != full and full not in moved.endpoints
+            # No header: no affinity.
+            assert (await picker.pick("smol", {})).reason == "loaded_free"
+        finally:
+            await picker.aclose()
