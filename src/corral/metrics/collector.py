@@ -28,8 +28,10 @@ from corral.metrics.children import (
     read_children,
 )
 from corral.metrics.instruments import Instruments
+from corral.metrics.pool import pool_metrics
 from corral.supervisor import ManagedModel, ModelProcess, ModelState, Supervisor
 from corral.supervisor.events import SupervisorEvents
+from corral.supervisor.fitness import model_fit
 
 log = structlog.get_logger(__name__)
 
@@ -142,6 +144,11 @@ class CorralMetrics(SupervisorEvents, Collector):
         yield from self._memory_metrics(models)
         yield from _download_metrics(models)
         yield from self._child_metrics()
+        supervisor = self._supervisor
+        fits = {m.name: model_fit(m, models, supervisor.config, supervisor.ledger)
+                for m in models}
+        yield from pool_metrics(models, self._queues,
+                                [s.slots for s in self._snapshots if s.slots], fits)
 
     def _model_metrics(self, models: list[ManagedModel]) -> Iterator[Metric]:
         state = GaugeMetricFamily("corral_model_state", "1 for the model's current state.",

@@ -10,24 +10,32 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from corral import __version__
 from corral.config import Config
 from corral.errors import ConfigError
+from corral.placement.fitness import FitAnswer
 from corral.proxy.admission import AdmissionQueue, AdmissionQueues
 from corral.proxy.drain import DrainState
 from corral.proxy.errors import error_response, response_for
 from corral.proxy.handlers import Proxy
 from corral.supervisor import ManagedModel, Supervisor
+from corral.supervisor.fitness import model_fit
 
 log = structlog.get_logger("corral.proxy")
 
 
-def model_status(model: ManagedModel, queue: AdmissionQueue | None) -> dict[str, Any]:
-    """A model as ``/admin/status`` and ``corral ps`` show it."""
+def model_status(model: ManagedModel, queue: AdmissionQueue | None,
+                 fit: FitAnswer | None = None) -> dict[str, Any]:
+    """A model as ``/admin/status`` and ``corral ps`` show it; ``fit``: what a load of it would
+    do now (None while it loads or serves)."""
     info = model.describe()
+    busy = queue.in_flight - queue.loading if queue else 0
     info.update({
-        "slots_busy": queue.in_flight - queue.loading if queue else 0,
+        "slots_busy": busy,
+        "slots_free": max(0, model.slots - busy) if model.state.serving else 0,
         "queue_depth": queue.depth if queue else 0,
         "queue_limit": queue.limit() if queue else 0,
+        "fit": fit.as_dict() if fit is not None else None,
     })
     return info
 
@@ -44,9 +52,21 @@ class AdminHost(Protocol):
     async def reload(self) -> dict[str, Any]: ...
 
 
+def node(config: Config) -> dict[str, Any]:
+    """Which corral answers: its version and the addresses it listens on."""
+    listen = config.file.listen
+    return {"version": __version__,
+            "listen": [f"[{h}]:{listen.port}" if ":" in h else f"{h}:{listen.port}"
+                       for h in listen.hosts]}
+
+
 def status(corral: AdminHost) -> dict[str, Any]:
     queues = corral.queues
-    models = [model_status(m, queues.get(name)) for name, m in corral.supervisor.models.items()]
+    supervisor = corral.supervisor
+    everyone = list(supervisor.models.values())
+    models = [model_status(m, queues.get(name),
+                           model_fit(m, everyone, supervisor.config, supervisor.ledger))
+              for name, m in supervisor.models.items()]
     loaded = [m for m, model in zip(models, corral.supervisor.models.values(), strict=True)
               if model.state.serving]
     return {
@@ -56,11 +76,13 @@ def status(corral: AdminHost) -> dict[str, Any]:
             "models_ready": len(loaded),
             "slots": sum(m["slots"] for m in loaded),
             "slots_busy": sum(m["slots_busy"] for m in models),
+            "slots_free": sum(m["slots_free"] for m in models),
             "queue_depth": sum(m["queue_depth"] for m in models),
             "in_flight": sum(m["in_flight"] for m in models),
         },
         "devices": [u.as_dict() for u in corral.supervisor.ledger.snapshot()],
         "draining": corral.drain.draining,
+        "node": node(corral.config),
     }
 
 
