@@ -1,4 +1,4 @@
-"""The ``corral`` command: ``serve``, ``check``, ``plan``, ``ps`` and ``pull``.
+"""The ``corral`` command: ``serve``, ``check``, ``plan``, ``ps``, ``pull`` and ``picker``.
 
 Exit codes: 0 fine, 1 corral not reachable or the API key refused (``ps``), preloaded and
 pinned models that do not fit together (``plan``), or another corral running with the same state
@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
                        ("check", "validate the configuration and the model files"),
                        ("ps", "show a running corral's models, slots and queues"),
                        ("plan", "show where each model would go and what it would take"),
-                       ("pull", "download and verify the models' files (hf:, ollama:)")):
+                       ("pull", "download and verify the models' files (hf:, ollama:)"),
+                       ("picker", "run the endpoint picker (Envoy ext_proc) for a fleet")):
         subs[name] = sub = commands.add_parser(name, help=text)
         sub.add_argument("-c", "--config", help="YAML file (default $CORRAL_CONFIG, ./corral.yaml)")
     subs["ps"].add_argument("--url", help="corral's address (default: listen from the config)")
@@ -50,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "pull":
         return pull(args.config, args.models)
+    if args.command == "picker":
+        return picker(args.config)
     key = (args.key or os.environ.get("CORRAL_API_KEY")) if args.command == "ps" else None
     if args.command == "ps" and args.fleet:
         return ps(args.fleet, args.json, key, fleet=True)
@@ -89,6 +92,26 @@ def pull(config_file: str | None, names: list[str]) -> int:
         print(f"corral: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     return run_pull(specs)
+
+
+def picker(config_file: str | None) -> int:
+    """``corral picker -c picker.yaml`` (default ``$CORRAL_PICKER_CONFIG``, ./picker.yaml)."""
+    from corral.picker.config import load_picker_config
+
+    path = config_file or os.environ.get("CORRAL_PICKER_CONFIG") or "picker.yaml"
+    try:
+        config = load_picker_config(path)
+    except ConfigError as exc:
+        print(f"corral: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        from corral.picker.serve import serve as run_picker
+    except ImportError as exc:  # grpcio or the Envoy protos missing: say which
+        print(f"corral: {exc}", file=sys.stderr)
+        return 1
+    configure_logging("info")
+    run_picker(config)
+    return 0
 
 
 def plan(config: Config, as_json: bool) -> int:
