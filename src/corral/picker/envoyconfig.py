@@ -56,18 +56,19 @@ def gateway_bootstrap(*, listen: str, admin: str, picker: str, pods: list[str],
                          "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
                 "explicit_http_config": {"http2_protocol_options": {}}}}),
     ]
+    # A pod gone since the picker last looked: the next attempt takes another pod.
+    retry = {"retry_on": "connect-failure,refused-stream,reset-before-request",
+             "num_retries": 2, "retry_host_predicate": [
+                 {"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {
+                     "@type": "type.googleapis.com/envoy.extensions.retry.host."
+                              "previous_hosts.v3.PreviousHostsPredicate"}}],
+             "host_selection_retry_max_attempts": 5}
     if fail_open:
-        routes.append({"match": {"prefix": "/"},
-                       "route": {"cluster": "pool_fallback", "timeout": "0s"}})
+        routes.append({"match": {"prefix": "/"}, "route": {
+            "cluster": "pool_fallback", "timeout": "0s", "retry_policy": retry}})
         clusters.append(_static_cluster("pool_fallback", pods, lb_policy="ROUND_ROBIN"))
     listeners = [_listener("gateway", listen, _manager(routes, fail_open))]
     if retry_listen:
-        retry = {"retry_on": "connect-failure,refused-stream,reset-before-request",
-                 "num_retries": 2, "retry_host_predicate": [
-                     {"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {
-                         "@type": "type.googleapis.com/envoy.extensions.retry.host."
-                                  "previous_hosts.v3.PreviousHostsPredicate"}}],
-                 "host_selection_retry_max_attempts": 5}
         listeners.append(_listener("gateway_retry", retry_listen, _manager(
             [{"match": {"prefix": "/"}, "route": {"cluster": "pool_hosts", "timeout": "0s",
                                                   "retry_policy": retry}}], fail_open)))
