@@ -92,8 +92,9 @@ def test_a_model_loaded_nowhere_goes_where_it_fits(fleet: Fleet) -> None:
 def test_a_full_node_is_avoided(fleet: Fleet) -> None:
     # ``a`` on node 2 as well, then both of node 0's slots for ``a`` held busy.
     other = fleet.endpoints[2]
-    assert fleet.nodes[2].http.post("/v1/completions", json={
-        "model": "a", "prompt": "Hi", "max_tokens": 1}).status_code == 200
+    loaded = fleet.nodes[2].http.post("/v1/completions", json={
+        "model": "a", "prompt": "Hi", "max_tokens": 1})
+    assert loaded.status_code == 200, loaded.text
     with contextlib.ExitStack() as held:
         for _ in range(2):
             held.enter_context(holding_a_slot(fleet.nodes[0], "a"))
@@ -139,8 +140,9 @@ def test_ndjson_passes_through_envoy_unbuffered(fleet: Fleet) -> None:
 def test_a_node_killed_under_traffic_is_routed_around(fleet: Fleet) -> None:
     # ``b`` on node 2 too, so there is somewhere to go; node 1 then dies under traffic.
     dead, alive = fleet.endpoints[1], fleet.endpoints[2]
-    assert fleet.nodes[2].http.post("/v1/completions", json={
-        "model": "b", "prompt": "Hi", "max_tokens": 1}).status_code == 200
+    loaded = fleet.nodes[2].http.post("/v1/completions", json={
+        "model": "b", "prompt": "Hi", "max_tokens": 1})
+    assert loaded.status_code == 200, loaded.text
     fleet.wait_view(lambda pods: _state(pods[alive], "b") == "ready")
     results: list[httpx.Response] = []
     stop = threading.Event()
