@@ -142,6 +142,10 @@ class Fleet:
             with contextlib.suppress(psutil.Error):
                 child.kill()
         node.proc.wait()
+        # Gone for good (and reaped, where they were handed to this process), before the
+        # suite counts what outlived it.
+        _, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, alive
 
     def decisions(self) -> dict[str, int]:
         return {k: v for k, v in self.status()["decisions"].items() if v}

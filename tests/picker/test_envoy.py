@@ -177,6 +177,12 @@ def test_picker_down_fails_open_or_closed_as_configured(fleet: Fleet) -> None:
     figures = {"requests per node": dict(SERVED), "decisions by reason": fleet.decisions(),
                "lost requests": len(LOST)}
     print("\nfleet figures:", json.dumps(figures, indent=1))
+    # The picker's own HTTP side, as a probe and a scraper see it.
+    assert fleet.admin.get(fleet.picker_url + "/healthz").json()["pods_up"] == 2
+    metrics = fleet.admin.get(fleet.picker_url + "/metrics").text
+    fits = f'corral_picker_decisions_total{{reason="fits"}} {figures["decisions by reason"]["fits"]}'
+    assert fits in metrics
+    assert 'corral_picker_pods{state="up"} 2.0' in metrics
     closed_url, _, closed = fleet.start_envoy(fail_open=False)
     fleet.picker.terminate()
     fleet.picker.wait(60)

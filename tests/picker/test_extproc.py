@@ -154,3 +154,15 @@ async def test_grpc_health_says_serving() -> None:
                 assert answer.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         await server.stop(None)
+
+
+def test_corral_picker_with_a_bad_config_exits_2(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    path = tmp_path / "picker.yaml"
+    path.write_text("pods: []\n")
+    done = subprocess.run([sys.executable, "-m", "corral", "picker", "-c", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "pods" in done.stderr and "empty" in done.stderr
