@@ -180,7 +180,8 @@ def test_picker_down_fails_open_or_closed_as_configured(fleet: Fleet) -> None:
     # The picker's own HTTP side, as a probe and a scraper see it.
     assert fleet.admin.get(fleet.picker_url + "/healthz").json()["pods_up"] == 2
     metrics = fleet.admin.get(fleet.picker_url + "/metrics").text
-    fits = f'corral_picker_decisions_total{{reason="fits"}} {figures["decisions by reason"]["fits"]}'
+    decided = figures["decisions by reason"]
+    fits = f'corral_picker_decisions_total{{reason="fits"}} {decided["fits"]}'
     assert fits in metrics
     assert 'corral_picker_pods{state="up"} 2.0' in metrics
     closed_url, _, closed = fleet.start_envoy(fail_open=False)
