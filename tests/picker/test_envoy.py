@@ -101,6 +101,9 @@ def test_a_full_node_is_avoided(fleet: Fleet) -> None:
         fleet.wait_view(lambda pods: _model(pods[fleet.endpoints[0]], "a")["slots_free"] == 0
                         and _model(pods[other], "a")["slots_free"] == 2)
         for _ in range(3):
+            # The picker counts what it sent a pod until its next view of it: wait for that
+            # view, or a quick third request finds node 2's two slots counted busy.
+            fleet.wait_view(lambda pods: pods[other]["in_flight_sent"] == 0)
             response = chat(fleet.http, "a")
             assert response.status_code == 200, response.text
             assert upstream(response) == other
