@@ -87,9 +87,9 @@ def test_corral_config_loads_with_the_mounted_secret(objs: list[m.Obj], tmp_path
 
 
 def test_the_secret_keys_read_are_the_documented_ones(objs: list[m.Obj]) -> None:
-    """The README's `kubectl create secret generic corral-keys` makes exactly these keys."""
+    """The README's `kubectl create secret generic corral-keys` makes exactly the keys read."""
     readme = (m.ROOT / "README.md").read_text()
-    made = readme[readme.index("kubectl create secret generic corral-keys"):]
+    made = readme[readme.index("create secret generic corral-keys"):]
     made = made[:made.index("\n\n")]
     assert {key for _, key in m.secret_refs(objs)} == {
         key for key in ("clients", "picker", "prometheus") if f"--from-literal={key}=" in made}
