@@ -280,3 +280,33 @@ def test_crd_schema_files_state_their_origin() -> None:
         origin = data["origin"]
         assert origin["repository"] and origin["tag"] and len(origin["commit"]) == 40, path
         assert yaml.safe_load(json.dumps(data["openAPIV3Schema"]))["type"] == "object"
+
+
+def test_image_fits_the_manifests(objs: list[m.Obj]) -> None:
+    """deploy/image/Dockerfile (not built here: no registry for its base images) agrees with
+    what the pods expect of it: corral as the entry point, the config path, the user, the
+    llama-server path of corral.yaml, and llama-server built by the project's own script."""
+    image = m.ROOT / "deploy" / "image"
+    dockerfile = (image / "Dockerfile").read_text()
+    final = dockerfile[dockerfile.rindex("\nFROM "):]
+    instructions = {line.split(" ", 1)[0]: line.split(" ", 1)[1]
+                    for line in final.splitlines() if line[:1].isupper()}
+    assert json.loads(instructions["ENTRYPOINT"])[-1] == "corral"
+    server = m.find(objs, "StatefulSet", "corral")[0]
+    picker = m.find(objs, "Deployment", "corral-picker")[0]
+    assert json.loads(instructions["CMD"]) == m.pod_spec(server)["containers"][0]["args"]
+    assert m.pod_spec(picker)["containers"][0]["args"][0] == "picker"
+    for workload in (server, picker):
+        context = m.pod_spec(workload)["securityContext"]
+        assert instructions["USER"] == f"{context['runAsUser']}:{context['runAsGroup']}"
+    binary = m.config_file(objs, server, m.config_arg(server))["llama_server"]["binary"]
+    assert f" {binary}\n" in final  # the link to the built llama-server
+    assert "scripts/install-llama-server /opt/corral/bin" in dockerfile
+    assert "-DGGML_CUDA=ON" in dockerfile
+    # The build context lets in exactly what the Dockerfile copies.
+    allowed = {line[1:] for line in (image / "Dockerfile.dockerignore").read_text().splitlines()
+               if line.startswith("!")}
+    copied = {source for line in dockerfile.splitlines()
+              if line.startswith("COPY ") and "--from" not in line
+              for source in line.split()[1:-1]}
+    assert copied == allowed == {"scripts", "pyproject.toml", "README.md", "src"}
