@@ -244,6 +244,9 @@ def consistency_problems(objs: list[Obj]) -> list[str]:
     problems += _monitor_problems(objs)
     problems += _rbac_problems(objs)
     problems += _probe_problems(objs)
+    for budget in find(objs, "PodDisruptionBudget"):
+        if not selected_workloads(objs, budget["spec"]["selector"]["matchLabels"]):
+            problems.append(f"{name_of(budget)}: selector matches no pod template")
     return problems
 
 

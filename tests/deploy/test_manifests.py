@@ -7,10 +7,12 @@ cluster can prove is listed in the README ("corral on Kubernetes")."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,7 +33,8 @@ EXPECTED = {
     "RoleBinding/corral-picker", "ConfigMap/corral-grafana-dashboards", "Service/corral",
     "Service/corral-picker", "Deployment/corral-picker", "StatefulSet/corral",
     "HTTPRoute/corral", "InferencePool/corral", "ServiceMonitor/corral",
-    "ServiceMonitor/corral-picker",
+    "ServiceMonitor/corral-picker", "PodDisruptionBudget/corral",
+    "PodDisruptionBudget/corral-picker",
 }
 
 
@@ -189,6 +192,9 @@ REFERENCE_BREAKS: list[tuple[str, str, Callable[[m.Obj], None], str]] = [
     ("Deployment", "corral-picker",
      _set("spec.template.spec.containers.0.readinessProbe.grpc.port", 9090),
      "readinessProbe grpc port 9090"),
+    ("PodDisruptionBudget", "corral-picker",
+     _set("spec.selector.matchLabels", {"app.kubernetes.io/component": "epp"}),
+     "PodDisruptionBudget/corral-picker: selector matches no pod template"),
 ]
 
 
@@ -201,6 +207,42 @@ def test_a_broken_reference_is_found(
     assert m.schema_problems(broken, K8S_VERSIONS[0]) == []  # only the reference is wrong
     problems = m.consistency_problems(broken)
     assert any(expected in p for p in problems), problems
+
+
+def test_the_readme_overlay_renders_valid_objects(tmp_path: Path) -> None:
+    """The overlay of the README's step 5, as a user writes it beside their checkout."""
+    readme = (m.ROOT / "README.md").read_text()
+    start = readme.rindex("\n", 0, readme.index("# my-corral/kustomization.yaml")) + 1
+    block = readme[start:readme.index("```", start)]
+    overlay = tmp_path / "my-corral"
+    overlay.mkdir()
+    base = Path(os.path.relpath(m.KUSTOMIZATION, overlay))
+    assert "../corral/deploy/kubernetes" in block
+    (overlay / "kustomization.yaml").write_text(
+        textwrap.dedent(block).replace("../corral/deploy/kubernetes", str(base)))
+    models = yaml.safe_load((m.KUSTOMIZATION / "corral.yaml").read_text())
+    models["models"] = {"mine": {"hf": "owner/repo-GGUF:Q4_K_M"}}
+    (overlay / "corral.yaml").write_text(yaml.safe_dump(models))
+    objs = m.render(overlay)
+    assert m.schema_problems(objs, K8S_VERSIONS[0]) == []
+    assert m.consistency_problems(objs) == []
+    server = m.find(objs, "StatefulSet", "corral")[0]
+    assert m.pod_spec(server)["containers"][0]["image"] == "REGISTRY/corral:0.1.0"
+    assert list(m.config_file(objs, server, m.config_arg(server))["models"]) == ["mine"]
+
+
+def test_picker_config_is_one_the_picker_accepts(objs: list[m.Obj]) -> None:
+    """picker.yaml against the picker's own config model, where this checkout has it."""
+    module = pytest.importorskip("corral.picker.config",
+                                 reason="the picker's config module is not in this checkout")
+    from pydantic import BaseModel
+
+    models = [value for value in vars(module).values()
+              if isinstance(value, type) and issubclass(value, BaseModel)
+              and {"listen", "pods"} <= set(value.model_fields)]
+    assert models, "corral.picker.config has no model with listen and pods"
+    picker = m.find(objs, "Deployment", "corral-picker")[0]
+    models[0].model_validate(m.config_file(objs, picker, m.config_arg(picker)))
 
 
 def test_a_broken_kustomization_does_not_render(tmp_path: Path) -> None:
