@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from corral.config.loader import parse_config
+from tests.conftest import CorralProcess
 from tests.deploy import manifests as m
 from tests.deploy import references
 
@@ -88,6 +89,38 @@ def test_corral_config_loads_with_the_mounted_secret(objs: list[m.Obj], tmp_path
     for model in config.models.values():
         assert model.download_dir is not None
         assert model.download_dir.startswith(models_mount + "/")
+
+
+def test_corral_as_deployed_answers_probes_picker_and_prometheus(
+    objs: list[m.Obj], corral: Callable[..., CorralProcess], tmp_path: Path
+) -> None:
+    """A real corral with the deployed auth (its models left out, on loopback): the kubelet's
+    probes need no key, the liveness command passes, and each key reaches what it is for."""
+    server = m.find(objs, "StatefulSet", "corral")[0]
+    data = m.config_file(objs, server, m.config_arg(server))
+    secrets = {}
+    for key in data["auth"]["keys"]:
+        secrets[key["name"]] = f"{key['name']}-{'s' * 24}"
+        local = tmp_path / key["name"]
+        local.write_text(secrets[key["name"]] + "\n")
+        key["key_file"] = str(local)
+    data["listen"]["host"] = "127.0.0.1"
+    data.pop("llama_server")
+    data["models"] = {}
+    running = corral(data)
+
+    def get(path: str, key: str | None = None) -> int:
+        headers = {"Authorization": f"Bearer {secrets[key]}"} if key else {}
+        return running.http.get(path, headers=headers).status_code
+
+    assert get("/health") == 200  # readiness and start-up probes carry no key
+    assert get("/metrics") == 401 and get("/metrics", "clients") == 403
+    assert get("/metrics", "prometheus") == 200
+    assert get("/admin/status") == 401 and get("/admin/status", "clients") == 403
+    assert get("/admin/status", "picker") == 200
+    liveness = subprocess.run(_liveness_command(objs, running.port), capture_output=True,
+                              timeout=60, check=False)
+    assert liveness.returncode == 0, liveness.stderr
 
 
 def test_the_secret_keys_read_are_the_documented_ones(objs: list[m.Obj]) -> None:
