@@ -85,7 +85,7 @@ def test_corral_config_loads_with_the_mounted_secret(objs: list[m.Obj], tmp_path
     assert config.file.listen.port == m.container_ports(server)["http"]
     models_mount = next(mt["mountPath"] for mt in spec["containers"][0]["volumeMounts"]
                         if mt["name"] == "models")
-    assert spec and server["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "models"
+    assert server["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "models"
     for model in config.models.values():
         assert model.download_dir is not None
         assert model.download_dir.startswith(models_mount + "/")
