@@ -110,6 +110,11 @@ class UpstreamResponse:
         self._read_error: httpx.HTTPError | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        arrived = (self.upstream.arrived_body()
+                   if not self.is_sse and isinstance(self.upstream, ChildResponse) else None)
+        if arrived is not None:
+            await self._send_arrived(send, arrived)
+            return
         try:
             async with anyio.create_task_group() as group:
                 group.start_soon(self._watch_disconnect, receive, group.cancel_scope)
@@ -117,6 +122,17 @@ class UpstreamResponse:
                 group.cancel_scope.cancel()
         finally:
             await self._close()
+
+    async def _send_arrived(self, send: Send, body: bytes) -> None:
+        """A body that arrived whole with its headers: nothing left to wait for from the child,
+        so no task watches the client (a 1-token answer saves the task group and a task)."""
+        try:
+            await send({"type": "http.response.start", "status": self.upstream.status_code,
+                        "headers": self.headers})
+            self._finished = True
+        finally:
+            await self._close()  # the slot is free before the body's last byte goes out
+        await send({"type": "http.response.body", "body": body, "more_body": False})
 
     async def _close(self) -> None:
         if self._closed:
