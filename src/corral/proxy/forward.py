@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from typing import ClassVar
 
 import anyio
 import anyio.abc
@@ -85,6 +86,9 @@ class UpstreamResponse:
     request is closed at once, freeing the child's slot) or the child fails mid-stream.
     """
 
+    # The body goes to the client as the child wrote it (a subclass that translates it does not).
+    untouched: ClassVar[bool] = True
+
     def __init__(
         self,
         upstream: Upstream,
@@ -110,8 +114,8 @@ class UpstreamResponse:
         self._read_error: httpx.HTTPError | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        arrived = (self.upstream.arrived_body()
-                   if not self.is_sse and isinstance(self.upstream, ChildResponse) else None)
+        arrived = (self.upstream.arrived_body() if self.untouched and not self.is_sse
+                   and isinstance(self.upstream, ChildResponse) else None)
         if arrived is not None:
             await self._send_arrived(send, arrived)
             return
