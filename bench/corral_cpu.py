@@ -4,7 +4,8 @@
 Less noisy than latency on a shared machine: the CPU seconds corral's process spends on a fixed
 load do not grow because another process took the core. Starts the fake-backed corral that
 bench/compare.py uses for P2 (20 models configured), then runs ``--rounds`` times: ``--requests``
-1-token chat answers, not streamed, one client (P1's shape), and ``--chunks`` events over
+1-token chat answers, not streamed, one client (P1's shape; with ``--real``, from SmolLM2 on
+the real llama-server, and only those), and ``--chunks`` events over
 ``--streams`` streams (P2's shape), printing corral's CPU per request and per 1000 events.
 With ``--profile DIR`` py-spy records corral during each load (needs ptrace: root). With
 ``--against TREE`` a second corral runs from TREE's sources (e.g. an older commit's, from `git
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import subprocess
 import sys
@@ -28,10 +30,12 @@ from pathlib import Path
 
 import contenders
 import uvloop
-from compare import fake_config, smollm2
+from compare import fake_config, real_config, smollm2
 from contenders import Server, start_corral, wait_ready
-from loadgen import Connection
+from loadgen import Connection, percentile
 from parts import chat, run_burst
+
+NATIVE = ["--native"] if os.environ.get("PYSPY_NATIVE") else []
 
 
 def profiler(server: Server, out: Path | None, name: str) -> subprocess.Popen[bytes] | None:
@@ -40,7 +44,7 @@ def profiler(server: Server, out: Path | None, name: str) -> subprocess.Popen[by
     out.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(
         [str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(server.measured),
-         "-r", "1000", "-f", "raw", "-o", str(out / f"{name}.txt"), "--nonblocking"],
+         "-r", "1000", *NATIVE, "-f", "raw", "-o", str(out / f"{name}.txt"), "--nonblocking"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -80,21 +84,38 @@ async def streamed(server: Server, streams: int, chunks: int, out: Path | None) 
     return used / sum(reply.events for reply in result.replies) * 1000
 
 
-def start(name: str, streams: int, tree: Path | None, workdir: Path) -> Server:
+async def latencies(servers: list[Server], requests: int) -> dict[str, list[float]]:
+    """1-token answers, request by request in turn between the servers: seconds each."""
+    conns = [Connection("127.0.0.1", s.port, s.headers) for s in servers]
+    seconds: dict[str, list[float]] = {s.name: [] for s in servers}
+    for _ in range(requests):
+        for server, conn in zip(servers, conns, strict=True):
+            reply = await conn.request("POST", "/v1/chat/completions", chat(server.model, 1))
+            assert reply.status == 200, reply.body
+            seconds[server.name].append(reply.seconds)
+    for conn in conns:
+        await conn.close()
+    return seconds
+
+
+def start(name: str, streams: int, tree: Path | None, workdir: Path, real: bool) -> Server:
     root = contenders.ROOT
     if tree is not None:
         contenders.ROOT = tree  # corral_env() puts ROOT/src first on PYTHONPATH
+    config = (real_config(str(Path(sys.executable).parent / "llama-server"), smollm2(), 1)
+              if real else fake_config(smollm2(), streams, 20, True))
     try:
-        return start_corral(name, fake_config(smollm2(), streams, 20, True), workdir)
+        return start_corral(name, config, workdir)
     finally:
         contenders.ROOT = root
 
 
 async def main(args: argparse.Namespace) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="corral-cpu-"))
-    servers = [start("this-tree", args.streams, None, workdir)]
+    servers = [start("this-tree", args.streams, None, workdir, args.real)]
     if args.against:
-        servers.append(start("against", args.streams, Path(args.against), workdir))
+        servers.append(start("against", args.streams, Path(args.against), workdir,
+                             args.real))
     per_request: dict[str, list[float]] = {s.name: [] for s in servers}
     per_events: dict[str, list[float]] = {s.name: [] for s in servers}
     try:
@@ -106,10 +127,15 @@ async def main(args: argparse.Namespace) -> None:
                        else Path(args.profile) / f"{server.name}-round{r}")
                 per_request[server.name].append(await one_token(server, args.requests, out))
                 per_events[server.name].append(
-                    await streamed(server, args.streams, args.chunks, out))
+                    0.0 if args.real else await streamed(server, args.streams, args.chunks, out))
                 print(f"round {r} {server.name}: {per_request[server.name][-1] * 1e6:.0f} us "
                       f"CPU per 1-token request, {per_events[server.name][-1]:.4f} s per 1000 "
                       f"events ({args.streams} streams)", file=sys.stderr)
+        waits = await latencies(servers, args.requests)
+        for name, values in waits.items():
+            print(f"{name}: 1-token latency, {args.requests} in turn: p50 "
+                  f"{percentile(values, 0.5) * 1e3:.3f} ms, "
+                  f"p99 {percentile(values, 0.99) * 1e3:.3f} ms")
         for server in servers:
             req, ev = per_request[server.name], per_events[server.name]
             print(f"{server.name}, median of {args.rounds}: {statistics.median(req) * 1e6:.0f} us "
@@ -119,7 +145,7 @@ async def main(args: argparse.Namespace) -> None:
             mine, theirs = (per_request[s.name] for s in servers)
             ratios = sorted(a / b for a, b in zip(mine, theirs, strict=True))
             ev_ratios = sorted(a / b for a, b in zip(*(per_events[s.name] for s in servers),
-                                                     strict=True))
+                                                     strict=True) if b) or [0.0]
             print(f"this tree / against, per round: per request {statistics.median(ratios):.2f} "
                   f"({ratios[0]:.2f}..{ratios[-1]:.2f}); per event "
                   f"{statistics.median(ev_ratios):.2f} ({ev_ratios[0]:.2f}..{ev_ratios[-1]:.2f})")
@@ -135,5 +161,7 @@ if __name__ == "__main__":
     parser.add_argument("--streams", type=int, default=64)
     parser.add_argument("--chunks", type=int, default=20000)
     parser.add_argument("--against", help="a second tree (with src/) to measure in turn")
+    parser.add_argument("--real", action="store_true",
+                        help="SmolLM2 on the real llama-server (P1 only) instead of the fake")
     parser.add_argument("--profile", help="a folder for py-spy's raw (collapsed) stacks")
     uvloop.run(main(parser.parse_args()))
