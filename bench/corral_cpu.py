@@ -98,6 +98,14 @@ async def latencies(servers: list[Server], requests: int) -> dict[str, list[floa
     return seconds
 
 
+def ratios(mine: list[float], theirs: list[float]) -> str:
+    """Median and range of the per-round ratios (rounds the CPU clock saw as zero left out)."""
+    values = sorted(a / b for a, b in zip(mine, theirs, strict=True) if b)
+    if not values:
+        return "none (too short to measure)"
+    return f"{statistics.median(values):.2f} ({values[0]:.2f}..{values[-1]:.2f})"
+
+
 def start(name: str, streams: int, tree: Path | None, workdir: Path, real: bool) -> Server:
     root = contenders.ROOT
     if tree is not None:
@@ -142,13 +150,9 @@ async def main(args: argparse.Namespace) -> None:
                   f"({min(req) * 1e6:.0f}..{max(req) * 1e6:.0f}) per request; "
                   f"{statistics.median(ev):.4f} s ({min(ev):.4f}..{max(ev):.4f}) per 1000 events")
         if args.against:
-            mine, theirs = (per_request[s.name] for s in servers)
-            ratios = sorted(a / b for a, b in zip(mine, theirs, strict=True))
-            ev_ratios = sorted(a / b for a, b in zip(*(per_events[s.name] for s in servers),
-                                                     strict=True) if b) or [0.0]
-            print(f"this tree / against, per round: per request {statistics.median(ratios):.2f} "
-                  f"({ratios[0]:.2f}..{ratios[-1]:.2f}); per event "
-                  f"{statistics.median(ev_ratios):.2f} ({ev_ratios[0]:.2f}..{ev_ratios[-1]:.2f})")
+            per_req = ratios(*(per_request[s.name] for s in servers))
+            per_ev = ratios(*(per_events[s.name] for s in servers))
+            print(f"this tree / against, per round: per request {per_req}; per event {per_ev}")
     finally:
         for server in servers:
             server.stop()
