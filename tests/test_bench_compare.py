@@ -56,3 +56,19 @@ def test_quick_comparison_runs_every_part_and_contender(tmp_path: Path) -> None:
     for row in rows:
         assert f"| {row['part']} | {row['figure']} | {row['contender']} |" in result.stdout
     assert report["machine"]["cores"] and report["machine"]["nginx"] != "absent"
+
+
+def test_corral_cpu_measures_two_trees_in_turn() -> None:
+    # bench/corral_cpu.py (docs/benchmarks.md, "P1 profiled again"), reduced: this tree against
+    # itself, so both servers must start, answer and be reported.
+    result = subprocess.run(
+        [sys.executable, "corral_cpu.py", "--rounds", "2", "--requests", "20", "--streams", "4",
+         "--chunks", "400", "--against", str(ROOT)],
+        cwd=ROOT / "bench", capture_output=True, text=True, timeout=280,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name in ("this-tree", "against"):
+        assert f"{name}, median of 2:" in result.stdout, result.stdout + result.stderr
+        assert f"{name}: 1-token latency, 20 in turn: p50" in result.stdout
+        assert result.stderr.count(f"round 0 {name}: ") == 1
+    assert "this tree / against, per round: per request" in result.stdout

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from typing import ClassVar
 
 import anyio
 import anyio.abc
@@ -85,6 +86,9 @@ class UpstreamResponse:
     request is closed at once, freeing the child's slot) or the child fails mid-stream.
     """
 
+    # The body goes to the client as the child wrote it (a subclass that translates it does not).
+    untouched: ClassVar[bool] = True
+
     def __init__(
         self,
         upstream: Upstream,
@@ -110,6 +114,11 @@ class UpstreamResponse:
         self._read_error: httpx.HTTPError | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        arrived = (self.upstream.arrived_body() if self.untouched and not self.is_sse
+                   and isinstance(self.upstream, ChildResponse) else None)
+        if arrived is not None:
+            await self._send_arrived(send, arrived)
+            return
         try:
             async with anyio.create_task_group() as group:
                 group.start_soon(self._watch_disconnect, receive, group.cancel_scope)
@@ -117,6 +126,17 @@ class UpstreamResponse:
                 group.cancel_scope.cancel()
         finally:
             await self._close()
+
+    async def _send_arrived(self, send: Send, body: bytes) -> None:
+        """A body that arrived whole with its headers: nothing left to wait for from the child,
+        so no task watches the client (a 1-token answer saves the task group and a task)."""
+        try:
+            await send({"type": "http.response.start", "status": self.upstream.status_code,
+                        "headers": self.headers})
+            self._finished = True
+        finally:
+            await self._close()  # the slot is free before the body's last byte goes out
+        await send({"type": "http.response.body", "body": body, "more_body": False})
 
     async def _close(self) -> None:
         if self._closed:

@@ -107,6 +107,16 @@ class ChildResponse:
         self.status_code = response.status
         self.headers = httpx.Headers(list(response.raw_headers))
 
+    def arrived_body(self) -> bytes | None:
+        """The whole body if it has already arrived (read without waiting), else ``None``.
+
+        A non-streamed answer usually comes in the same read as its headers.
+        """
+        content = self._response.content
+        if not content.is_eof() or content.exception() is not None:
+            return None
+        return content.read_nowait()
+
     async def aiter_raw(self) -> AsyncIterator[bytes]:
         """The body as read (chunked encoding removed, nothing decoded), each read's bytes."""
         content = self._response.content

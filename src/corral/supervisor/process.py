@@ -46,6 +46,10 @@ LOG_TAIL_LINES = 200
 _HEALTH_POLL_SECONDS = 0.1
 # Lines of llama-server output quoted in a load error: enough to show its own reason.
 ERROR_TAIL_LINES = 15
+# The child's output: read in pieces of at most this many bytes (also the longest line kept
+# whole), and, once the child serves, at most every _OUTPUT_PAUSE seconds.
+_OUTPUT_READ = 1 << 16
+_OUTPUT_PAUSE = 0.05
 # The host is short of something every process needs: no fault of the model.
 _PRESSURE = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM})
 
@@ -274,16 +278,47 @@ class ModelProcess:
         if stream is None:
             return
         bound = log.bind(model=self.model, pid=self.pid)
+        pending = b""
         while True:
-            try:
-                raw = await stream.readline()
-            except ValueError:  # a line over the reader's limit: keep its start
-                raw = await stream.read(1 << 16)
+            raw = await stream.read(_OUTPUT_READ)  # whatever has arrived, lines and parts
             if not raw:
+                if pending:
+                    self._output_line(bound, pending)
                 return
-            line = raw.decode("utf-8", "replace").rstrip()
-            if line:
-                self.log_tail.append(line)
-                if self.startup_lines is not None:
-                    self.startup_lines.append(line)
-                bound.debug("child_output", line=line)
+            *lines, pending = (pending + raw).split(b"\n")
+            if len(pending) >= _OUTPUT_READ:  # a line without end: keep its start
+                lines.append(pending)
+                pending = b""
+            for line in lines:
+                self._output_line(bound, line)
+            if self.startup_lines is None:
+                await self._let_output_gather()
+
+    async def _let_output_gather(self) -> None:
+        """Leave the child's output in its pipe for ``_OUTPUT_PAUSE`` seconds.
+
+        A serving llama-server writes about ten lines per request, one write each, as it
+        answers. Read as they came, each woke corral's event loop (a read, a callback) just when
+        it had the answer to relay: a quarter of corral's CPU per 1-token request (P1 in
+        docs/benchmarks.md). Paused, they gather in the pipe (64 KiB; the child's log thread
+        waits if it fills, not its inference) and one read takes them all.
+        """
+        # asyncio's Process keeps its pipes' transports to itself: without one, the lines are
+        # still read together, only not held back in the pipe.
+        owner = getattr(self._proc, "_transport", None)
+        pipe = owner.get_pipe_transport(1) if owner is not None else None
+        if pipe is not None:
+            pipe.pause_reading()
+        try:
+            await asyncio.sleep(_OUTPUT_PAUSE)
+        finally:
+            if pipe is not None and not pipe.is_closing():
+                pipe.resume_reading()
+
+    def _output_line(self, bound: structlog.typing.FilteringBoundLogger, raw: bytes) -> None:
+        line = raw.decode("utf-8", "replace").rstrip()
+        if line:
+            self.log_tail.append(line)
+            if self.startup_lines is not None:
+                self.startup_lines.append(line)
+            bound.debug("child_output", line=line)

@@ -186,6 +186,8 @@ class Answer(UpstreamResponse):
     exactly once, whether it ends, the client leaves or the child fails.
     """
 
+    untouched = False
+
     def __init__(
         self,
         upstream: Upstream,
