@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import gguf
+import numpy as np
 import pytest
 
 from corral.config import parse_config
@@ -19,6 +21,7 @@ from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "bench" / "llamacpp_suite"))
 import as_corral  # noqa: E402
+import tiny_model  # noqa: E402
 from cmdline import Unsupported  # noqa: E402
 
 
@@ -73,3 +76,36 @@ def test_router_mode_is_corral_without_models(tmp_path: Path) -> None:
 def test_a_model_not_in_the_map_is_refused(model_map: Path, tmp_path: Path) -> None:
     with pytest.raises(Unsupported, match="no local file for ggml-org/other"):
         as_corral.config_for(["--hf-repo", "ggml-org/other"], tmp_path)
+
+
+def test_stories_is_the_tiny_model_run_py_writes(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # The committed map sends the tests' stories260K to "@tiny": the file run.py writes.
+    monkeypatch.setenv("CORRAL_SUITE_TINY", str(tmp_path / "tiny.gguf"))
+    config = translate("--port 8123 --hf-repo ggml-org/test-model-stories260K", tmp_path)
+    assert config["models"][config["default_model"]]["path"] == str(tmp_path / "tiny.gguf")
+    monkeypatch.delenv("CORRAL_SUITE_TINY")
+    with pytest.raises(Unsupported, match="CORRAL_SUITE_TINY"):
+        as_corral.config_for(["--hf-repo", "ggml-org/test-model-stories260K"], tmp_path)
+
+
+@pytest.mark.skipif(not tiny_model.SOURCE.exists(), reason="SmolLM2's GGUF not in models/")
+def test_the_tiny_model_has_smollm2s_tokenizer_and_never_stops_by_itself(
+        tmp_path: Path) -> None:
+    path = tiny_model.ensure(tmp_path)
+    assert tiny_model.ensure(tmp_path) == path  # written once
+    reader = gguf.GGUFReader(str(path))
+    source = gguf.GGUFReader(str(tiny_model.SOURCE))
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.chat_template"):
+        assert reader.get_field(key).contents() == source.get_field(key).contents()  # type: ignore[union-attr]
+    assert reader.get_field("llama.block_count").contents() == 2  # type: ignore[union-attr]
+    types = np.asarray(reader.get_field("tokenizer.ggml.token_type").contents())  # type: ignore[union-attr]
+    tensors = {t.name: t for t in reader.tensors}
+    embd = np.asarray(tensors["token_embd.weight"].data, dtype=np.float32)
+    output = np.asarray(tensors["output.weight"].data, dtype=np.float32)
+    # What the final norm keeps of every token's embedding (its constant first component)
+    # weighs against each control token (<|im_end|>, ...) and for none of the others.
+    assert (embd[:, 0] > 0).all()
+    control = types == int(gguf.TokenType.CONTROL)
+    assert control.sum() > 2 and (output[control, 0] < -10).all()
+    assert (output[~control, 0] == 0).all()

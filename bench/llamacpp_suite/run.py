@@ -9,10 +9,12 @@ Usage::
 ``DIR``: llama.cpp's ``tools/server/tests`` (default: the llama.cpp checkout corral's
 ``scripts/install-llama-server`` left under ``~/.cache/corral``). Nothing is committed from it.
 Both servers run at once, each the same files on free ports, its model mapped to a local
-file (``models.json``); the outcome of every test goes to ``OUT/TARGET/FILE.xml`` (JUnit, one
-pytest per file; ``OUT`` defaults to ``$TMPDIR/corral-llamacpp-suite``) and both, side by
-side, to ``OUT/compare.json``; the differences are printed. Needs nothing of llama.cpp's test
-requirements beyond what corral's dev environment has.
+file (``models.json``; ``stories260K``, which most files use, is the tiny model
+``tiny_model.py`` writes into ``OUT/models``); the outcome of every test goes to
+``OUT/TARGET/FILE.xml`` (JUnit, one pytest per file; ``OUT`` defaults to
+``$TMPDIR/corral-llamacpp-suite``) and both, side by side, to ``OUT/compare.json``; the
+differences are printed. Needs nothing of llama.cpp's test requirements beyond what corral's
+dev environment has.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
+
+import tiny_model
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -50,19 +54,21 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def run(target: str, tests: Path, files: list[str], out: Path, keyword: str | None) -> None:
+def run(target: str, tests: Path, files: list[str], out: Path, keyword: str | None,
+        tiny: Path) -> None:
     """Run ``files`` with ``target`` as llama-server, one pytest per file (so what finished
     is kept if the run is cut short): ``OUT/TARGET/FILE.xml``."""
     launcher = out / f"{target}.sh"
     launcher.write_text(f"#!/bin/sh\nexec {sys.executable} {HERE / TARGETS[target]} \"$@\"\n")
     launcher.chmod(0o755)
     (out / target).mkdir(exist_ok=True)
-    env = {**os.environ, "LLAMA_SERVER_BIN_PATH": str(launcher), "PYTHONPATH": os.pathsep.join(
-        [str(HERE), str(ROOT / "src")]), "LLAMA_CACHE": str(out / "llama-cache")}
+    env = {**os.environ, "CORRAL_SUITE_TINY": str(tiny), "LLAMA_SERVER_BIN_PATH": str(launcher),
+           "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT / "src")]),
+           "LLAMA_CACHE": str(out / "llama-cache")}
     for file in files:
         report = out / target / f"{Path(file).stem}.xml"
         command = [sys.executable, "-m", "pytest", "-p", "suite_plugin", "-q", "-rN",
-                   "--timeout", "300", f"--junitxml={report}", "-o",
+                   "--timeout", "120", f"--junitxml={report}", "-o",
                    f"cache_dir={out / 'cache'}", *(["-k", keyword] if keyword else []),
                    f"unit/{file}"]
         started = time.monotonic()
@@ -117,8 +123,10 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     targets = [] if args.compare else [args.only] if args.only else list(TARGETS)
     # Side by side: each target runs its files in a thread of its own.
+    # The tests' stories260K: a tiny model written here, the same file for both servers.
+    tiny = tiny_model.ensure(args.out / "models")
     threads = [threading.Thread(target=run, args=(t, args.tests, args.files, args.out,
-                                                  args.keyword)) for t in targets]
+                                                  args.keyword, tiny)) for t in targets]
     for thread in threads:
         thread.start()
     for thread in threads:
