@@ -8,6 +8,8 @@ Only the translation (no server is started): the full comparison is
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,8 +21,10 @@ import pytest
 from corral.config import parse_config
 from tests.conftest import ROOT
 
-sys.path.insert(0, str(ROOT / "bench" / "llamacpp_suite"))
+SUITE = ROOT / "bench" / "llamacpp_suite"
+sys.path.insert(0, str(SUITE))
 import as_corral  # noqa: E402
+import run as run_suite  # noqa: E402
 import tiny_model  # noqa: E402
 from cmdline import Unsupported  # noqa: E402
 
@@ -109,3 +113,30 @@ def test_the_tiny_model_has_smollm2s_tokenizer_and_never_stops_by_itself(
     control = types == int(gguf.TokenType.CONTROL)
     assert control.sum() > 2 and (output[control, 0] < -10).all()
     assert (output[~control, 0] == 0).all()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(900)
+def test_llamacpps_context_shift_tests_see_corral_as_llama_server(
+        tmp_path: Path, llama_server: str, smollm2: Path) -> None:
+    # One file of llama.cpp's own server tests, run by the harness against the real
+    # llama-server and against corral in its place, both with the tiny stories260K stand-in:
+    # every test has the same outcome. test_ctx_shift.py generates to a full slot with and
+    # without context shift, and asks for more than the context holds.
+    tests = run_suite.default_tests()
+    if tests is None:
+        pytest.fail("llama.cpp's server tests not found in corral's cache: run "
+                    "scripts/install-llama-server (it leaves the checkout there)")
+    subprocess.run(
+        [sys.executable, str(SUITE / "run.py"), "--out", str(tmp_path),
+         "--tokenizer-from", str(smollm2), "test_ctx_shift.py"],
+        env={**os.environ, "CORRAL_SUITE_LLAMA_SERVER": llama_server}, check=True,
+        timeout=840, capture_output=True)
+    compared = json.loads((tmp_path / "compare.json").read_text())
+    results = compared["results"]
+    assert results["corral"] == results["llama-server"], compared["differ"]
+    # Not an empty comparison: the file ran, and some of it passes against both. (The tests
+    # that count a story tokenizer's tokens fail against both.)
+    assert len(results["corral"]) == 5
+    assert "test_ctx_shift.py::test_ctx_shift_disabled_stream" in {
+        name for name, outcome in results["corral"].items() if outcome == "passed"}

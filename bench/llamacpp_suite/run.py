@@ -43,8 +43,10 @@ TARGETS = {"llama-server": "as_llama_server.py", "corral": "as_corral.py"}
 
 
 def default_tests() -> Path | None:
-    """llama.cpp's server tests in corral's cache, if there."""
-    found = sorted(Path.home().glob(".cache/corral/llama.cpp-*/tools/server/tests/unit"))
+    """llama.cpp's server tests in corral's cache (where install-llama-server puts it)."""
+    cache = Path(os.environ.get("CORRAL_CACHE") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "corral")
+    found = sorted(cache.glob("llama.cpp-*/tools/server/tests/unit"))
     return found[-1].parent if found else None
 
 
@@ -117,6 +119,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path,
                         default=Path(tempfile.gettempdir()) / "corral-llamacpp-suite")
     parser.add_argument("-k", dest="keyword")
+    parser.add_argument("--tokenizer-from", type=Path, default=tiny_model.SOURCE,
+                        help="the GGUF whose tokenizer the tiny model gets (SmolLM2's)")
     args = parser.parse_args()
     if args.tests is None or not (args.tests / "utils.py").exists():
         parser.error("llama.cpp's tools/server/tests not found: give --tests")
@@ -124,7 +128,7 @@ def main() -> int:
     targets = [] if args.compare else [args.only] if args.only else list(TARGETS)
     # Side by side: each target runs its files in a thread of its own.
     # The tests' stories260K: a tiny model written here, the same file for both servers.
-    tiny = tiny_model.ensure(args.out / "models")
+    tiny = tiny_model.ensure(args.out / "models", args.tokenizer_from)
     threads = [threading.Thread(target=run, args=(t, args.tests, args.files, args.out,
                                                   args.keyword, tiny)) for t in targets]
     for thread in threads:
