@@ -3,7 +3,9 @@
 The tests (tools/server/tests/utils.py) start ``$LLAMA_SERVER_BIN_PATH`` with llama-server's
 flags and name their models by Hugging Face repository (``--hf-repo``, ``--hf-file``). Nothing
 is downloaded here: ``models.json`` beside this file (or ``$CORRAL_SUITE_MODELS``) maps each
-``repo`` or ``repo/file`` to a local GGUF, relative to the repository root. Both stand-ins (the
+``repo`` or ``repo/file`` to a local GGUF, relative to the repository root, or to ``@tiny``:
+the tiny stand-in for ``stories260K`` that ``run.py`` writes (``tiny_model.py``), its path in
+``$CORRAL_SUITE_TINY``. Both stand-ins (the
 real llama-server, ``as_llama_server.py``; corral, ``as_corral.py``) read the same map, so both
 run the same model.
 """
@@ -40,6 +42,12 @@ def local_model(repo: str | None, file: str | None) -> Path:
     wanted = f"{repo}/{file}" if file else str(repo)
     for key in (wanted, str(repo)):
         if key in table:
+            if table[key] == "@tiny":
+                tiny = os.environ.get("CORRAL_SUITE_TINY")
+                if not tiny:
+                    raise Unsupported(f"{wanted}: the tiny stand-in model is written by run.py "
+                                      "($CORRAL_SUITE_TINY not set)")
+                return Path(tiny)
             path = Path(table[key])
             return path if path.is_absolute() else ROOT / path
     raise Unsupported(f"no local file for {wanted} in {MODEL_MAP} (nothing is downloaded)")

@@ -9,10 +9,12 @@ Usage::
 ``DIR``: llama.cpp's ``tools/server/tests`` (default: the llama.cpp checkout corral's
 ``scripts/install-llama-server`` left under ``~/.cache/corral``). Nothing is committed from it.
 Both servers run at once, each the same files on free ports, its model mapped to a local
-file (``models.json``); the outcome of every test goes to ``OUT/TARGET/FILE.xml`` (JUnit, one
-pytest per file; ``OUT`` defaults to ``$TMPDIR/corral-llamacpp-suite``) and both, side by
-side, to ``OUT/compare.json``; the differences are printed. Needs nothing of llama.cpp's test
-requirements beyond what corral's dev environment has.
+file (``models.json``; ``stories260K``, which most files use, is the tiny model
+``tiny_model.py`` writes into ``OUT/models``); the outcome of every test goes to
+``OUT/TARGET/FILE.xml`` (JUnit, one pytest per file; ``OUT`` defaults to
+``$TMPDIR/corral-llamacpp-suite``) and both, side by side, to ``OUT/compare.json``; the
+differences are printed. Needs nothing of llama.cpp's test requirements beyond what corral's
+dev environment has.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import tiny_model
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 FILES = ("test_tokenize.py", "test_ignore_eos.py", "test_ctx_shift.py", "test_template.py",
@@ -39,8 +43,10 @@ TARGETS = {"llama-server": "as_llama_server.py", "corral": "as_corral.py"}
 
 
 def default_tests() -> Path | None:
-    """llama.cpp's server tests in corral's cache, if there."""
-    found = sorted(Path.home().glob(".cache/corral/llama.cpp-*/tools/server/tests/unit"))
+    """llama.cpp's server tests in corral's cache (where install-llama-server puts it)."""
+    cache = Path(os.environ.get("CORRAL_CACHE") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "corral")
+    found = sorted(cache.glob("llama.cpp-*/tools/server/tests/unit"))
     return found[-1].parent if found else None
 
 
@@ -50,19 +56,21 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def run(target: str, tests: Path, files: list[str], out: Path, keyword: str | None) -> None:
+def run(target: str, tests: Path, files: list[str], out: Path, keyword: str | None,
+        tiny: Path) -> None:
     """Run ``files`` with ``target`` as llama-server, one pytest per file (so what finished
     is kept if the run is cut short): ``OUT/TARGET/FILE.xml``."""
     launcher = out / f"{target}.sh"
     launcher.write_text(f"#!/bin/sh\nexec {sys.executable} {HERE / TARGETS[target]} \"$@\"\n")
     launcher.chmod(0o755)
     (out / target).mkdir(exist_ok=True)
-    env = {**os.environ, "LLAMA_SERVER_BIN_PATH": str(launcher), "PYTHONPATH": os.pathsep.join(
-        [str(HERE), str(ROOT / "src")]), "LLAMA_CACHE": str(out / "llama-cache")}
+    env = {**os.environ, "CORRAL_SUITE_TINY": str(tiny), "LLAMA_SERVER_BIN_PATH": str(launcher),
+           "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT / "src")]),
+           "LLAMA_CACHE": str(out / "llama-cache")}
     for file in files:
         report = out / target / f"{Path(file).stem}.xml"
         command = [sys.executable, "-m", "pytest", "-p", "suite_plugin", "-q", "-rN",
-                   "--timeout", "300", f"--junitxml={report}", "-o",
+                   "--timeout", "120", f"--junitxml={report}", "-o",
                    f"cache_dir={out / 'cache'}", *(["-k", keyword] if keyword else []),
                    f"unit/{file}"]
         started = time.monotonic()
@@ -111,14 +119,18 @@ def main() -> int:
     parser.add_argument("--out", type=Path,
                         default=Path(tempfile.gettempdir()) / "corral-llamacpp-suite")
     parser.add_argument("-k", dest="keyword")
+    parser.add_argument("--tokenizer-from", type=Path, default=tiny_model.SOURCE,
+                        help="the GGUF whose tokenizer the tiny model gets (SmolLM2's)")
     args = parser.parse_args()
     if args.tests is None or not (args.tests / "utils.py").exists():
         parser.error("llama.cpp's tools/server/tests not found: give --tests")
     args.out.mkdir(parents=True, exist_ok=True)
     targets = [] if args.compare else [args.only] if args.only else list(TARGETS)
     # Side by side: each target runs its files in a thread of its own.
+    # The tests' stories260K: a tiny model written here, the same file for both servers.
+    tiny = tiny_model.ensure(args.out / "models", args.tokenizer_from)
     threads = [threading.Thread(target=run, args=(t, args.tests, args.files, args.out,
-                                                  args.keyword)) for t in targets]
+                                                  args.keyword, tiny)) for t in targets]
     for thread in threads:
         thread.start()
     for thread in threads:
