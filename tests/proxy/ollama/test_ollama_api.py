@@ -1,9 +1,12 @@
 """The Ollama API, driven by the official ``ollama`` client (sync and async) against corral.
 
 One corral for the module: ``smol`` (SmolLM2 for chat), ``embed`` (SmolLM2 with
-``--embeddings``) and ``crashy``: the fake llama-server (tests/fake_llama_server.py), which
-exits after two tokens of a stream, because the real one cannot be made to die mid-answer
-on demand. Keys: ``admin`` (everything) and ``user`` (inference on ``smol`` only).
+``--embeddings``), ``thinker`` and ``caller`` (SmolLM2 with a chat template of ours, given
+with ``--chat-template-file``, that llama-server reads as a reasoning template with the
+``<think>`` block forced open, and as a ``<tool_call>`` tool template) and ``crashy``: the
+fake llama-server (tests/fake_llama_server.py), which exits after two tokens of a stream,
+because the real one cannot be made to die mid-answer on demand. Keys: ``admin``
+(everything) and ``user`` (inference on ``smol`` only).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from tests.proxy.ollama.clients import ADMIN, USER, client, serving
 
 pytestmark = pytest.mark.integration
 
+TEMPLATES = Path(__file__).parent / "templates"
+
 FEW = {"num_predict": 4}
 HI = [{"role": "user", "content": "Hi"}]
 
@@ -43,6 +48,10 @@ def server(
         "models": {
             "smol": {**model, "aliases": ["tiny"]},
             "embed": {**model, "args": ["--embeddings", "--pooling", "mean"]},
+            "thinker": {**model, "args": ["--chat-template-file",
+                                          str(TEMPLATES / "thinking.jinja")]},
+            "caller": {**model, "args": ["--chat-template-file",
+                                         str(TEMPLATES / "tools.jinja")]},
             "crashy": {**model, "binary": FAKE_LLAMA_SERVER,
                        "env": {"FAKE_MODE": "crash_after:2"}},
         },
@@ -66,7 +75,8 @@ def test_version_root_and_tags(server: CorralProcess) -> None:
     assert server.http.get("/").text == "Ollama is running"
     assert server.http.head("/").status_code == 200
     tags = {m.model: m for m in client(server).list().models}
-    assert set(tags) == {"smol:latest", "tiny:latest", "embed:latest", "crashy:latest"}
+    assert set(tags) == {"smol:latest", "tiny:latest", "embed:latest", "crashy:latest",
+                         "thinker:latest", "caller:latest"}
     smol = tags["smol:latest"]
     assert smol.details is not None
     assert (smol.details.family, smol.details.parameter_size,
@@ -127,20 +137,76 @@ def test_format_schema_gives_json(server: CorralProcess) -> None:
     assert isinstance(json.loads(raw.response or "")["ok"], bool)
 
 
-def test_tools_are_forwarded_and_answered(server: CorralProcess) -> None:
-    tool = {"type": "function", "function": {
-        "name": "get_weather", "description": "The weather in a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                       "required": ["city"]}}}
-    history = [{"role": "user", "content": "Weather in Paris?"},
-               {"role": "assistant", "content": "",
-                "tool_calls": [{"function": {"name": "get_weather",
-                                             "arguments": {"city": "Paris"}}}]},
-               {"role": "tool", "content": "sunny", "tool_name": "get_weather"}]
-    answer = client(server).chat(model="smol", messages=history, tools=[tool], options=FEW)
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}
+
+
+def _asked(city: str) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": f"Weather in {city}?"},
+            {"role": "assistant", "content": "",
+             "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": city}}}]}]
+
+
+# Two calls answered before: at temperature 0 SmolLM2 calls the tool a third time, through
+# the ``<tool_call>`` template that llama-server parses (and constrains with its grammar once
+# the model opens a call). Deterministic: greedy sampling, one slot.
+CALLING = [*_asked("Paris"), {"role": "tool", "content": "sunny", "tool_name": "get_weather"},
+           *_asked("Berlin"), {"role": "tool", "content": "rain", "tool_name": "get_weather"},
+           {"role": "user", "content": "Weather in Rome?"}]
+GREEDY = {"num_predict": 40, "temperature": 0, "top_k": 1, "seed": 1}
+
+
+def _one_call(calls: Any) -> None:
+    assert calls is not None and len(calls) == 1
+    function = calls[0].function
+    assert function.name == "get_weather"
+    assert isinstance(function.arguments, dict) and set(function.arguments) == {"city"}
+    assert isinstance(function.arguments["city"], str) and function.arguments["city"]
+
+
+def test_tool_calls_come_whole_with_object_arguments(server: CorralProcess) -> None:
+    assert "tools" in (client(server).show("caller").capabilities or [])
+    whole = client(server).chat(model="caller", messages=CALLING, tools=[WEATHER],
+                                options=GREEDY)
+    assert whole.done and whole.done_reason == "stop"
+    _one_call(whole.message.tool_calls)
+    # llama-server streams the call's arguments in fragments; Ollama's clients get it once,
+    # whole, in one line of its own.
+    parts = list(client(server).chat(model="caller", messages=CALLING, tools=[WEATHER],
+                                     options=GREEDY, stream=True))
+    with_calls = [p for p in parts if p.message.tool_calls]
+    assert len(with_calls) == 1 and not with_calls[0].done
+    _one_call(with_calls[0].message.tool_calls)
+    assert with_calls[0].message.tool_calls == whole.message.tool_calls
+    assert parts[-1].done and not parts[-1].message.tool_calls
+
+
+def test_tool_calls_from_the_async_client(server: CorralProcess) -> None:
+    async def run() -> tuple[Any, list[Any]]:
+        async with ollama.AsyncClient(host=server.url, headers=ADMIN, timeout=240) as agent:
+            whole = await agent.chat(model="caller", messages=CALLING, tools=[WEATHER],
+                                     options=GREEDY)
+            parts = [p async for p in await agent.chat(
+                model="caller", messages=CALLING, tools=[WEATHER], options=GREEDY,
+                stream=True)]
+        return whole, parts
+
+    whole, parts = asyncio.run(run())
+    _one_call(whole.message.tool_calls)
+    calls = [p.message.tool_calls for p in parts if p.message.tool_calls]
+    assert len(calls) == 1
+    _one_call(calls[0])
+
+
+def test_a_tool_result_is_answered(server: CorralProcess) -> None:
+    history = [*_asked("Paris"), {"role": "tool", "content": "sunny",
+                                  "tool_name": "get_weather"}]
+    answer = client(server).chat(model="caller", messages=history, tools=[WEATHER],
+                                 options=FEW)
     assert answer.done
-    # SmolLM2 may answer in words or call the tool; either way calls come whole, as objects.
-    for call in answer.message.tool_calls or []:
+    for call in answer.message.tool_calls or []:  # words or a call: calls come as objects
         assert isinstance(call.function.arguments, dict)
 
 
@@ -149,6 +215,54 @@ def test_think_on_a_model_without_thinking_is_refused(server: CorralProcess) -> 
         client(server).chat(model="smol", messages=HI, think=True, options=FEW)
     assert refused.value.status_code == 400 and "thinking" in refused.value.error
     assert client(server).chat(model="smol", messages=HI, think=False, options=FEW).done
+
+
+THINKING = {"num_predict": 6, "temperature": 0, "top_k": 1, "seed": 1}
+
+
+def test_think_gives_thinking_streamed_and_not(server: CorralProcess) -> None:
+    # The template opens <think> for the model (enable_thinking), and llama-server, reading
+    # it as a reasoning template, returns what follows as reasoning: six tokens, all thought.
+    assert "thinking" in (client(server).show("thinker").capabilities or [])
+    whole = client(server).chat(model="thinker", messages=HI, think=True, options=THINKING)
+    assert whole.done and whole.done_reason == "length" and whole.eval_count == 6
+    assert whole.message.thinking and not whole.message.content
+    assert "<think>" not in whole.message.thinking
+    parts = list(client(server).chat(model="thinker", messages=HI, think=True,
+                                     options=THINKING, stream=True))
+    assert [p.done for p in parts] == [False] * (len(parts) - 1) + [True]
+    streamed = "".join(p.message.thinking or "" for p in parts[:-1])
+    assert streamed == whole.message.thinking  # greedy: the same thought, piece by piece
+    assert not "".join(p.message.content or "" for p in parts)
+    generated = client(server).generate(model="thinker", prompt="Hi", think=True,
+                                        options=THINKING)
+    assert generated.thinking and not generated.response
+
+
+def test_think_false_gives_no_thinking(server: CorralProcess) -> None:
+    # enable_thinking false: the template closes the block itself; the answer is content,
+    # without the empty <think></think> the template wrote.
+    whole = client(server).chat(model="thinker", messages=HI, think=False, options=THINKING)
+    assert whole.message.content and not whole.message.thinking
+    assert "<think>" not in whole.message.content and "</think>" not in whole.message.content
+    parts = list(client(server).chat(model="thinker", messages=HI, think=False,
+                                     options=THINKING, stream=True))
+    assert not any(p.message.thinking for p in parts)
+    assert "".join(p.message.content or "" for p in parts) == whole.message.content
+
+
+def test_think_from_the_async_client(server: CorralProcess) -> None:
+    async def run() -> tuple[Any, list[Any]]:
+        async with ollama.AsyncClient(host=server.url, headers=ADMIN, timeout=240) as agent:
+            whole = await agent.chat(model="thinker", messages=HI, think=True,
+                                     options=THINKING)
+            parts = [p async for p in await agent.generate(
+                model="thinker", prompt="Hi", think=True, options=THINKING, stream=True)]
+        return whole, parts
+
+    whole, parts = asyncio.run(run())
+    assert whole.message.thinking and not whole.message.content
+    assert "".join(p.thinking or "" for p in parts) and parts[-1].done
 
 
 def test_options_that_choose_the_load_are_refused_or_checked(server: CorralProcess) -> None:
