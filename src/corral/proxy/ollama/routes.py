@@ -117,6 +117,7 @@ class OllamaApi:
     async def _handle(self, request: Request, convert: Translate) -> Response:
         proxy = self.proxy
         started = time.perf_counter()
+        arrived = time.monotonic()  # which keep_alive wins: the last request to arrive
         request_id = _request_id(request)
         name = ""
         try:
@@ -143,7 +144,8 @@ class OllamaApi:
             def answer(upstream: Upstream, finish: Callable[[], None],
                        headers: list[tuple[bytes, bytes]]) -> Answer:
                 def done() -> None:
-                    model.keep_for(translated.keep_alive)  # before the lease's release
+                    # before the lease's release; as of when it arrived
+                    model.keep_for(translated.keep_alive, arrived)
                     finish()
                 return Answer(upstream, done, headers, translated=translated, model=asked,
                               started=started,
