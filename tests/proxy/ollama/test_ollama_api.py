@@ -26,6 +26,7 @@ import pytest
 from tests.conftest import FAKE_LLAMA_SERVER, CorralProcess, launch
 from tests.metrics.test_metrics import samples, value
 from tests.proxy.ollama.clients import ADMIN, USER, client, serving
+from tests.proxy.ollama.projector import red_square, write_projector
 
 pytestmark = pytest.mark.integration
 
@@ -40,7 +41,9 @@ def server(
     tmp_path_factory: pytest.TempPathFactory, llama_server: str, smollm2: Path
 ) -> Iterator[CorralProcess]:
     model = {"path": str(smollm2), "slots": 1, "ctx_per_slot": 512}
-    corral = launch(tmp_path_factory.mktemp("ollama"), llama_server, {
+    files = tmp_path_factory.mktemp("ollama")
+    projector = write_projector(files / "mmproj.gguf")
+    corral = launch(files, llama_server, {
         "auth": {"keys": [
             {"key": "admin-key", "scopes": ["inference", "admin"]},
             {"key": "user-key", "models": ["smol"]},
@@ -52,6 +55,7 @@ def server(
                                           str(TEMPLATES / "thinking.jinja")]},
             "caller": {**model, "args": ["--chat-template-file",
                                          str(TEMPLATES / "tools.jinja")]},
+            "seeing": {**model, "args": ["--mmproj", str(projector)]},
             "crashy": {**model, "binary": FAKE_LLAMA_SERVER,
                        "env": {"FAKE_MODE": "crash_after:2"}},
         },
@@ -76,7 +80,7 @@ def test_version_root_and_tags(server: CorralProcess) -> None:
     assert server.http.head("/").status_code == 200
     tags = {m.model: m for m in client(server).list().models}
     assert set(tags) == {"smol:latest", "tiny:latest", "embed:latest", "crashy:latest",
-                         "thinker:latest", "caller:latest"}
+                         "thinker:latest", "caller:latest", "seeing:latest"}
     smol = tags["smol:latest"]
     assert smol.details is not None
     assert (smol.details.family, smol.details.parameter_size,
@@ -281,9 +285,31 @@ def test_images_are_refused_without_a_projector(server: CorralProcess) -> None:
         client(server).chat(model="smol", messages=[
             {"role": "user", "content": "What is it?", "images": ["iVBORw0KGgo="]}])
     assert refused.value.status_code == 400 and "projector" in refused.value.error
+    with pytest.raises(ollama.ResponseError) as generated:
+        client(server).generate(model="smol", prompt="What is it?", images=[red_square()])
+    assert generated.value.status_code == 400 and "--mmproj" in generated.value.error
     with pytest.raises(ollama.ResponseError) as insert:
         client(server).generate(model="smol", prompt="def f(", suffix="return 1")
     assert insert.value.status_code == 400 and "fill-in-the-middle" in insert.value.error
+
+
+def test_images_reach_a_model_with_a_projector(server: CorralProcess) -> None:
+    # SmolLM2 with a tiny synthetic projector (tests/proxy/ollama/projector.py): the image
+    # becomes a data URI part that llama-server reads into image tokens of the prompt.
+    assert "vision" in (client(server).show("seeing").capabilities or [])
+    words = [{"role": "user", "content": "What is it?"}]
+    looked = [{**words[0], "images": [red_square()]}]
+    plain = client(server).chat(model="seeing", messages=words, options=FEW)
+    whole = client(server).chat(model="seeing", messages=looked, options=FEW)
+    assert whole.done and whole.message.content and whole.eval_count == 4
+    assert whole.prompt_eval_count is not None and plain.prompt_eval_count is not None
+    assert whole.prompt_eval_count > plain.prompt_eval_count  # the image's tokens
+    parts = list(client(server).chat(model="seeing", messages=looked, options=FEW,
+                                     stream=True))
+    assert parts[-1].done and parts[-1].prompt_eval_count == whole.prompt_eval_count
+    made = client(server).generate(model="seeing", prompt="What is it?",
+                                   images=[red_square()], options=FEW)
+    assert made.done and made.response and made.eval_count == 4
 
 
 def test_embeddings(server: CorralProcess) -> None:
