@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import ollama
 import pytest
 
 from tests.conftest import CorralProcess, launch
@@ -105,3 +106,24 @@ def test_embeddings_need_a_model_started_for_them(server: CorralProcess) -> None
     served = server.http.post("/v1/embeddings", json={"model": "e", "input": "Hi"})
     assert served.status_code == 200, served.text
     assert served.json()["data"][0]["embedding"]
+
+
+def test_an_ollama_client_naming_an_unknown_model_reaches_the_default(
+    server: CorralProcess,
+) -> None:
+    # An Ollama client pointed at a single-model corral names a model of its own (Open
+    # WebUI's last choice, a script's "llama3.2"): generation and embeddings go to the
+    # default, as OpenAI requests do; what describes models still names only the real ones.
+    with ollama.Client(host=server.url, timeout=240) as client:
+        for name in ("llama3.2", "llama3.2:latest", "qwen3:8b"):
+            reply = client.chat(model=name, messages=[{"role": "user", "content": "Hi"}],
+                                options={"num_predict": 2})
+            assert reply.done and reply.model == name and reply.eval_count == 2
+        made = client.generate(model="llama3.2", prompt="Hi", options={"num_predict": 2})
+        assert made.done and made.eval_count == 2
+        # A real name, with or without its tag, is that model: here the embedding one.
+        assert len(client.embed(model="e:latest", input="hi").embeddings[0]) == 576
+        assert sorted(m.model or "" for m in client.list().models) == ["e:latest", "m:latest"]
+        with pytest.raises(ollama.ResponseError) as unknown:
+            client.show("llama3.2")
+        assert unknown.value.status_code == 404

@@ -64,3 +64,13 @@ def test_keep_alive_for_ever_outlasts_the_ttl() -> None:
     model.keep_for(None)
     model.stop_if_idle(time.monotonic() + 3600)
     assert stops == ["_stop"]
+
+
+def test_the_last_request_to_arrive_decides() -> None:
+    # An answer that began before an unload and ends after it does not undo the unload.
+    model, _ = ready_model("10m")
+    model.keep_for(0.0, asked_at=20.0)
+    model.keep_for(None, asked_at=10.0)
+    assert model.idle_limit == 0.0
+    model.keep_for(300.0, asked_at=30.0)
+    assert model.idle_limit == 300.0

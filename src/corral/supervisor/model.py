@@ -109,6 +109,7 @@ class ManagedModel:
         # How long it may stay idle, as an Ollama client's keep_alive asked (inf: for ever,
         # 0: stop once idle); None: its configured ttl. Forgotten when it stops.
         self.keep_alive: float | None = None
+        self._keep_asked_at = -math.inf  # when the request that set keep_alive arrived
         restart = host.config.file.restart
         self.restarts = RestartPolicy(restart.max_failures, restart.window)
         self.retry_at = 0.0
@@ -279,9 +280,17 @@ class ManagedModel:
             return None if math.isinf(self.keep_alive) else self.keep_alive
         return self.spec.ttl or None
 
-    def keep_for(self, seconds: float | None) -> None:
+    def keep_for(self, seconds: float | None, asked_at: float | None = None) -> None:
         """How long to stay loaded once idle, as a client asked (Ollama's ``keep_alive``):
-        ``inf`` for ever, 0 stop once idle, None back to ``ttl``. Forgotten when it stops."""
+        ``inf`` for ever, 0 stop once idle, None back to ``ttl``. Forgotten when it stops.
+
+        ``asked_at`` (monotonic) is when that request arrived: the last request to arrive
+        decides, so an answer that ends late does not undo what a later one asked (an unload
+        asked while it was being written)."""
+        asked_at = time.monotonic() if asked_at is None else asked_at
+        if asked_at < self._keep_asked_at:
+            return
+        self._keep_asked_at = asked_at
         self.keep_alive = seconds
 
     def expires_at(self) -> float | None:
@@ -439,6 +448,7 @@ class ManagedModel:
     def _begin_stop(self, reason: StopReason) -> None:
         self._enter(ModelState.STOPPING)
         self.keep_alive = None  # the next load starts with the configured ttl
+        self._keep_asked_at = -math.inf
         self._transition = self.host.spawn(self._stop(reason))
 
     async def _load(self) -> None:

@@ -66,3 +66,15 @@ def test_an_embedding_model_and_a_stable_digest(tmp_path: Path) -> None:
     assert again.capabilities == ("completion",)
     other = describe(spec(write_gguf(tmp_path / "o.gguf", TEMPLATE)))
     assert other.digest != about.digest
+
+
+def test_a_template_given_in_args_is_the_one_described(tmp_path: Path) -> None:
+    model = write_gguf(tmp_path / "m.gguf", "{{ messages }}")
+    assert describe(spec(model)).capabilities == ("completion",)
+    given = tmp_path / "t.jinja"
+    given.write_text(TEMPLATE)
+    about = describe(spec(model, "--chat-template-file", str(given)))
+    assert about.template == TEMPLATE
+    assert about.capabilities == ("completion", "tools", "thinking")
+    inline = describe(spec(model, f"--chat-template={TEMPLATE}"))
+    assert inline.capabilities == ("completion", "tools", "thinking")

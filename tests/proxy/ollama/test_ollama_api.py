@@ -1,9 +1,12 @@
 """The Ollama API, driven by the official ``ollama`` client (sync and async) against corral.
 
 One corral for the module: ``smol`` (SmolLM2 for chat), ``embed`` (SmolLM2 with
-``--embeddings``) and ``crashy``: the fake llama-server (tests/fake_llama_server.py), which
-exits after two tokens of a stream, because the real one cannot be made to die mid-answer
-on demand. Keys: ``admin`` (everything) and ``user`` (inference on ``smol`` only).
+``--embeddings``), ``thinker`` and ``caller`` (SmolLM2 with a chat template of ours, given
+with ``--chat-template-file``, that llama-server reads as a reasoning template with the
+``<think>`` block forced open, and as a ``<tool_call>`` tool template) and ``crashy``: the
+fake llama-server (tests/fake_llama_server.py), which exits after two tokens of a stream,
+because the real one cannot be made to die mid-answer on demand. Keys: ``admin``
+(everything) and ``user`` (inference on ``smol`` only).
 """
 
 from __future__ import annotations
@@ -23,8 +26,11 @@ import pytest
 from tests.conftest import FAKE_LLAMA_SERVER, CorralProcess, launch
 from tests.metrics.test_metrics import samples, value
 from tests.proxy.ollama.clients import ADMIN, USER, client, serving
+from tests.proxy.ollama.projector import red_square, write_projector
 
 pytestmark = pytest.mark.integration
+
+TEMPLATES = Path(__file__).parent / "templates"
 
 FEW = {"num_predict": 4}
 HI = [{"role": "user", "content": "Hi"}]
@@ -35,7 +41,9 @@ def server(
     tmp_path_factory: pytest.TempPathFactory, llama_server: str, smollm2: Path
 ) -> Iterator[CorralProcess]:
     model = {"path": str(smollm2), "slots": 1, "ctx_per_slot": 512}
-    corral = launch(tmp_path_factory.mktemp("ollama"), llama_server, {
+    files = tmp_path_factory.mktemp("ollama")
+    projector = write_projector(files / "mmproj.gguf")
+    corral = launch(files, llama_server, {
         "auth": {"keys": [
             {"key": "admin-key", "scopes": ["inference", "admin"]},
             {"key": "user-key", "models": ["smol"]},
@@ -43,6 +51,11 @@ def server(
         "models": {
             "smol": {**model, "aliases": ["tiny"]},
             "embed": {**model, "args": ["--embeddings", "--pooling", "mean"]},
+            "thinker": {**model, "args": ["--chat-template-file",
+                                          str(TEMPLATES / "thinking.jinja")]},
+            "caller": {**model, "args": ["--chat-template-file",
+                                         str(TEMPLATES / "tools.jinja")]},
+            "seeing": {**model, "args": ["--mmproj", str(projector)]},
             "crashy": {**model, "binary": FAKE_LLAMA_SERVER,
                        "env": {"FAKE_MODE": "crash_after:2"}},
         },
@@ -66,7 +79,8 @@ def test_version_root_and_tags(server: CorralProcess) -> None:
     assert server.http.get("/").text == "Ollama is running"
     assert server.http.head("/").status_code == 200
     tags = {m.model: m for m in client(server).list().models}
-    assert set(tags) == {"smol:latest", "tiny:latest", "embed:latest", "crashy:latest"}
+    assert set(tags) == {"smol:latest", "tiny:latest", "embed:latest", "crashy:latest",
+                         "thinker:latest", "caller:latest", "seeing:latest"}
     smol = tags["smol:latest"]
     assert smol.details is not None
     assert (smol.details.family, smol.details.parameter_size,
@@ -127,20 +141,76 @@ def test_format_schema_gives_json(server: CorralProcess) -> None:
     assert isinstance(json.loads(raw.response or "")["ok"], bool)
 
 
-def test_tools_are_forwarded_and_answered(server: CorralProcess) -> None:
-    tool = {"type": "function", "function": {
-        "name": "get_weather", "description": "The weather in a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                       "required": ["city"]}}}
-    history = [{"role": "user", "content": "Weather in Paris?"},
-               {"role": "assistant", "content": "",
-                "tool_calls": [{"function": {"name": "get_weather",
-                                             "arguments": {"city": "Paris"}}}]},
-               {"role": "tool", "content": "sunny", "tool_name": "get_weather"}]
-    answer = client(server).chat(model="smol", messages=history, tools=[tool], options=FEW)
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}
+
+
+def _asked(city: str) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": f"Weather in {city}?"},
+            {"role": "assistant", "content": "",
+             "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": city}}}]}]
+
+
+# Two calls answered before: at temperature 0 SmolLM2 calls the tool a third time, through
+# the ``<tool_call>`` template that llama-server parses (and constrains with its grammar once
+# the model opens a call). Deterministic: greedy sampling, one slot.
+CALLING = [*_asked("Paris"), {"role": "tool", "content": "sunny", "tool_name": "get_weather"},
+           *_asked("Berlin"), {"role": "tool", "content": "rain", "tool_name": "get_weather"},
+           {"role": "user", "content": "Weather in Rome?"}]
+GREEDY = {"num_predict": 40, "temperature": 0, "top_k": 1, "seed": 1}
+
+
+def _one_call(calls: Any) -> None:
+    assert calls is not None and len(calls) == 1
+    function = calls[0].function
+    assert function.name == "get_weather"
+    assert isinstance(function.arguments, dict) and set(function.arguments) == {"city"}
+    assert isinstance(function.arguments["city"], str) and function.arguments["city"]
+
+
+def test_tool_calls_come_whole_with_object_arguments(server: CorralProcess) -> None:
+    assert "tools" in (client(server).show("caller").capabilities or [])
+    whole = client(server).chat(model="caller", messages=CALLING, tools=[WEATHER],
+                                options=GREEDY)
+    assert whole.done and whole.done_reason == "stop"
+    _one_call(whole.message.tool_calls)
+    # llama-server streams the call's arguments in fragments; Ollama's clients get it once,
+    # whole, in one line of its own.
+    parts = list(client(server).chat(model="caller", messages=CALLING, tools=[WEATHER],
+                                     options=GREEDY, stream=True))
+    with_calls = [p for p in parts if p.message.tool_calls]
+    assert len(with_calls) == 1 and not with_calls[0].done
+    _one_call(with_calls[0].message.tool_calls)
+    assert with_calls[0].message.tool_calls == whole.message.tool_calls
+    assert parts[-1].done and not parts[-1].message.tool_calls
+
+
+def test_tool_calls_from_the_async_client(server: CorralProcess) -> None:
+    async def run() -> tuple[Any, list[Any]]:
+        async with ollama.AsyncClient(host=server.url, headers=ADMIN, timeout=240) as agent:
+            whole = await agent.chat(model="caller", messages=CALLING, tools=[WEATHER],
+                                     options=GREEDY)
+            parts = [p async for p in await agent.chat(
+                model="caller", messages=CALLING, tools=[WEATHER], options=GREEDY,
+                stream=True)]
+        return whole, parts
+
+    whole, parts = asyncio.run(run())
+    _one_call(whole.message.tool_calls)
+    calls = [p.message.tool_calls for p in parts if p.message.tool_calls]
+    assert len(calls) == 1
+    _one_call(calls[0])
+
+
+def test_a_tool_result_is_answered(server: CorralProcess) -> None:
+    history = [*_asked("Paris"), {"role": "tool", "content": "sunny",
+                                  "tool_name": "get_weather"}]
+    answer = client(server).chat(model="caller", messages=history, tools=[WEATHER],
+                                 options=FEW)
     assert answer.done
-    # SmolLM2 may answer in words or call the tool; either way calls come whole, as objects.
-    for call in answer.message.tool_calls or []:
+    for call in answer.message.tool_calls or []:  # words or a call: calls come as objects
         assert isinstance(call.function.arguments, dict)
 
 
@@ -149,6 +219,54 @@ def test_think_on_a_model_without_thinking_is_refused(server: CorralProcess) -> 
         client(server).chat(model="smol", messages=HI, think=True, options=FEW)
     assert refused.value.status_code == 400 and "thinking" in refused.value.error
     assert client(server).chat(model="smol", messages=HI, think=False, options=FEW).done
+
+
+THINKING = {"num_predict": 6, "temperature": 0, "top_k": 1, "seed": 1}
+
+
+def test_think_gives_thinking_streamed_and_not(server: CorralProcess) -> None:
+    # The template opens <think> for the model (enable_thinking), and llama-server, reading
+    # it as a reasoning template, returns what follows as reasoning: six tokens, all thought.
+    assert "thinking" in (client(server).show("thinker").capabilities or [])
+    whole = client(server).chat(model="thinker", messages=HI, think=True, options=THINKING)
+    assert whole.done and whole.done_reason == "length" and whole.eval_count == 6
+    assert whole.message.thinking and not whole.message.content
+    assert "<think>" not in whole.message.thinking
+    parts = list(client(server).chat(model="thinker", messages=HI, think=True,
+                                     options=THINKING, stream=True))
+    assert [p.done for p in parts] == [False] * (len(parts) - 1) + [True]
+    streamed = "".join(p.message.thinking or "" for p in parts[:-1])
+    assert streamed == whole.message.thinking  # greedy: the same thought, piece by piece
+    assert not "".join(p.message.content or "" for p in parts)
+    generated = client(server).generate(model="thinker", prompt="Hi", think=True,
+                                        options=THINKING)
+    assert generated.thinking and not generated.response
+
+
+def test_think_false_gives_no_thinking(server: CorralProcess) -> None:
+    # enable_thinking false: the template closes the block itself; the answer is content,
+    # without the empty <think></think> the template wrote.
+    whole = client(server).chat(model="thinker", messages=HI, think=False, options=THINKING)
+    assert whole.message.content and not whole.message.thinking
+    assert "<think>" not in whole.message.content and "</think>" not in whole.message.content
+    parts = list(client(server).chat(model="thinker", messages=HI, think=False,
+                                     options=THINKING, stream=True))
+    assert not any(p.message.thinking for p in parts)
+    assert "".join(p.message.content or "" for p in parts) == whole.message.content
+
+
+def test_think_from_the_async_client(server: CorralProcess) -> None:
+    async def run() -> tuple[Any, list[Any]]:
+        async with ollama.AsyncClient(host=server.url, headers=ADMIN, timeout=240) as agent:
+            whole = await agent.chat(model="thinker", messages=HI, think=True,
+                                     options=THINKING)
+            parts = [p async for p in await agent.generate(
+                model="thinker", prompt="Hi", think=True, options=THINKING, stream=True)]
+        return whole, parts
+
+    whole, parts = asyncio.run(run())
+    assert whole.message.thinking and not whole.message.content
+    assert "".join(p.thinking or "" for p in parts) and parts[-1].done
 
 
 def test_options_that_choose_the_load_are_refused_or_checked(server: CorralProcess) -> None:
@@ -167,9 +285,31 @@ def test_images_are_refused_without_a_projector(server: CorralProcess) -> None:
         client(server).chat(model="smol", messages=[
             {"role": "user", "content": "What is it?", "images": ["iVBORw0KGgo="]}])
     assert refused.value.status_code == 400 and "projector" in refused.value.error
+    with pytest.raises(ollama.ResponseError) as generated:
+        client(server).generate(model="smol", prompt="What is it?", images=[red_square()])
+    assert generated.value.status_code == 400 and "--mmproj" in generated.value.error
     with pytest.raises(ollama.ResponseError) as insert:
         client(server).generate(model="smol", prompt="def f(", suffix="return 1")
     assert insert.value.status_code == 400 and "fill-in-the-middle" in insert.value.error
+
+
+def test_images_reach_a_model_with_a_projector(server: CorralProcess) -> None:
+    # SmolLM2 with a tiny synthetic projector (tests/proxy/ollama/projector.py): the image
+    # becomes a data URI part that llama-server reads into image tokens of the prompt.
+    assert "vision" in (client(server).show("seeing").capabilities or [])
+    words = [{"role": "user", "content": "What is it?"}]
+    looked = [{**words[0], "images": [red_square()]}]
+    plain = client(server).chat(model="seeing", messages=words, options=FEW)
+    whole = client(server).chat(model="seeing", messages=looked, options=FEW)
+    assert whole.done and whole.message.content and whole.eval_count == 4
+    assert whole.prompt_eval_count is not None and plain.prompt_eval_count is not None
+    assert whole.prompt_eval_count > plain.prompt_eval_count  # the image's tokens
+    parts = list(client(server).chat(model="seeing", messages=looked, options=FEW,
+                                     stream=True))
+    assert parts[-1].done and parts[-1].prompt_eval_count == whole.prompt_eval_count
+    made = client(server).generate(model="seeing", prompt="What is it?",
+                                   images=[red_square()], options=FEW)
+    assert made.done and made.response and made.eval_count == 4
 
 
 def test_embeddings(server: CorralProcess) -> None:

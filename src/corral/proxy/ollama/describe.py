@@ -3,7 +3,9 @@
 ``/api/tags``, ``/api/show`` and ``/api/ps`` describe each model as Ollama describes the ones
 it pulled: family, parameter size, quantization level, size on disk, a digest, the chat
 template and what it can do (``capabilities``). Everything comes from the file's header (no
-tensor data is read) and is cached by the files' size and modification time.
+tensor data is read), but the chat template, which comes from the model's ``args`` when they
+give llama-server one (``--chat-template-file``); it is cached by the files' size and
+modification time.
 """
 
 from __future__ import annotations
@@ -59,7 +61,29 @@ def describe(spec: ModelSpec) -> Description:
     if spec.projector:
         files.append(os.path.abspath(spec.projector))
     key = tuple((f, *_stat(f)) for f in files)
-    return _describe(key, _embeds(spec.args), spec.projector is not None)
+    return _describe(key, _embeds(spec.args), spec.projector is not None,
+                     _template_in_args(spec.args))
+
+
+def _template_in_args(args: tuple[str, ...]) -> str | None:
+    """The chat template the model's ``args`` give llama-server instead of its GGUF's
+    (``--chat-template-file PATH``, or ``--chat-template`` with the template itself): what
+    the child really renders, so what its capabilities are read from. None: the GGUF's."""
+    found: str | None = None
+    for i, arg in enumerate(args):
+        flag, eq, value = arg.partition("=")
+        if flag not in ("--chat-template-file", "--chat-template"):
+            continue
+        if not eq:
+            if i + 1 >= len(args):
+                continue
+            value = args[i + 1]
+        if flag == "--chat-template-file":
+            with open(value, encoding="utf-8") as fh:
+                found = fh.read()
+        else:
+            found = value  # a built-in name (chatml, ...) or the Jinja source
+    return found
 
 
 def _stat(path: str) -> tuple[int, int]:
@@ -73,7 +97,7 @@ def _embeds(args: tuple[str, ...]) -> bool:
 
 @functools.lru_cache(maxsize=64)
 def _describe(files: tuple[tuple[str, int, int], ...], embeds: bool,
-              vision: bool) -> Description:
+              vision: bool, given_template: str | None = None) -> Description:
     path, size, mtime = files[0]
     fields, _ = read_header(path)
     count = fields.get("split.count", 0)
@@ -82,6 +106,8 @@ def _describe(files: tuple[tuple[str, int, int], ...], embeds: bool,
     arch = str(fields.get("general.architecture", "unknown"))
     template = fields.get("tokenizer.chat_template")
     template = template if isinstance(template, str) else ""
+    if given_template is not None:
+        template = given_template
     capabilities = ["embedding"] if embeds else ["completion"]
     if not embeds and any(m in template for m in _TOOL_MARKERS):
         capabilities.append("tools")

@@ -9,8 +9,9 @@ answer coming back are translated (``translate``, ``stream``). Errors are Ollama
 ``keep_alive`` sets how long the model stays loaded once idle (``ManagedModel.keep_for``,
 which the idle reaper reads instead of its ``ttl``), when the answer ends; a request without it
 puts the configured ``ttl`` back. A request with nothing to generate loads the model
-(``done_reason: "load"``), or with ``keep_alive: 0`` unloads it now through the supervisor, as
-the admin API does (``done_reason: "unload"``).
+(``done_reason: "load"``), or with ``keep_alive: 0`` unloads it (``done_reason: "unload"``):
+now, through the supervisor as the admin API does, for a key with the admin scope or when no
+one else is using the model; for an inference key while others are, at its first idle moment.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from corral.proxy.ollama.stream import Answer, now
 from corral.proxy.routing import model_name, parse_body
 from corral.supervisor import ManagedModel
 from corral.supervisor.childhttp import Upstream
+from corral.supervisor.state import ModelState
 
 log = structlog.get_logger("corral.proxy")
 
@@ -80,14 +82,18 @@ class OllamaApi:
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
 
-    def find(self, name: str, key: ResolvedKey) -> ManagedModel:
-        """``name`` as Ollama clients write it: ``name:latest`` is ``name``."""
+    def find(self, name: str, key: ResolvedKey, fallback: bool = False) -> ManagedModel:
+        """``name`` as Ollama clients write it: ``name:latest`` is ``name``. With
+        ``fallback`` (generation and embeddings) and ``unknown_model_to_default``, a name
+        corral knows neither way is the default model, as for an OpenAI request."""
         try:
             return self.proxy.find(name, key)
         except ModelNotFoundError:
             if not name.endswith(":latest"):
+                if fallback:
+                    return self.proxy.find(name, key, fallback=True)
                 raise
-        return self.proxy.find(name.removesuffix(":latest"), key)
+        return self.proxy.find(name.removesuffix(":latest"), key, fallback=fallback)
 
     def _describe(self, model: ManagedModel) -> Description:
         if model.needs_files:  # as Ollama answers for a model not pulled yet
@@ -111,14 +117,15 @@ class OllamaApi:
     async def _handle(self, request: Request, convert: Translate) -> Response:
         proxy = self.proxy
         started = time.perf_counter()
+        arrived = time.monotonic()  # which keep_alive wins: the last request to arrive
         request_id = _request_id(request)
         name = ""
         try:
             key = proxy.require(request, "inference")
             body = await read_body(request, proxy.limits.max_body, proxy.limits.body_timeout)
             data = parse_body(body)
-            asked = model_name(data, proxy.default_model)
-            model = self.find(asked, key)
+            asked = model_name(data, proxy.default_model, proxy.unknown_to_default)
+            model = self.find(asked, key, fallback=True)
             name = model.name
             # A model whose files are not fetched yet cannot be described: the request goes
             # on (it starts or joins the download) and llama-server judges it once loaded.
@@ -128,7 +135,7 @@ class OllamaApi:
                 model.ctx_per_slot, spec.multimodal,
                 about is None or "thinking" in about.capabilities))
             if translated.empty:  # loading or unloading asks nothing the model cannot do
-                return await self._load_or_unload(request, model, asked, translated,
+                return await self._load_or_unload(request, key, model, asked, translated,
                                                   request_id, started)
             if about is not None:
                 _check_capability(translated, about)
@@ -137,7 +144,8 @@ class OllamaApi:
             def answer(upstream: Upstream, finish: Callable[[], None],
                        headers: list[tuple[bytes, bytes]]) -> Answer:
                 def done() -> None:
-                    model.keep_for(translated.keep_alive)  # before the lease's release
+                    # before the lease's release; as of when it arrived
+                    model.keep_for(translated.keep_alive, arrived)
                     finish()
                 return Answer(upstream, done, headers, translated=translated, model=asked,
                               started=started,
@@ -153,23 +161,30 @@ class OllamaApi:
             return ollama_error(proxy.answer_error(request, name, exc, request_id, started))
 
     async def _load_or_unload(
-        self, request: Request, model: ManagedModel, asked: str,
+        self, request: Request, key: ResolvedKey, model: ManagedModel, asked: str,
         translated: translate.Translated, request_id: str, started: float,
     ) -> Response:
         supervisor = self.proxy.supervisor
+        action = reason = "unload"
         if translated.keep_alive == 0:
-            await supervisor.unload(model.name, "manual")
-            reason = "unload"
+            if "admin" in key.scopes or not model.busy:
+                await supervisor.unload(model.name, "manual")
+            elif model.state.serving or model.state == ModelState.STARTING:
+                # Others are using it: stopping it under them (their next requests waiting
+                # for a reload) is the admin's act. An inference key's unload is Ollama's:
+                # the model stops at its first idle moment, cutting no one short.
+                model.keep_for(0)
+                action = "unload_when_idle"
         else:
             was_serving = model.state.serving
             (await supervisor.acquire(model)).release()
             model.keep_for(translated.keep_alive)
-            reason = "load"
+            action = reason = "load"
         seconds = time.perf_counter() - started
         self.proxy.instruments.request_done(model.name, endpoint(request), 200, seconds, None)
         log.info("request", request_id=request_id, model=model.name, client=_client(request),
                  method=request.method, path=clip(request.url.path), status=200,
-                 action=reason, seconds=round(seconds, 4))
+                 action=action, seconds=round(seconds, 4))
         body: dict[str, Any] = {"model": asked, "created_at": now()}
         if translated.mode == "chat":
             body["message"] = {"role": "assistant", "content": ""}

@@ -159,8 +159,10 @@ def _think(data: dict[str, Any], thinks: bool) -> dict[str, Any]:
         raise BadRequestError("this model does not support thinking (its chat template has no "
                               "reasoning block)", code="thinking_unsupported")
     if isinstance(think, bool):
+        # "deepseek" either way: with "none" llama-server leaves the closed, empty block
+        # that a template writes for enable_thinking false (<think></think>) in the content.
         return {"chat_template_kwargs": {"enable_thinking": think},
-                "reasoning_format": "deepseek" if think else "none"}
+                "reasoning_format": "deepseek"}
     if think in ("low", "medium", "high"):
         return {"chat_template_kwargs": {"reasoning_effort": think},
                 "reasoning_format": "deepseek"}
