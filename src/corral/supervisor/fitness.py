@@ -5,8 +5,8 @@ load does (the model's GGUF header, its placement request, the other models as e
 candidates) and keeps the headers it read, so ``/admin/status`` reads each file once.
 
 What it does not do that a load does: read the devices' memory again first (on discovered
-GPUs, what other programs use is as of the last reading), and look for a better layout by
-stopping idle models when the model would fit partly on the CPU.
+GPUs, what other programs use is as of the last reading). Like a load, it counts the idle
+models a load would stop to run a model wholly on the GPUs (``better_layout_evictions``).
 """
 
 from __future__ import annotations
