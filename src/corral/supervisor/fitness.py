@@ -11,6 +11,8 @@ models a load would stop to run a model wholly on the GPUs (``better_layout_evic
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -53,6 +55,15 @@ def _read(spec: ModelSpec) -> tuple[ModelProfile, int, ModelProfile | None]:
             _profiles.clear()
         _profiles[key] = found
     return found
+
+
+async def read_headers(models: Iterable[ManagedModel]) -> None:
+    """Read, off the event loop, the headers ``model_fit`` will want and has not kept yet (a
+    large model's header takes a while; ``model_fit`` itself runs on the loop)."""
+    for model in models:
+        if model.state not in _PLACED:
+            with contextlib.suppress(OSError, ValueError):
+                await asyncio.to_thread(_read, model.local_spec)
 
 
 def _candidates(models: Iterable[ManagedModel], asking: ManagedModel,
