@@ -18,6 +18,7 @@ from corral.placement.fitness import NO_ROOM, FitAnswer, would_fit
 from corral.placement.ledger import EvictionCandidate, Ledger
 from corral.placement.requests import declared_devices, placement_request
 from corral.probe.gguf import read_profile
+from tests.placement.public_models import GiB, llama31_8b
 
 
 def config(header: Path, budget: int | str) -> Config:
@@ -79,3 +80,22 @@ def test_no_room_when_it_never_fits_here(smollm2_header: Path) -> None:
     # Smaller than the model itself: evicting everything would not help.
     answer = ask_c(smollm2_header, one // 2, {}, [])
     assert answer == NO_ROOM
+
+
+def test_a_load_that_would_stop_idle_models_to_run_wholly_on_the_gpu_does_not_fit_now() -> None:
+    # gpu_layers auto: Llama-3.1-8B fits beside an idle model with layers on the CPU, but a load
+    # stops the idle model first to run it whole on the GPU; a busy one it leaves alone.
+    cfg = parse_config({"devices": [{"id": "cuda:0", "memory": "24GiB"},
+                                    {"id": "cpu", "memory": "64GiB"}],
+                        "reserve": {"ram": 0, "gpu": 0},
+                        "models": {"big": {"path": "/nonexistent.gguf"}}})
+    devices = declared_devices(cfg)
+    assert devices is not None
+    ledger = Ledger(devices)
+    ledger.reserve("other", {"cuda:0": 20 * GiB})
+    request = placement_request(cfg.models["big"], cfg)
+    idle = would_fit(llama31_8b(), request, ledger, [EvictionCandidate("other", 0.0)])
+    assert idle.as_dict() == {"now": False, "after_evicting_idle": True, "evict": ["other"]}
+    busy = would_fit(llama31_8b(), request, ledger,
+                     [EvictionCandidate("other", 0.0, busy=True)])
+    assert busy == FitAnswer(now=True, after_evicting_idle=True)

@@ -31,7 +31,7 @@ from corral.metrics.instruments import Instruments
 from corral.metrics.pool import pool_metrics
 from corral.supervisor import ManagedModel, ModelProcess, ModelState, Supervisor
 from corral.supervisor.events import SupervisorEvents
-from corral.supervisor.fitness import model_fit
+from corral.supervisor.fitness import model_fit, read_headers
 
 log = structlog.get_logger(__name__)
 
@@ -95,6 +95,7 @@ class CorralMetrics(SupervisorEvents, Collector):
         async with self._lock:
             models = list(self._supervisor.models.values()) if self._supervisor else []
             self._snapshots = await read_children(models)
+            await read_headers(models)  # for the pool metrics' fit, read off the loop
             for snapshot in self._snapshots:
                 self._observe_tokens(snapshot)
             return generate_latest(self.registry)

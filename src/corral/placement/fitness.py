@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from corral.errors import NoFit
-from corral.placement.decide import PlacementRequest, plan_placement
+from corral.placement.decide import PlacementPlan, PlacementRequest, plan_placement
 from corral.placement.ledger import EvictionCandidate, Ledger, choose_evictions
 from corral.placement.profile import ModelProfile
 
@@ -40,6 +40,37 @@ class FitAnswer:
 NO_ROOM = FitAnswer(now=False, after_evicting_idle=False)
 
 
+def better_layout_evictions(
+    profile: ModelProfile, request: PlacementRequest, plan: PlacementPlan, ledger: Ledger,
+    candidates: Sequence[EvictionCandidate],
+) -> list[str] | None:
+    """Idle models to stop so that the load runs wholly on the GPUs (or on fewer of them) than
+    ``plan`` allows, or None.
+
+    With ``gpu_layers: auto`` a plan that fits what is free may leave layers on the CPU, or
+    split a model over GPUs, where stopping idle models would let it run whole on one GPU,
+    many times faster. Only that is a reason: the alternative is planned with ``plan``'s own
+    slots and context (more of either is never a reason to stop a model), and a model that
+    would still be partly on the CPU evicts nobody for a few more layers.
+    """
+    whole = profile.n_layer + 1
+    if plan.gpu_layers == whole and len(plan.gpus) <= 1:
+        return None  # no better layout exists
+    idle = [c for c in candidates if not c.busy and not c.pinned and ledger.holdings(c.name)]
+    if not idle:
+        return None
+    try:
+        ideal = plan_placement(profile, request.sized(plan.slots, plan.ctx_per_slot),
+                               ledger.devices, ledger.without(c.name for c in idle))
+    except (NoFit, ValueError):
+        return None
+    better = ideal.gpu_layers == whole and (
+        plan.gpu_layers < whole or len(ideal.gpus) < len(plan.gpus))
+    if not better:
+        return None
+    return choose_evictions(ideal.reservation, idle, ledger) or None
+
+
 def would_fit(
     profile: ModelProfile, request: PlacementRequest, ledger: Ledger,
     candidates: Sequence[EvictionCandidate],
@@ -48,7 +79,11 @@ def would_fit(
     some of ``candidates`` (the other models that hold memory; busy and pinned ones are never
     chosen)."""
     try:
-        plan_placement(profile, request, ledger.devices, ledger)
+        plan = plan_placement(profile, request, ledger.devices, ledger)
+        better = better_layout_evictions(profile, request, plan, ledger, candidates)
+        if better:
+            # It fits, but a load stops these first to run wholly on the GPUs.
+            return FitAnswer(now=False, after_evicting_idle=True, evict=tuple(better))
         return FitAnswer(now=True, after_evicting_idle=True)
     except NoFit as exc:
         if exc.permanent:

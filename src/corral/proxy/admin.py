@@ -19,7 +19,7 @@ from corral.proxy.drain import DrainState
 from corral.proxy.errors import error_response, response_for
 from corral.proxy.handlers import Proxy
 from corral.supervisor import ManagedModel, Supervisor
-from corral.supervisor.fitness import model_fit
+from corral.supervisor.fitness import model_fit, read_headers
 
 log = structlog.get_logger("corral.proxy")
 
@@ -98,6 +98,7 @@ def routes(corral: AdminHost) -> list[Route]:
         return corral.proxy.guarded(handler, "admin")
 
     async def get_status(request: Request) -> Response:
+        await read_headers(list(supervisor.models.values()))
         return JSONResponse(status(corral))
 
     async def list_models(request: Request) -> Response:

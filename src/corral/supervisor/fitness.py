@@ -5,12 +5,14 @@ load does (the model's GGUF header, its placement request, the other models as e
 candidates) and keeps the headers it read, so ``/admin/status`` reads each file once.
 
 What it does not do that a load does: read the devices' memory again first (on discovered
-GPUs, what other programs use is as of the last reading), and look for a better layout by
-stopping idle models when the model would fit partly on the CPU.
+GPUs, what other programs use is as of the last reading). Like a load, it counts the idle
+models a load would stop to run a model wholly on the GPUs (``better_layout_evictions``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -53,6 +55,15 @@ def _read(spec: ModelSpec) -> tuple[ModelProfile, int, ModelProfile | None]:
             _profiles.clear()
         _profiles[key] = found
     return found
+
+
+async def read_headers(models: Iterable[ManagedModel]) -> None:
+    """Read, off the event loop, the headers ``model_fit`` will want and has not kept yet (a
+    large model's header takes a while; ``model_fit`` itself runs on the loop)."""
+    for model in models:
+        if model.state not in _PLACED:
+            with contextlib.suppress(OSError, ValueError):
+                await asyncio.to_thread(_read, model.local_spec)
 
 
 def _candidates(models: Iterable[ManagedModel], asking: ManagedModel,

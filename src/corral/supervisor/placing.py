@@ -28,6 +28,7 @@ from corral.placement.decide import (
     choose_evictions,
     plan_placement,
 )
+from corral.placement.fitness import better_layout_evictions
 from corral.placement.ledger import CapacityError, Ledger
 from corral.placement.profile import ModelProfile
 from corral.placement.requests import declared_devices, placement_request
@@ -55,32 +56,9 @@ def _evictions_for_a_better_layout(
     profile: ModelProfile, request: PlacementRequest, plan: PlacementPlan, ledger: Ledger,
     candidates: list[Candidate],
 ) -> list[str] | None:
-    """Idle models to stop so that the load runs wholly on the GPUs (or on fewer of them) than
-    ``plan`` allows, or None.
-
-    With ``gpu_layers: auto`` a plan that fits what is free may leave layers on the CPU, or
-    split a model over GPUs, where stopping idle models would let it run whole on one GPU,
-    many times faster. Only that is a reason: the alternative is planned with ``plan``'s own
-    slots and context (more of either is never a reason to stop a model), and a model that
-    would still be partly on the CPU evicts nobody for a few more layers.
-    """
-    whole = profile.n_layer + 1
-    if plan.gpu_layers == whole and len(plan.gpus) <= 1:
-        return None  # no better layout exists
-    idle = [c for c in candidates if not c.busy and not c.pinned and ledger.holdings(c.name)]
-    if not idle:
-        return None
-    try:
-        ideal = plan_placement(profile, request.sized(plan.slots, plan.ctx_per_slot),
-                               ledger.devices,
-                               ledger.without(c.name for c in idle))
-    except (NoFit, ValueError):
-        return None
-    better = ideal.gpu_layers == whole and (
-        plan.gpu_layers < whole or len(ideal.gpus) < len(plan.gpus))
-    if not better:
-        return None
-    return choose_evictions(ideal.reservation, _pool(idle), ledger) or None
+    """Idle models to stop so that the load runs wholly on the GPUs (``better_layout_evictions``
+    decides, as ``/admin/status``'s ``fit`` does)."""
+    return better_layout_evictions(profile, request, plan, ledger, _pool(candidates))
 
 
 def _pool(candidates: Iterable[Candidate]) -> list[EvictionCandidate]:
