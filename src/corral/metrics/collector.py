@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Protocol
 
 import structlog
 from prometheus_client import CollectorRegistry, disable_created_metrics, generate_latest
@@ -28,25 +27,12 @@ from corral.metrics.children import (
     read_children,
 )
 from corral.metrics.instruments import Instruments
-from corral.metrics.pool import pool_metrics
+from corral.metrics.pool import QueueReading, pool_metrics
 from corral.supervisor import ManagedModel, ModelProcess, ModelState, Supervisor
 from corral.supervisor.events import SupervisorEvents
 from corral.supervisor.fitness import model_fit, read_headers
 
 log = structlog.get_logger(__name__)
-
-
-class QueueReading(Protocol):
-    """What a scrape reads of a model's admission queue (``corral.proxy.admission``)."""
-
-    @property
-    def in_flight(self) -> int: ...
-
-    @property
-    def loading(self) -> int: ...
-
-    @property
-    def depth(self) -> int: ...
 
 
 @dataclass

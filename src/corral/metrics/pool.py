@@ -36,8 +36,8 @@ from corral.placement.fitness import FitAnswer
 from corral.supervisor import ManagedModel, ModelState
 
 
-class Busy(Protocol):
-    """What the pool metrics read of a model's admission queue."""
+class QueueReading(Protocol):
+    """What a scrape reads of a model's admission queue (``corral.proxy.admission``)."""
 
     @property
     def in_flight(self) -> int: ...
@@ -65,7 +65,7 @@ def kv_cache_utilization(slot_lists: Sequence[Sequence[Mapping[str, Any]]]) -> f
 
 
 def pool_metrics(
-    models: Sequence[ManagedModel], queues: Mapping[str, Busy],
+    models: Sequence[ManagedModel], queues: Mapping[str, QueueReading],
     slot_lists: Sequence[Sequence[Mapping[str, Any]]],
     fits: Mapping[str, FitAnswer | None], now: float | None = None,
 ) -> Iterator[Metric]:
