@@ -279,7 +279,7 @@ class Proxy:
                 if await lease.process.exited_within(0.5):
                     if not exc.refused:
                         raise
-                    await asyncio.sleep(0.05)  # let the supervisor's watcher mark the crash
+                    await lease.model.notice_exit(lease.process, 10.0)
                 continue
             except BaseException:
                 lease.release()

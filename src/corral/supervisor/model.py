@@ -689,6 +689,15 @@ class ManagedModel:
             return self.plan.ctx_per_slot
         return self.spec.ctx_per_slot if isinstance(self.spec.ctx_per_slot, int) else None
 
+    async def notice_exit(self, proc: ModelProcess, timeout: float) -> None:
+        """Wait up to ``timeout`` until the model no longer serves ``proc``, which has exited:
+        its watcher drains the child's output and marks the crash first, so a request that
+        found the child dead acquires again only once that is done (then it waits for the
+        restart instead of reaching the same dead child)."""
+        deadline = time.monotonic() + timeout
+        while self.process is proc and self.state.serving and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
     def memory(self) -> dict[str, dict[str, int]]:
         """Bytes per device: ``estimated`` (reserved) and ``actual`` (what the child reported)."""
         estimated = self.plan.reservation if self.plan is not None else {}
