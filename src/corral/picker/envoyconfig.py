@@ -113,12 +113,20 @@ def _manager(routes: list[dict[str, Any]], fail_open: bool) -> dict[str, Any]:
                          "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
                 "grpc_service": {"envoy_grpc": {"cluster_name": "picker"}, "timeout": "10s"},
                 "failure_mode_allow": fail_open,
+                # Per message, in STREAMED mode too: the header answer waits for the chunk
+                # that names the model, so this bounds how long a client may trickle that.
                 "message_timeout": "10s",
+                # STREAMED (Envoy keeps each chunk until the picker answers it, so it can still
+                # fail open when the picker is down) with the chunks sent before the header
+                # answer: the picker needs the body's model to answer the headers.
+                # FULL_DUPLEX_STREAMED hands the chunks over, and Envoy (1.40) then answers 500
+                # instead of failing open once the first chunk has gone (Envoy PR #41276).
+                "send_body_without_waiting_for_header_response": True,
                 # Envoy takes the picker's fallback list (dynamic metadata) in this namespace.
                 "metadata_options": {"receiving_namespaces": {"untyped": ["envoy.lb"]}},
                 "processing_mode": {
                     "request_header_mode": "SEND", "response_header_mode": "SKIP",
-                    "request_body_mode": "FULL_DUPLEX_STREAMED", "response_body_mode": "NONE",
+                    "request_body_mode": "STREAMED", "response_body_mode": "NONE",
                     "request_trailer_mode": "SEND", "response_trailer_mode": "SKIP"}}},
             {"name": "envoy.filters.http.router", "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},

@@ -2,7 +2,8 @@
 
 Envoy (as a Gateway API implementation configures it for an ``InferencePool``) opens one
 ``Process`` stream per request, sends the request headers and then the body in chunks as they
-arrive (``request_body_mode: STREAMED``), and waits for an answer to each message in order.
+arrive (``request_body_mode: STREAMED`` with ``send_body_without_waiting_for_header_response``:
+the chunks come before the headers are answered), and waits for an answer to each in order.
 This server holds its answer to the headers until the body has named its model (usually in the
 first chunk: ``ModelSniffer`` answers as soon as ``"model"`` is complete), asks the ``Picker``,
 and then answers:
@@ -12,8 +13,8 @@ and then answers:
   ``envoy.lb / x-gateway-destination-endpoint: "ip:port,ip:port,..."`` (the fallback list,
   best first, as the inference extension's protocol defines it); the route cache is cleared so
   a route matching on the header sees it;
-- every body chunk held so far, and every later one: unchanged (an empty ``CommonResponse``
-  passes the chunk on as Envoy has it);
+- every body chunk held so far, and every later one: an empty ``CommonResponse`` (CONTINUE),
+  so Envoy sends on the chunk it kept;
 - or, when the picker refuses (no pod up, every pod full, an unknown model), an immediate
   response: 429/503/404 with ``Retry-After`` and corral's JSON error body.
 
@@ -97,7 +98,7 @@ class ExtProcServer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                     yield await self._answer(None, stream)
             elif kind == "request_body" and stream is not None:
                 if stream.decided:
-                    yield _pass_on(message.request_body)
+                    yield _pass_on()
                     continue
                 stream.held.append(message.request_body)
                 try:
@@ -124,8 +125,8 @@ class ExtProcServer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         yield answer
         if answer.WhichOneof("response") == "immediate_response":
             return
-        for chunk in stream.held:
-            yield _pass_on(chunk)
+        for _ in stream.held:    # one answer per chunk, in order
+            yield _pass_on()
         stream.held.clear()
 
     async def _answer(self, model: str | None, stream: _Stream) -> pb.ProcessingResponse:
@@ -164,11 +165,9 @@ def _header_map(headers: object) -> dict[str, str]:
     return result
 
 
-def _pass_on(chunk: pb.HttpBody) -> pb.ProcessingResponse:
-    """The chunk as Envoy sent it (full-duplex mode: the processor sends the body on)."""
-    return pb.ProcessingResponse(request_body=pb.BodyResponse(response=pb.CommonResponse(
-        body_mutation=pb.BodyMutation(streamed_response=pb.StreamedBodyResponse(
-            body=chunk.body, end_of_stream=chunk.end_of_stream)))))
+def _pass_on() -> pb.ProcessingResponse:
+    """CONTINUE for one chunk (STREAMED mode: Envoy holds the chunk and sends it on as it is)."""
+    return pb.ProcessingResponse(request_body=pb.BodyResponse(response=pb.CommonResponse()))
 
 
 def _destination(endpoints: tuple[str, ...]) -> pb.ProcessingResponse:
