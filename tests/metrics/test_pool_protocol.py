@@ -1,6 +1,6 @@
-"""corral as an InferencePool member: its /metrics against the stock picker's engine
-configuration, and the /admin/status fields corral's own picker reads, with the real
-llama-server.
+"""corral as an InferencePool member: its /metrics against both forms of the stock
+picker's engine configuration (metric flags, EndpointPickerConfig), and the /admin/status
+fields corral's own picker reads, with the real llama-server.
 
 The host budget is declared so that one SmolLM2 child fits and two do not: what would fit, and
 what a load would evict, is then known.
@@ -26,22 +26,59 @@ from tests.conftest import ENDLESS, CorralProcess, holding_a_slot
 pytestmark = pytest.mark.integration
 
 Start = Callable[..., CorralProcess]
-ENGINE_CONFIG = (Path(__file__).parents[2] / "examples" / "inference-pool"
-                 / "epp-engine-corral.yaml")
-# The protocol's metric flags, and the labels the picker reads from each (none: the value).
+EXAMPLES = Path(__file__).parents[2] / "examples" / "inference-pool"
+# Older pickers: Helm values with the metric flags. Newer ones: an EndpointPickerConfig.
+ENGINE_FLAGS = EXAMPLES / "epp-engine-corral.yaml"
+ENGINE_CONFIG = EXAMPLES / "epp-config-corral.yaml"
+# Each protocol reading: its flag, its engineConfigs key, and the labels the picker reads
+# from its series (none: the value).
 PROTOCOL = {
-    "total-queued-requests-metric": set(),
-    "total-running-requests-metric": set(),
-    "kv-cache-usage-percentage-metric": set(),
-    "lora-info-metric": {"running_lora_adapters", "waiting_lora_adapters", "max_lora"},
+    "queued": ("total-queued-requests-metric", "queuedRequestsSpec", set()),
+    "running": ("total-running-requests-metric", "runningRequestsSpec", set()),
+    "kv": ("kv-cache-usage-percentage-metric", "kvUsageSpec", set()),
+    "lora": ("lora-info-metric", "loraSpec",
+             {"running_lora_adapters", "waiting_lora_adapters", "max_lora"}),
 }
+# The pickers' metric spec: a name and an optional selector, `name{label=value,...}`.
 SPEC = re.compile(r"^(?P<name>[a-zA-Z_][a-zA-Z0-9_:]*)(\{(?P<labels>[^}]*)\})?$")
+SELECTOR = re.compile(r'^\s*(?P<label>[a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"?(?P<value>[^",]*)"?\s*$')
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """A metric spec's name and its label selector (empty without one)."""
+    match = SPEC.match(spec)
+    assert match is not None, f"{spec!r} is not a metric spec"
+    selector: dict[str, str] = {}
+    for part in (match["labels"] or "").split(","):
+        if not part.strip():
+            continue
+        pair = SELECTOR.match(part)
+        assert pair is not None, f"{spec!r}: {part!r} is not label=value"
+        selector[pair["label"]] = pair["value"]
+    return match["name"], selector
 
 
 def engine_flags() -> dict[str, str]:
-    flags: dict[str, str] = yaml.safe_load(ENGINE_CONFIG.read_text())["inferenceExtension"][
+    flags: dict[str, str] = yaml.safe_load(ENGINE_FLAGS.read_text())["inferenceExtension"][
         "flags"]
     return flags
+
+
+def engine_config() -> dict[str, Any]:
+    """The corral entry of the EndpointPickerConfig's metrics extractor."""
+    document = yaml.safe_load(ENGINE_CONFIG.read_text())
+    (plugin,) = [p for p in document["plugins"] if p["type"] == "core-metrics-extractor"]
+    parameters: dict[str, Any] = plugin["parameters"]
+    (entry,) = [e for e in parameters["engineConfigs"]
+                if e["name"] == parameters["defaultEngine"]]
+    return entry
+
+
+def specs_of_both_files() -> dict[str, dict[str, str]]:
+    """For each file, the spec it gives each protocol reading."""
+    flags, entry = engine_flags(), engine_config()
+    return {ENGINE_FLAGS.name: {r: flags[flag] for r, (flag, _, _) in PROTOCOL.items()},
+            ENGINE_CONFIG.name: {r: entry[key] for r, (_, key, _) in PROTOCOL.items()}}
 
 
 def model(smollm2: Path) -> dict[str, Any]:
@@ -67,21 +104,29 @@ def families(server: CorralProcess) -> dict[str, Metric]:
 
 
 def protocol_values(server: CorralProcess) -> dict[str, Any]:
-    """Each protocol metric named by the engine configuration, checked for type and labels:
-    the value, or for the LoRA info metric its labels."""
+    """Each protocol reading as the picker would take it from corral's /metrics, by the specs
+    of both engine configuration files (which must agree), checked for type and labels: the
+    value, or for the LoRA info metric its labels."""
     found = families(server)
-    values: dict[str, Any] = {}
-    for flag, labels in PROTOCOL.items():
-        spec = SPEC.match(engine_flags()[flag])
-        assert spec is not None, f"{flag}: {engine_flags()[flag]!r} is not a metric spec"
-        family = found.get(spec["name"])
-        assert family is not None, f"{flag}: corral has no metric {spec['name']}"
-        assert family.type == "gauge", f"{flag}: {spec['name']} is a {family.type}"
-        assert len(family.samples) == 1, f"{flag}: one series expected, {family.samples}"
-        sample = family.samples[0]
-        assert set(sample.labels) == labels, f"{flag}: labels {sample.labels}"
-        values[flag] = sample.labels if labels else sample.value
-    return values
+    by_file: dict[str, dict[str, Any]] = {}
+    for file, specs in specs_of_both_files().items():
+        values: dict[str, Any] = {}
+        for reading, (_, _, labels) in PROTOCOL.items():
+            where = f"{file} {reading} {specs[reading]!r}"
+            name, selector = parse_spec(specs[reading])
+            family = found.get(name)
+            assert family is not None, f"{where}: corral has no metric {name}"
+            assert family.type == "gauge", f"{where}: {name} is a {family.type}"
+            samples = [s for s in family.samples
+                       if all(s.labels.get(k) == v for k, v in selector.items())]
+            assert len(samples) == 1, f"{where}: one series expected, {family.samples}"
+            sample = samples[0]
+            assert set(sample.labels) - set(selector) == labels, f"{where}: {sample.labels}"
+            values[reading] = sample.labels if labels else sample.value
+        by_file[file] = values
+    first, second = by_file.values()
+    assert first == second, by_file
+    return first
 
 
 def status_of(server: CorralProcess) -> dict[str, Any]:
@@ -95,11 +140,32 @@ def by_name(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {m["name"]: m for m in status["models"]}
 
 
-def test_the_engine_configuration_names_only_what_corral_exports() -> None:
+def test_the_metric_spec_parser_reads_names_and_selectors() -> None:
+    assert parse_spec("corral_pool_waiting_requests") == ("corral_pool_waiting_requests", {})
+    assert parse_spec('m:x{kind=waiting, b="c"}') == ("m:x", {"kind": "waiting", "b": "c"})
+    with pytest.raises(AssertionError):
+        parse_spec("m{kind}")
+    with pytest.raises(AssertionError):
+        parse_spec("not a name")
+
+
+def test_both_engine_configurations_name_only_what_corral_exports() -> None:
     flags = engine_flags()
-    assert set(PROTOCOL) <= set(flags)
+    assert {flag for flag, _, _ in PROTOCOL.values()} <= set(flags)
     # vLLM's paged-cache info has no llama.cpp equivalent: turned off, not pointed elsewhere.
     assert flags["cache-info-metric"] == ""
+
+    document = yaml.safe_load(ENGINE_CONFIG.read_text())
+    assert document["apiVersion"] == "llm-d.ai/v1"
+    assert document["kind"] == "EndpointPickerConfig"
+    entry = engine_config()
+    assert entry["name"] == "corral"
+    # An entry replaces the picker's built-in one whole: every spec is written out.
+    assert {key for _, key, _ in PROTOCOL.values()} | {"cacheInfoSpec"} <= set(entry)
+    assert entry["cacheInfoSpec"] == ""
+    # The two forms are the same configuration.
+    first, second = specs_of_both_files().values()
+    assert first == second
 
 
 def test_pool_metrics_and_status_follow_loads_and_traffic(corral: Start, smollm2: Path) -> None:
@@ -115,10 +181,10 @@ def test_pool_metrics_and_status_follow_loads_and_traffic(corral: Start, smollm2
         assert entry["fit"] == {"now": True, "after_evicting_idle": True, "evict": []}
         assert entry["slots_free"] == 0
     values = protocol_values(server)
-    assert values["total-queued-requests-metric"] == 0.0
-    assert values["total-running-requests-metric"] == 0.0
-    assert values["kv-cache-usage-percentage-metric"] == 0.0
-    assert values["lora-info-metric"] == {"running_lora_adapters": "",
+    assert values["queued"] == 0.0
+    assert values["running"] == 0.0
+    assert values["kv"] == 0.0
+    assert values["lora"] == {"running_lora_adapters": "",
                                           "waiting_lora_adapters": "", "max_lora": "2"}
 
     # a loaded and idle: b would fit only by evicting a.
@@ -129,9 +195,9 @@ def test_pool_metrics_and_status_follow_loads_and_traffic(corral: Start, smollm2
     assert b["fit"] == {"now": False, "after_evicting_idle": True, "evict": ["a"]}
     assert status["totals"]["slots_free"] == 2
     values = protocol_values(server)
-    assert values["lora-info-metric"] == {"running_lora_adapters": "a",
+    assert values["lora"] == {"running_lora_adapters": "a",
                                           "waiting_lora_adapters": "", "max_lora": "1"}
-    assert values["kv-cache-usage-percentage-metric"] == 0.0
+    assert values["kv"] == 0.0
 
     # One of a's slots generating: a is busy, so b has no room; the pod runs one request and
     # uses part of its KV cache.
@@ -147,10 +213,10 @@ def test_pool_metrics_and_status_follow_loads_and_traffic(corral: Start, smollm2
             # A scrape reads the child's /slots with a 1 s timeout; on a busy machine it may
             # miss one: read again until it answered.
             seen.append(protocol_values(server))
-            return float(seen[-1]["kv-cache-usage-percentage-metric"]) > 0.0
+            return float(seen[-1]["kv"]) > 0.0
 
         server.wait_for(kv_in_use)
-        assert seen[-1]["total-running-requests-metric"] == 1.0
-        assert seen[-1]["total-queued-requests-metric"] == 0.0
+        assert seen[-1]["running"] == 1.0
+        assert seen[-1]["queued"] == 0.0
         # At most the slot's share: one of two slots of 512 tokens.
-        assert 0.0 < seen[-1]["kv-cache-usage-percentage-metric"] <= 0.5
+        assert 0.0 < seen[-1]["kv"] <= 0.5

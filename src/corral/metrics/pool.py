@@ -2,8 +2,9 @@
 
 An endpoint picker (the inference extension's EPP, llm-d's inference scheduler) scrapes each
 pod of an ``InferencePool`` for the metrics its engine configuration names
-(``examples/inference-pool/epp-engine-corral.yaml`` maps each to corral's name). The pod is the
-whole corral, every model together:
+(``examples/inference-pool/epp-config-corral.yaml`` for newer pickers, ``epp-engine-corral.yaml``
+beside it for older ones, map each to corral's name). The pod is the whole corral, every model
+together:
 
 ``corral_pool_waiting_requests`` (gauge)
     Requests waiting for a slot or for their model to load (the protocol's
