@@ -73,6 +73,8 @@ def test_metrics_after_known_traffic(corral: Start, smollm2: Path) -> None:
     assert value(before, "corral_queue_rejected_total", model="m", reason="full") == 0.0
     assert value(before, "corral_model_loads_total", model="m", result="failed") == 0.0
     assert value(before, "corral_model_restarts_total", model="m") == 0.0
+    assert value(before, "corral_request_duration_seconds_count", model="m",
+                 endpoint="/v1/chat/completions") == 0.0
 
     for tokens in (3, 5, 7):
         chat(server, tokens, stream=False)

@@ -58,6 +58,9 @@ class Instruments:
         for endpoint in endpoints:
             for code in DECLARED_CODES:
                 self.requests.labels(model, endpoint, str(code))
+            # Without it, a burst answered between two scrapes creates the series already
+            # counted, and latency quantiles read NaN until the next request.
+            self.duration.labels(model, endpoint)
         for reason in REJECT_REASONS:
             self.rejected.labels(model, reason)
         for result in ("ok", "failed"):
