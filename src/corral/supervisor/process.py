@@ -44,6 +44,7 @@ log = structlog.get_logger("corral.supervisor")
 
 LOG_TAIL_LINES = 200
 _HEALTH_POLL_SECONDS = 0.1
+_HEALTH_POLL_MIN = 0.01
 # Lines of llama-server output quoted in a load error: enough to show its own reason.
 ERROR_TAIL_LINES = 15
 # The child's output: read in pieces of at most this many bytes (also the longest line kept
@@ -100,6 +101,9 @@ class ModelProcess:
         self._proc: asyncio.subprocess.Process | None = None
         self._pump: asyncio.Task[None] | None = None
         self._exited: asyncio.Task[int] | None = None
+        # Set when the loading child prints: its last lines come as it starts to serve, so
+        # /health is asked then rather than up to a poll interval later (a cold first token).
+        self._printed = asyncio.Event()
 
     @property
     def returncode(self) -> int | None:
@@ -172,6 +176,7 @@ class ModelProcess:
                     f"llama-server exited with code {self._exited.result()} while loading",
                     self.error_lines(),
                 )
+            self._printed.clear()
             with contextlib.suppress(httpx.TransportError):
                 response = await self.client.get("/health", timeout=2.0)
                 if response.status_code == 200:
@@ -186,7 +191,19 @@ class ModelProcess:
                     f"llama-server was not ready within {timeout:g}s",
                     self.error_lines(),
                 )
-            await asyncio.wait({self._exited}, timeout=_HEALTH_POLL_SECONDS)
+            await self._next_poll()
+
+    async def _next_poll(self) -> None:
+        """Wait until the child prints or exits, or ``_HEALTH_POLL_SECONDS`` pass; never less
+        than ``_HEALTH_POLL_MIN`` (a child printing hundreds of lines is not asked each time)."""
+        assert self._exited is not None
+        await asyncio.sleep(_HEALTH_POLL_MIN)
+        printed = asyncio.ensure_future(self._printed.wait())
+        try:
+            await asyncio.wait({self._exited, printed}, timeout=_HEALTH_POLL_SECONDS,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            printed.cancel()
 
     async def _check_owner(self) -> None:
         """Raise ``ModelLoadError`` unless the child (or its process group) owns the socket
@@ -291,6 +308,8 @@ class ModelProcess:
                 pending = b""
             for line in lines:
                 self._output_line(bound, line)
+            if lines:
+                self._printed.set()
             if self.startup_lines is None:
                 await self._let_output_gather()
 
