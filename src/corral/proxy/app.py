@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from corral.echo import clip
 from corral.errors import out_of_files
@@ -54,6 +54,37 @@ async def _os_error(request: Request, exc: Exception) -> Response:
                           retry_after=1.0)
 
 
+class InferenceDispatch:
+    """POSTs on the model endpoints go straight to their handler; everything else to ``app``.
+
+    They are nearly all of the traffic, and the Starlette stack around a route (two exception
+    layers, the router's scan, a request/response wrapper, each wrapping ``send`` again) did
+    nothing for them: their handler answers every error itself. The exceptions left are the
+    ones Starlette's layers would have met: a shortage of file descriptors answers 503 as
+    ``_os_error`` does, and anything else reaches uvicorn, which logs it and answers 500.
+    """
+
+    def __init__(self, app: ASGIApp, proxy: Proxy, routes: Sequence[Route]) -> None:
+        self.app = app
+        self.handler = proxy.inference
+        self.routes = {route.path: route for route in routes}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = self.routes.get(scope["path"]) if scope["type"] == "http" else None
+        if route is None or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        scope["route"] = route  # what the Router would set: the metrics' endpoint label
+        request = Request(scope, receive, send)
+        try:
+            response = await self.handler(request)
+        except OSError as exc:  # before the answer started: the handler returns it unsent
+            if not out_of_files(exc):
+                raise
+            response = await _os_error(request, exc)
+        await response(scope, receive, send)
+
+
 def build_app(
     proxy: Proxy,
     admin_routes: Sequence[BaseRoute],
@@ -69,8 +100,10 @@ def build_app(
     def public_metrics() -> bool:
         return proxy.config.file.auth.public_metrics
 
-    routes: list[BaseRoute] = [Route(path, proxy.inference, methods=["POST"])
-                               for path in INFERENCE_PATHS]
+    # The same POSTs are dispatched before Starlette (InferenceDispatch); these routes answer
+    # the other methods on those paths with 405.
+    inference = [Route(path, proxy.inference, methods=["POST"]) for path in INFERENCE_PATHS]
+    routes: list[BaseRoute] = [*inference]
     routes += [
         Route("/props", proxy.model_get, methods=["GET"]),
         Route("/slots", proxy.model_get, methods=["GET"]),
@@ -92,4 +125,5 @@ def build_app(
     # Starlette would answer a trailing slash with a redirect to a URL built from the client's
     # Host header, before any key is checked: such paths are simply not found.
     app.router.redirect_slashes = False
-    return WebGuard(DrainGuard(app, proxy.drain), lambda: proxy.config.file)
+    return WebGuard(DrainGuard(InferenceDispatch(app, proxy, inference), proxy.drain),
+                    lambda: proxy.config.file)
