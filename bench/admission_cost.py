@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from contextlib import ExitStack
@@ -61,15 +62,15 @@ async def clients(port: int, count: int, each: int, permits: int | None) -> list
 
 
 async def measure(port: int, rounds: int, count: int, each: int, permits: int) -> None:
-    await clients(port, 4, 3, None)  # warm
+    await clients(port, 16, 3, None)  # warm: the first burst is slow
     p50s: dict[str, list[float]] = {"straight": [], "held": []}
     for r in range(rounds):
         order = [("straight", None), ("held", permits)]
         for name, gate in order if r % 2 == 0 else order[::-1]:
             values = await clients(port, count, each, gate)
-            p50s[name].append(percentile(values, 50) * 1000)
+            p50s[name].append(percentile(values, 0.5) * 1000)
             print(f"round {r} {name}: p50 {p50s[name][-1]:.1f} ms, "
-                  f"p95 {percentile(values, 95) * 1000:.1f} ms")
+                  f"p95 {percentile(values, 0.95) * 1000:.1f} ms")
     added = [h - s for h, s in zip(p50s["held"], p50s["straight"], strict=True)]
     print(f"{count} clients, p50 straight {statistics.median(p50s['straight']):.1f} ms, "
           f"held to {permits} {statistics.median(p50s['held']):.1f} ms: "
@@ -81,7 +82,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--each", type=int, default=3, help="requests per client per round")
-    parser.add_argument("--binary", default=shutil.which("llama-server") or "llama-server")
+    parser.add_argument("--binary", default=str(Path(sys.executable).parent / "llama-server"))
     args = parser.parse_args()
     with ExitStack() as stack:
         workdir = Path(tempfile.mkdtemp(prefix="corral-admission-"))
