@@ -77,6 +77,9 @@ class ModelHost(Protocol):
 
     def release_memory(self, model: str) -> None: ...
 
+    def capacity_changed(self) -> None:
+        """A model may have become evictable (idle, ready, stopped): wake waiting loads."""
+
     def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]: ...
 
     def forget(self, model: ManagedModel) -> None: ...
@@ -393,6 +396,8 @@ class ManagedModel:
         log.info("model_state", model=self.name, state=str(new), previous=str(self.state),
                  pid=self.process.pid if self.process else None)
         self.state = new
+        if new in (ModelState.READY, ModelState.UNLOADED):
+            self.host.capacity_changed()
 
     def _begin_load(self) -> None:
         self._enter(ModelState.STARTING)  # refused from ready, retiring, retired, ...
@@ -780,6 +785,8 @@ class Lease:
             self.model.in_flight -= 1
             if self.touch:
                 self.model.last_used = time.monotonic()
+            if not self.model.in_flight:
+                self.model.host.capacity_changed()
 
 
 async def _slot_context(proc: ModelProcess) -> int | None:

@@ -91,8 +91,12 @@ async def place(
     candidates: Callable[[], Iterable[Candidate]],
     evict: Callable[[str], Awaitable[None]],
     wait: float,
+    changed: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> PlacementPlan:
     """Plan ``spec`` and reserve its memory, evicting idle models or waiting up to ``wait``.
+
+    While busy models hold the memory it waits in ``changed(seconds)``, which returns early
+    when one of them may have become evictable (the supervisor's signal; a plain sleep here).
 
     Raises ``ModelLoadError`` (503) saying what was needed, where, what is free and who holds
     it, when it cannot fit.
@@ -138,7 +142,7 @@ async def place(
                 who = "" if exc.impossible else " (busy or pinned models hold it)"
                 raise ModelLoadError(spec.name, f"not enough memory{who}: {exc}",
                                      retry_after=5.0) from None
-            await asyncio.sleep(_CAPACITY_POLL)
+            await changed(_CAPACITY_POLL)
         except CapacityError as exc:
             # Only if the ledger changed between plan and reserve: plan again, bounded.
             if time.monotonic() >= deadline:

@@ -70,6 +70,10 @@ class Supervisor:
         self.refusing = asyncio.Event()  # set by refuse_waiting() at the drain's deadline
         self.models = {name: ManagedModel(spec, self) for name, spec in config.models.items()}
         self._reap_interval = reap_interval
+        # Loads waiting for busy models to become evictable wait on this, not a poll: each
+        # change of a model's idleness sets it (and makes a new one), if anyone waits.
+        self._capacity = asyncio.Event()
+        self._capacity_waiters = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._background: list[asyncio.Task[None]] = []
 
@@ -198,7 +202,23 @@ class Supervisor:
         to its queue timeout."""
         return await place(model.local_spec, self.config, self.ledger,
                            partial(self._eviction_candidates, model), self._evict,
-                           wait=model.spec.queue_timeout)
+                           wait=model.spec.queue_timeout, changed=self._capacity_change)
+
+    def capacity_changed(self) -> None:
+        if self._capacity_waiters:
+            self._capacity.set()
+            self._capacity = asyncio.Event()
+
+    async def _capacity_change(self, timeout: float) -> None:
+        """Return when a model's idleness changes, or after ``timeout`` (others' memory)."""
+        event = self._capacity
+        self._capacity_waiters += 1
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except TimeoutError:
+            pass
+        finally:
+            self._capacity_waiters -= 1
 
     def _eviction_candidates(self, loading: ManagedModel) -> list[Candidate]:
         return [Candidate(m.name, m.last_used, busy=m.busy, pinned=m.spec.pinned)
@@ -210,6 +230,7 @@ class Supervisor:
 
     def release_memory(self, model: str) -> None:
         self.ledger.release(model)
+        self.capacity_changed()
 
     def forget(self, model: ManagedModel) -> None:
         """A retired model: gone for good (a reload that adds the name back makes a new one)."""
