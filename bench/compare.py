@@ -61,7 +61,7 @@ from parts import (
 
 FULL = {"rounds": 3, "p1_requests": 48, "p1_clients": [1, 16], "p2_chunks": 20000,
         "p2_streams": [1, 16, 64, 256], "p3_tokens": 32, "p3_clients": [1, 4, 16],
-        "p3_rounds": 3, "p4_rounds": 3, "p5_rounds": 2, "p5_seconds": 20.0, "p5_clients": 4,
+        "p3_rounds": 3, "p4_rounds": 3, "p5_rounds": 4, "p5_seconds": 20.0, "p5_clients": 4,
         "p5_tokens": 8,
         "p6_models": 20, "p6_starts": 5}
 QUICK = {"rounds": 1, "p1_requests": 4, "p1_clients": [1, 4], "p2_chunks": 200,
