@@ -72,3 +72,16 @@ def test_corral_cpu_measures_two_trees_in_turn() -> None:
         assert f"{name}: 1-token latency, 20 in turn: p50" in result.stdout
         assert result.stderr.count(f"round 0 {name}: ") == 1
     assert "this tree / against, per round: per request" in result.stdout
+
+
+def test_admission_cost_measures_both_ways_in_turn() -> None:
+    # bench/admission_cost.py (docs/benchmarks.md, P1 at 16 clients), reduced to seconds.
+    result = subprocess.run(
+        [sys.executable, "admission_cost.py", "--rounds", "2", "--clients", "6", "--each", "1"],
+        cwd=ROOT / "bench", capture_output=True, text=True, timeout=280,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    for r in (0, 1):
+        for name in ("straight", "held"):
+            assert f"round {r} {name}: p50 " in result.stdout, result.stdout + result.stderr
+    assert "6 clients, p50 straight " in result.stdout and "held to 4 " in result.stdout
