@@ -540,7 +540,8 @@ class ManagedModel:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self.host.observers.child_stopping(self.name, proc),
                                            _FINAL_READ_CAP)
-            code = await proc.stop(self.host.config.file.llama_server.stop_timeout)
+            code = await proc.stop(self.host.config.file.llama_server.stop_timeout,
+                                   idle=self.in_flight == 0)
             await self._after_exit(proc)
             log.info("model_stopped", model=self.name, pid=proc.pid, reason=reason,
                      exit_code=code)

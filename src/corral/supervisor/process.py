@@ -248,16 +248,23 @@ class ModelProcess:
         await self._drain_output()
         return code
 
-    async def stop(self, timeout: float) -> int | None:
-        """SIGTERM the child's process group, SIGKILL after ``timeout``; return the exit code."""
+    async def stop(self, timeout: float, idle: bool = False) -> int | None:
+        """SIGTERM the child's process group, SIGKILL after ``timeout``; return the exit code.
+
+        ``idle``: no request is using the child's connections (the caller's leases are all
+        back), so they are closed at once rather than after the exit.
+        """
         if self._proc is None or self._exited is None:
             return None
         if not self._exited.done():
             self._signal(signal.SIGTERM)
-            # llama-server's HTTP workers notice the stop only after their wait on an idle
-            # keep-alive connection (about 0.1 s): ours, closed now, let it exit at once. An
-            # eviction is that much shorter (P5 in docs/benchmarks.md).
-            await self._close_clients()
+            if idle:
+                # llama-server's HTTP workers notice the stop only after their wait on an
+                # idle keep-alive connection (about 0.1 s): ours, closed now, let it exit at
+                # once (an eviction is that much shorter: P5 in docs/benchmarks.md). Never
+                # under a request: a stream whose connection corral closed would not end, as
+                # one the exiting child closes does.
+                await self._close_clients()
             done, _ = await asyncio.wait({self._exited}, timeout=timeout)
             if not done:
                 log.warning("child_kill_after_timeout", model=self.model, pid=self.pid,
