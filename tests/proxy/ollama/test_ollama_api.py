@@ -34,6 +34,11 @@ TEMPLATES = Path(__file__).parent / "templates"
 
 FEW = {"num_predict": 4}
 HI = [{"role": "user", "content": "Hi"}]
+# For answers that must run into num_predict: to "Hi" the model sometimes says "Hi." and stops
+# (its sampling is seeded at random); a count goes on for longer than four tokens.
+COUNTING = "Count from one to twenty in words."
+COUNT = [{"role": "user", "content": COUNTING}]
+COUNT_FEW = {**FEW, "temperature": 0, "top_k": 1, "seed": 1}  # the same answer every time
 
 
 @pytest.fixture(scope="module")
@@ -105,12 +110,13 @@ def test_show_describes_the_gguf_and_real_context(server: CorralProcess) -> None
 
 
 def test_chat_streamed_and_not(server: CorralProcess) -> None:
-    whole = client(server).chat(model="smol", messages=HI, options=FEW)
+    whole = client(server).chat(model="smol", messages=COUNT, options=COUNT_FEW)
     assert whole.done and whole.done_reason == "length"
     assert whole.message.role == "assistant" and whole.message.content
     assert whole.eval_count == 4 and whole.prompt_eval_count
     assert whole.total_duration and whole.eval_duration and whole.prompt_eval_duration
-    parts = list(client(server).chat(model="tiny:latest", messages=HI, options=FEW, stream=True))
+    parts = list(client(server).chat(model="tiny:latest", messages=COUNT, options=COUNT_FEW,
+                                     stream=True))
     assert [p.done for p in parts] == [False] * (len(parts) - 1) + [True]
     assert "".join(p.message.content or "" for p in parts)
     assert parts[-1].done_reason == "length" and parts[-1].eval_count == 4
@@ -118,8 +124,9 @@ def test_chat_streamed_and_not(server: CorralProcess) -> None:
 
 
 def test_generate_streamed_and_not_with_system_and_raw(server: CorralProcess) -> None:
-    answer = client(server).generate(model="smol", prompt="Hi", system="Be brief.",
-                                     options=FEW)
+    answer = client(server).generate(model="smol", prompt=COUNTING,
+                                     system="You count aloud, one number after another.",
+                                     options=COUNT_FEW)
     assert answer.response and answer.done_reason == "length" and answer.eval_count == 4
     raw = list(client(server).generate(model="smol", prompt="Once upon a time", raw=True,
                                        options={"num_predict": 3, "temperature": 0,
@@ -299,16 +306,16 @@ def test_images_reach_a_model_with_a_projector(server: CorralProcess) -> None:
     assert "vision" in (client(server).show("seeing").capabilities or [])
     words = [{"role": "user", "content": "What is it?"}]
     looked = [{**words[0], "images": [red_square()]}]
-    plain = client(server).chat(model="seeing", messages=words, options=FEW)
-    whole = client(server).chat(model="seeing", messages=looked, options=FEW)
+    plain = client(server).chat(model="seeing", messages=words, options=COUNT_FEW)
+    whole = client(server).chat(model="seeing", messages=looked, options=COUNT_FEW)
     assert whole.done and whole.message.content and whole.eval_count == 4
     assert whole.prompt_eval_count is not None and plain.prompt_eval_count is not None
     assert whole.prompt_eval_count > plain.prompt_eval_count  # the image's tokens
-    parts = list(client(server).chat(model="seeing", messages=looked, options=FEW,
+    parts = list(client(server).chat(model="seeing", messages=looked, options=COUNT_FEW,
                                      stream=True))
     assert parts[-1].done and parts[-1].prompt_eval_count == whole.prompt_eval_count
     made = client(server).generate(model="seeing", prompt="What is it?",
-                                   images=[red_square()], options=FEW)
+                                   images=[red_square()], options=COUNT_FEW)
     assert made.done and made.response and made.eval_count == 4
 
 
@@ -329,10 +336,10 @@ def test_embeddings(server: CorralProcess) -> None:
 
 
 def test_keep_alive_zero_unloads_after_the_answer(server: CorralProcess) -> None:
-    client(server).generate(model="smol", prompt="Hi", options=FEW)
+    client(server).generate(model="smol", prompt="Hi", options=COUNT_FEW)
     first = pid(server, "smol")
     assert first is not None
-    answer = client(server).generate(model="smol", prompt="Hi", options=FEW, keep_alive=0)
+    answer = client(server).generate(model="smol", prompt="Hi", options=COUNT_FEW, keep_alive=0)
     assert answer.response
     server.wait_for(lambda: server.model("smol")["state"] == "unloaded")
     assert not psutil.pid_exists(first) or psutil.Process(first).status() == "zombie"
@@ -349,7 +356,7 @@ def test_keep_alive_load_for_ever_then_unload_now(server: CorralProcess) -> None
     assert ps["smol:latest"].context_length == 512
     expires = ps["smol:latest"].expires_at
     assert expires is not None and expires.year > 2200  # for ever
-    five = client(server).chat(model="smol", messages=HI, options=FEW, keep_alive="5m")
+    five = client(server).chat(model="smol", messages=HI, options=COUNT_FEW, keep_alive="5m")
     assert five.done and five.load_duration == 0  # it was loaded already
     ps = {m.model: m for m in client(server).ps().models}
     left = ps["smol:latest"].expires_at
@@ -383,7 +390,7 @@ def test_errors_before_the_stream_are_ollama_shaped(server: CorralProcess) -> No
     assert push.value.status_code == 501 and "config" in push.value.error
     # The child's own refusal, before any token: its status, in Ollama's shape.
     with pytest.raises(ollama.ResponseError) as too_long:
-        client(server).chat(model="smol", stream=True, options=FEW, messages=[
+        client(server).chat(model="smol", stream=True, options=COUNT_FEW, messages=[
             {"role": "user", "content": "word " * 2000}]).__next__()
     assert too_long.value.status_code == 400 and "context" in too_long.value.error
     bad = server.http.post("/api/generate", json={"model": "smol", "keep_alive": "soon"})
@@ -401,12 +408,12 @@ def test_a_child_dying_mid_stream_ends_it_with_an_error_line(server: CorralProce
     assert set(lines[-1]) == {"error"} and "failed" in lines[-1]["error"]
     assert not any(line.get("done") for line in lines)
     with pytest.raises(ollama.ResponseError):
-        for _ in client(server).chat(model="crashy", messages=HI, stream=True, options=FEW):
+        for _ in client(server).chat(model="crashy", messages=HI, stream=True, options=COUNT_FEW):
             pass
 
 
 def test_requests_are_counted_like_openai_ones(server: CorralProcess) -> None:
-    client(server).chat(model="smol", messages=HI, options=FEW)
+    client(server).chat(model="smol", messages=HI, options=COUNT_FEW)
     with pytest.raises(ollama.ResponseError):
         client(server).chat(model="smol", messages=HI, options={"num_gpu": 2})
     found = samples(server)
@@ -420,9 +427,9 @@ def test_requests_are_counted_like_openai_ones(server: CorralProcess) -> None:
 def test_async_client(server: CorralProcess) -> None:
     async def run() -> tuple[str, list[Any], list[float]]:
         async_client = ollama.AsyncClient(host=server.url, headers=ADMIN, timeout=240)
-        whole = await async_client.generate(model="smol", prompt="Hi", options=FEW)
+        whole = await async_client.generate(model="smol", prompt="Hi", options=COUNT_FEW)
         parts = [p async for p in await async_client.chat(
-            model="smol", messages=HI, options=FEW, stream=True)]
+            model="smol", messages=HI, options=COUNT_FEW, stream=True)]
         vector = (await async_client.embed(model="embed", input="hi")).embeddings[0]
         await async_client.close()
         return whole.response or "", parts, list(vector)
@@ -440,8 +447,8 @@ def test_open_webui_replay(server: CorralProcess) -> None:
         names = [m["name"] for m in http.get("/api/tags").json()["models"]]
         assert "smol:latest" in names
         assert http.get("/api/ps").status_code == 200
-        body = {"model": "smol:latest", "messages": HI, "stream": True,
-                "options": {"num_predict": 4}}
+        body = {"model": "smol:latest", "messages": COUNT, "stream": True,
+                "options": COUNT_FEW}
         with http.stream("POST", "/api/chat", json=body) as streamed:
             assert streamed.status_code == 200
             lines = [json.loads(line) for line in streamed.iter_lines() if line]
