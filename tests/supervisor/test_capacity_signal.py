@@ -67,17 +67,23 @@ async def test_a_load_behind_a_busy_model_waits_in_changed_then_evicts_it(
     assert ledger.owners == ["b"] and plan.reservation
 
 
+async def turns() -> None:
+    """Let every ready task run up to its next wait (no clock involved)."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
 async def test_the_supervisor_wakes_every_waiting_load_on_a_change(tmp_path: Path) -> None:
     supervisor = Supervisor(config(tmp_path))
     waiting = [asyncio.create_task(supervisor._capacity_change(HOUR)) for _ in range(2)]
-    await asyncio.sleep(0)  # both are waiting
-    assert not any(task.done() for task in waiting)
+    await turns()
+    assert supervisor._capacity_waiters == 2 and not any(task.done() for task in waiting)
     supervisor.capacity_changed()
     await asyncio.wait_for(asyncio.gather(*waiting), timeout=30)
     # A change with nobody waiting is not remembered for a later wait.
     supervisor.capacity_changed()
     later = asyncio.create_task(supervisor._capacity_change(HOUR))
-    await asyncio.sleep(0.05)
-    assert not later.done()
+    await turns()
+    assert supervisor._capacity_waiters == 1 and not later.done()
     supervisor.release_memory("a")  # a stopped model's memory is back
     await asyncio.wait_for(later, timeout=30)
