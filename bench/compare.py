@@ -190,8 +190,9 @@ async def run(args: argparse.Namespace, stack: ExitStack, results: Results,
 
     if 5 in parts:
         progress("P5")
-        await pressure(results, args, model, sizes, min(rounds, sizes["p5_rounds"]), workdir,
-                       started)
+        # P5 moves most between rounds: its own count unless --rounds asks for fewer.
+        p5_rounds = min(args.rounds or sizes["p5_rounds"], sizes["p5_rounds"])
+        await pressure(results, args, model, sizes, p5_rounds, workdir, started)
 
 
 def footprint(results: Results, model: str, sizes: dict[str, Any], workdir: Path,
