@@ -218,6 +218,7 @@ def test_reload_changes_adds_and_removes_models_without_dropping_requests(
     keep_pid = server.model("keep")["pid"]
     change_pid = server.model("change")["pid"]
     codes: list[tuple[str, int, float]] = []
+    answers: list[tuple[str, str]] = []  # the bodies of the non-200 answers, for a failure
     stop = threading.Event()
 
     def traffic(name: str) -> None:
@@ -225,6 +226,8 @@ def test_reload_changes_adds_and_removes_models_without_dropping_requests(
             while not stop.is_set():
                 r = http.post("/v1/chat/completions", json=chat(name, 6, name != "drop"))
                 codes.append((name, r.status_code, time.monotonic()))
+                if r.status_code != 200:
+                    answers.append((name, r.text))
                 if name == "drop" and r.status_code == 404:
                     return  # removed: the 404 names the available models
 
@@ -259,7 +262,7 @@ def test_reload_changes_adds_and_removes_models_without_dropping_requests(
     assert gone.status_code == 404
     # Every request was answered; only requests sent after "drop" was removed got 404.
     dropped = [(n, c) for n, c, _ in codes if c != 200 and not (n == "drop" and c == 404)]
-    assert dropped == []
+    assert dropped == [], (answers, server.log()[-6000:])
     assert {n for n, c, _ in codes if c == 200} == {"keep", "change", "drop"}
 
 

@@ -6,6 +6,8 @@ silent on demand; the integration tests (tests/supervisor/test_faults.py) cover 
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -15,7 +17,7 @@ import pytest
 
 from corral.errors import UpstreamError, UpstreamTimeoutError
 from corral.proxy.forward import send_upstream
-from corral.supervisor.childhttp import ChildResponse, ChildSession
+from corral.supervisor.childhttp import ChildResponse, ChildSession, _as_httpx
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], object]
 
@@ -206,3 +208,61 @@ async def test_lines_split_across_reads(cut: int) -> None:
     # U+2028 inside a JSON string is no line end (httpx's aiter_lines splits there).
     assert lines == ["data: é", "", "data: b", "data: \u2028c"]
 
+
+
+async def test_a_chunked_answers_connection_is_not_reused(tmp_path: Path) -> None:
+    # llama-server closes the connection after every streamed (chunked) answer, though its
+    # headers offer keep-alive; this fake keeps it open, so only corral's choice is seen.
+    # An answer with a Content-Length leaves its connection to the next request.
+    connections: list[int] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(id(writer))
+        while True:
+            try:
+                request = await read_request(reader)
+            except asyncio.IncompleteReadError:
+                return  # corral closed it
+            if b"chunked" in request:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                             b"Transfer-Encoding: chunked\r\n\r\n9\r\ndata: 1\n\n\r\n0\r\n\r\n")
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+            await writer.drain()
+
+    async def ask(session: ChildSession, path: str) -> bytes:
+        response = await send_upstream(session, "m", "POST", path, b"", [], b"{}")
+        try:
+            return await response.aread()
+        finally:
+            await response.aclose()
+
+    async with child(tmp_path, handler) as session:
+        assert [await ask(session, "/whole") for _ in range(3)] == [b"{}"] * 3
+        assert len(connections) == 1
+        # The first goes on the pooled connection; each connection ends with its chunked answer.
+        assert [await ask(session, "/chunked") for _ in range(3)] == [b"data: 1\n\n"] * 3
+        assert len(connections) == 3
+        assert await ask(session, "/whole") == b"{}"
+        assert len(connections) == 4
+
+
+async def test_a_connection_reset_before_an_answer_was_not_delivered(tmp_path: Path) -> None:
+    # A reset (or a pooled connection found closing as the request goes out, which aiohttp
+    # reports as "Can not write request body") is the child's "no answer", as a close is.
+    import aiohttp
+
+    refused = _as_httpx(aiohttp, aiohttp.ClientOSError(None, "Can not write request body"),
+                        before_answer=True)
+    assert isinstance(refused, httpx.RemoteProtocolError)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    async with child(tmp_path, handler) as session:
+        with pytest.raises(UpstreamError) as caught:
+            await send(session)
+    assert (caught.value.delivered, caught.value.refused) == (False, False)

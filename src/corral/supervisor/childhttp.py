@@ -48,7 +48,7 @@ class ChildSession:
         # a request does not pick a connection the child is closing.
         connector = aiohttp.UnixConnector(path=socket, limit=0, keepalive_timeout=2.0)
         self.session = aiohttp.ClientSession(
-            connector=connector, auto_decompress=False,
+            connector=connector, auto_decompress=False, response_class=_one_use_if_chunked(),
             headers={"Authorization": f"Bearer {api_key}"},
             skip_auto_headers=("Accept-Encoding", "User-Agent", "Content-Type"),
         )
@@ -163,6 +163,38 @@ class ChildResponse:
         self._response.release() if self._response.content.at_eof() else self._response.close()
 
 
+_response_class: type[aiohttp.ClientResponse] | None = None
+
+
+def _one_use_if_chunked() -> type[aiohttp.ClientResponse]:
+    """aiohttp's response, except that a chunked answer's connection is never pooled.
+
+    llama-server (515e855) ends the connection after every chunked (streamed) answer, though
+    its headers offer keep-alive. aiohttp pools a connection when its body ends, and the next
+    request sent on it before the child's FIN arrived failed ("Server disconnected" or "Can
+    not write request body"): measured on every request so sent, each then retried.
+    """
+    global _response_class
+    if _response_class is None:
+        import aiohttp
+
+        class OneUseIfChunked(aiohttp.ClientResponse):
+            async def start(self, connection: aiohttp.connector.Connection) -> OneUseIfChunked:
+                protocol = connection.protocol
+                await super().start(connection)
+                if protocol is not None and "chunked" in self.headers.get(
+                        "Transfer-Encoding", "").lower():
+                    protocol.force_close()  # closed, not pooled, when the body ends
+                    if self.connection is None:
+                        # The whole body came with the headers: already pooled, in this same
+                        # step of the loop, so no other request can have taken it yet.
+                        protocol.close()
+                return self
+
+        _response_class = OneUseIfChunked
+    return _response_class
+
+
 def _buffered(content: Any) -> bytes:
     """What aiohttp read from the socket but has not handed over (its private buffer)."""
     if not getattr(content, "_buffer", None):
@@ -178,8 +210,12 @@ def _as_httpx(aiohttp: Any, exc: BaseException, before_answer: bool) -> BaseExce
         return httpx.ConnectTimeout(str(exc))
     if isinstance(exc, aiohttp.ServerTimeoutError | asyncio.TimeoutError):
         return httpx.ReadTimeout(str(exc) or "no data within the read timeout")
-    if isinstance(exc, aiohttp.ServerDisconnectedError) and before_answer:
-        return httpx.RemoteProtocolError("the child closed the connection without answering")
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError) and before_answer:
+        # Closed or reset before any answer (aiohttp says "Can not write request body" for a
+        # connection that was closing when the request went out): the child produced nothing
+        # for it. The retry sends it again only to a child still alive.
+        return httpx.RemoteProtocolError(
+            f"the child closed the connection without answering ({type(exc).__name__}: {exc})")
     if isinstance(exc, aiohttp.ClientError):
         kind = httpx.WriteError if before_answer else httpx.ReadError
         return kind(f"{type(exc).__name__}: {exc}")
