@@ -26,7 +26,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -179,14 +179,15 @@ def no_llama_server_survives() -> Iterator[None]:
 class CorralProcess:
     """``corral serve`` as a subprocess on a free port, with helpers to look inside it."""
 
-    def __init__(self, config_path: Path, port: int, log_path: Path) -> None:
+    def __init__(self, config_path: Path, port: int, log_path: Path,
+                 prefix: Sequence[str] = ()) -> None:
         self.config_path = config_path
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "corral", "serve", "-c", str(config_path)],
+            [*prefix, sys.executable, "-m", "corral", "serve", "-c", str(config_path)],
             stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
         # Generous: on a loaded two-core machine a request queued behind others can take
@@ -340,8 +341,9 @@ def corral(
         llama_server = find_llama_server() or "llama-server"
     started: list[CorralProcess] = []
 
-    def start(config: dict[str, Any], *, wait: bool = True) -> CorralProcess:
-        server = launch(tmp_path, llama_server, config)
+    def start(config: dict[str, Any], *, wait: bool = True,
+              prefix: Sequence[str] = ()) -> CorralProcess:
+        server = launch(tmp_path, llama_server, config, prefix)
         started.append(server)
         if wait:
             server.wait_healthy()
@@ -352,9 +354,11 @@ def corral(
         server.close()
 
 
-def launch(directory: Path, llama_server: str, config: dict[str, Any]) -> CorralProcess:
+def launch(directory: Path, llama_server: str, config: dict[str, Any],
+           prefix: Sequence[str] = ()) -> CorralProcess:
     """``corral serve`` on a free port with ``config`` (``llama_server.binary`` and the state
-    file filled in), its files in ``directory``; not waited for."""
+    file filled in), its files in ``directory``; not waited for. ``prefix``: a command that
+    runs corral (``exec "$@"``)."""
     port = free_port()
     config = {**config}
     config.setdefault("listen", {"host": "127.0.0.1", "port": port})
@@ -363,4 +367,4 @@ def launch(directory: Path, llama_server: str, config: dict[str, Any]) -> Corral
     config.setdefault("state_file", str(directory / f"children-{port}.json"))
     path = directory / f"corral-{port}.yaml"
     path.write_text(yaml.safe_dump(config))
-    return CorralProcess(path, port, directory / f"corral-{port}.log")
+    return CorralProcess(path, port, directory / f"corral-{port}.log", prefix)

@@ -16,7 +16,8 @@ from typing import Any
 
 import psutil
 
-from corral.placement.devices import Device, gpu, host
+from corral.placement.devices import CPU, Device, gpu, host
+from corral.probe.cgroup import cgroup_memory
 
 log = logging.getLogger("corral.probe.devices")
 
@@ -76,8 +77,14 @@ def _gpus(nvml: Any | None) -> list[Device]:
 
 
 def _host() -> Device:
+    """The host's RAM, or the part of it corral's cgroup (a container) may use."""
     memory = psutil.virtual_memory()
-    return host(int(memory.total), int(memory.available))
+    total, available = int(memory.total), int(memory.available)
+    limited = cgroup_memory()
+    if limited is None or limited.limit >= total:
+        return host(total, available)
+    return Device(CPU, "cpu", limited.limit, min(available, limited.free),
+                  f"system memory (cgroup v{limited.version} limit)")
 
 
 _CUDA_DEVICE = re.compile(r"^\s+CUDA\d+:", re.MULTILINE)
@@ -100,7 +107,8 @@ def binary_gpus(binary: str) -> int | None:
 
 
 def discover_devices() -> list[Device]:
-    """The GPUs NVML sees followed by the host's RAM (total, and available as free)."""
+    """The GPUs NVML sees followed by the host's RAM (total, and available as free), or the
+    memory limit of corral's cgroup where that is lower (a container's)."""
     return [*discover_gpus(), _host()]
 
 
