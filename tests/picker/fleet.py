@@ -71,6 +71,7 @@ class Fleet:
                                                  str(directory / "picker.yaml")])
             self.picker_address = f"127.0.0.1:{grpc_port}"
             self.admin = httpx.Client(timeout=10)
+            self.envoy_admins: list[str] = []
             wait_until(self._picker_sees_all, 120, 0.1, self._log_tail)
             self.url, self.retry_url, self.envoy = self.start_envoy(fail_open)
             self.http = httpx.Client(base_url=self.url, timeout=240)
@@ -109,7 +110,15 @@ class Fleet:
             return False
 
         wait_until(ready, 60, 0.05, self._log_tail)
+        self.envoy_admins.append(f"http://127.0.0.1:{admin}")
         return f"http://127.0.0.1:{listen}", f"http://127.0.0.1:{retry}", proc
+
+    def envoy_counter(self, suffix: str) -> int:
+        """A counter of the first Envoy's (``/stats``), summed over the stats it ends."""
+        text = self.admin.get(self.envoy_admins[0] + "/stats").text
+        return sum(int(value) for name, _, value in
+                   (line.partition(": ") for line in text.splitlines())
+                   if name.endswith(suffix) and value.strip().isdigit())
 
     def status(self) -> dict[str, Any]:
         """The picker's fleet view."""

@@ -69,6 +69,27 @@ def test_requests_go_where_the_model_is_loaded(fleet: Fleet) -> None:
     assert fleet.decisions()["loaded_free"] >= 4
 
 
+def test_a_body_envoy_sends_in_many_chunks_is_routed_by_its_last_key(fleet: Fleet) -> None:
+    # 1 MB of JSON whitespace before "model": Envoy streams the body to the picker in many
+    # chunks, and the pod must receive every byte (the child parses the JSON whole).
+    body = (b'{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,'
+            + b" " * 1_000_000 + b'"model": "b"}')
+    def loaded() -> int:  # decided by where "b" is loaded (free or queued, as the view says)
+        decisions = fleet.decisions()
+        return decisions.get("loaded_free", 0) + decisions.get("loaded_queue", 0)
+
+    before, sent = loaded(), fleet.envoy_counter("ext_proc.stream_msgs_sent")
+    response = fleet.http.post("/v1/chat/completions", content=body,
+                               headers={"content-type": "application/json"})
+    assert response.status_code == 200, response.text
+    assert upstream(response) == fleet.endpoints[1]
+    assert response.json()["model"] == "b"
+    assert loaded() == before + 1
+    # The headers and at least two body chunks went to the picker for this one request.
+    assert fleet.envoy_counter("ext_proc.stream_msgs_sent") - sent >= 3
+    SERVED[upstream(response)] += 1
+
+
 def test_an_unknown_model_is_answered_by_the_picker(fleet: Fleet) -> None:
     response = fleet.http.post("/v1/chat/completions", json={"model": "nope", "messages": []})
     assert response.status_code == 404
