@@ -82,8 +82,8 @@ def test_ps_presents_a_key_when_corral_has_keys(corral: Start, smollm2_header: P
 
     refused(corral_ps("--url", server.url), "401", "--key", "CORRAL_API_KEY")
     refused(corral_ps("--url", server.url, "--key", "wrong"), "401", "refused the API key")
-    refused(corral_ps("--url", server.url, key_env=APP_KEY), "403", "admin scope",
-            "key 'app' does not have the 'admin' scope")
+    refused(corral_ps("--url", server.url, key_env=APP_KEY), "403",
+            "neither the status nor the admin scope", "key 'app' does not have the 'status' scope")
 
     by_flag = corral_ps("--url", server.url, "--key", ADMIN_KEY, "--json")
     assert by_flag.returncode == 0, by_flag.stderr

@@ -42,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         "pod's models, slots and queues in one table")
     subs["ps"].add_argument("--json", action="store_true", help="print /admin/status as JSON")
     subs["ps"].add_argument(
-        "--key", help="an API key with the admin scope, needed when auth.keys are configured "
-        "(default $CORRAL_API_KEY, which other users cannot see in the process list)")
+        "--key", help="an API key with the status (or admin) scope, needed when auth.keys are "
+        "configured (default $CORRAL_API_KEY, which other users cannot see in the process list)")
     subs["plan"].add_argument("--json", action="store_true", help="print the plan as JSON")
     subs["pull"].add_argument(
         "models", nargs="*", help="configured models, or sources (owner/repo:Q4_K_M, "

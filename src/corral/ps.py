@@ -29,12 +29,12 @@ def fetch_status(url: str, api_key: str | None = None, timeout: float = 5.0) -> 
         raise StatusError(f"cannot read {endpoint}: {exc}") from None
     if response.status_code == 401:
         why = ("corral refused the API key; check --key or CORRAL_API_KEY" if api_key else
-               "corral requires an API key with the admin scope; pass --key or set "
+               "corral requires an API key with the status (or admin) scope; pass --key or set "
                "CORRAL_API_KEY")
         raise StatusError(f"cannot read {endpoint}: {why} ({_answer(response)})")
     if response.status_code == 403:
-        raise StatusError(f"cannot read {endpoint}: the API key does not have the admin scope "
-                          f"({_answer(response)})")
+        raise StatusError(f"cannot read {endpoint}: the API key has neither the status nor the "
+                          f"admin scope ({_answer(response)})")
     if response.status_code != 200:
         raise StatusError(f"cannot read {endpoint}: {_answer(response)}")
     try:

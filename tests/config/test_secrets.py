@@ -79,7 +79,7 @@ def test_keys_read_from_files_and_the_environment_stay_out_of_errors(
     found = problems({"keys": [{"key_file": "binary.key"}, {"key_file": "blank.key"},
                                {"key_env": "CORRAL_TEST_KEY", "scopes": ["root"]}]}, tmp_path)
     assert found == [
-        "auth.keys.2.scopes.0: input should be 'inference' or 'admin', got 'root'"]
+        "auth.keys.2.scopes.0: input should be 'inference', 'status' or 'admin', got 'root'"]
     found = problems({"keys": [{"key_file": "binary.key"}, {"key_file": "blank.key"},
                                {"key_env": "CORRAL_TEST_KEY"}]}, tmp_path)
     assert found == [

@@ -20,6 +20,7 @@ Start = Callable[..., CorralProcess]
 TEAM_A = "team-a-secret-0123456789"
 ADMIN = "admin-secret-9876543210"
 FROM_FILE = "file-secret-5555555555"
+WATCH = "status-secret-7777777777"
 
 
 def secured(smollm2: Path, tmp_path: Path, **auth: Any) -> dict[str, Any]:
@@ -33,6 +34,7 @@ def secured(smollm2: Path, tmp_path: Path, **auth: Any) -> dict[str, Any]:
             {"name": "team-a", "key_env": "CORRAL_TEST_KEY_A", "scopes": ["inference"],
              "models": ["open"]},
             {"name": "ops", "key": ADMIN, "scopes": ["inference", "admin"]},
+            {"name": "watch", "key": WATCH, "scopes": ["status"]},
             {"name": "filed", "key_file": str(key_file)},
         ], **auth},
     }
@@ -81,6 +83,20 @@ def test_keys_scopes_and_model_allow_lists(
     assert server.http.get("/metrics", headers=bearer(ADMIN)).status_code == 200
     assert server.http.get("/health").status_code == 200
     assert code(server.http.get("/v1/models")) == (401, "invalid_api_key")
+    # A status key (a picker's, Prometheus's) reads, and changes nothing, not even a model.
+    status = server.http.get("/admin/status", headers=bearer(WATCH))
+    assert status.status_code == 200
+    assert sorted(m["name"] for m in status.json()["models"]) == ["closed", "open"]
+    assert server.http.get("/admin/models", headers=bearer(WATCH)).status_code == 200
+    assert server.http.get("/metrics", headers=bearer(WATCH)).status_code == 200
+    for path in ("/admin/models/open/load", "/admin/models/open/unload", "/admin/reload"):
+        refused = post(path, headers=bearer(WATCH))
+        assert code(refused) == (403, "forbidden")
+        assert "key 'watch' does not have the 'admin' scope" in refused.text
+    assert code(server.http.get("/admin/models/open/logs", headers=bearer(WATCH))) == (
+        403, "forbidden")
+    assert code(post("/v1/completions", json=ask("open"), headers=bearer(WATCH))) == (
+        403, "forbidden")
     # A key limited to some models sees only those: in the list and in a 404's suggestions.
     listed = server.http.get("/v1/models", headers=bearer(TEAM_A))
     assert [m["id"] for m in listed.json()["data"]] == ["open"]
@@ -96,7 +112,7 @@ def test_keys_scopes_and_model_allow_lists(
 
     # Keys never reach the logs, valid or not.
     log = server.log()
-    for secret in (TEAM_A, ADMIN, FROM_FILE, "wrong"):
+    for secret in (TEAM_A, ADMIN, FROM_FILE, WATCH, "wrong"):
         assert secret not in log
 
 
@@ -194,7 +210,7 @@ def test_key_config_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert problems({"key": "a", "models": ["nope"]}) == [
         "auth.keys.0.models: 'nope' is not a configured model or alias"]
     assert problems({"key": "a", "scopes": ["root"]}) == [
-        "auth.keys.0.scopes.0: input should be 'inference' or 'admin', got 'root'"]
+        "auth.keys.0.scopes.0: input should be 'inference', 'status' or 'admin', got 'root'"]
 
 
 @pytest.mark.integration

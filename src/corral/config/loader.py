@@ -186,7 +186,9 @@ def _resolve_keys(
             continue
         models = None if key.models is None else frozenset(names[m] for m in key.models)
         keys.append(ResolvedKey(name=key.name or f"key{i}", secret=secret,
-                                scopes=frozenset(key.scopes), models=models))
+                                scopes=frozenset(key.scopes) | (
+                                    {"status"} if "admin" in key.scopes else set()),
+                                models=models))
     if problems:
         raise ConfigError(source, problems)
     return tuple(keys)

@@ -353,7 +353,9 @@ class LimitSettings(StrictModel):
     write_timeout: PositiveDuration = 60.0
 
 
-Scope = Literal["inference", "admin"]
+# "status": read-only (GET /admin/status, GET /admin/models, /metrics), for a picker or a
+# Prometheus that must not unload or reload anything; "admin" includes it.
+Scope = Literal["inference", "status", "admin"]
 
 
 def _default_scopes() -> list[Scope]:

@@ -72,7 +72,7 @@ class PickerConfig(_Strict):
 
     listen: Listen = Listen()
     pods: list[str] | KubernetesSource
-    # The key the picker presents to read each pod's /admin/status (admin scope); taken from
+    # The key the picker presents to read each pod's /admin/status (status scope); taken from
     # the environment variable named by api_key_env when api_key is not written in the file.
     api_key: str | None = None
     api_key_env: str = "CORRAL_API_KEY"

@@ -91,11 +91,15 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 def routes(corral: AdminHost) -> list[Route]:
     """``/admin/status``, ``/admin/models``, ``/admin/models/{name}/load|unload|logs``,
-    ``/admin/reload``; every one needs the ``admin`` scope when keys are configured."""
+    ``/admin/reload``; with keys configured, the two reads need the ``status`` scope (which
+    ``admin`` includes), the rest ``admin`` (a child's log may hold what clients sent)."""
     supervisor = corral.supervisor
 
     def admin_only(handler: Handler) -> Handler:
         return corral.proxy.guarded(handler, "admin")
+
+    def status_scope(handler: Handler) -> Handler:
+        return corral.proxy.guarded(handler, "status")
 
     async def get_status(request: Request) -> Response:
         await read_headers(list(supervisor.models.values()))
@@ -134,8 +138,8 @@ def routes(corral: AdminHost) -> list[Route]:
         return JSONResponse({"reloaded": True, **changes})
 
     return [
-        Route("/admin/status", admin_only(get_status), methods=["GET"]),
-        Route("/admin/models", admin_only(list_models), methods=["GET"]),
+        Route("/admin/status", status_scope(get_status), methods=["GET"]),
+        Route("/admin/models", status_scope(list_models), methods=["GET"]),
         Route("/admin/models/{name:path}/load", admin_only(load), methods=["POST"]),
         Route("/admin/models/{name:path}/unload", admin_only(unload), methods=["POST"]),
         Route("/admin/models/{name:path}/logs", admin_only(logs), methods=["GET"]),

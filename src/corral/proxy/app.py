@@ -115,7 +115,7 @@ def build_app(
               methods=["GET"]),
         *(Route(path, proxy.guarded(proxy.health, "inference", public_health),
                 methods=["GET"]) for path in ("/health", "/v1/health")),
-        Route("/metrics", proxy.guarded(proxy.metrics_text, "admin", public_metrics),
+        Route("/metrics", proxy.guarded(proxy.metrics_text, "status", public_metrics),
               methods=["GET"]),
         *admin_routes,
     ]

@@ -1,12 +1,12 @@
 """API keys: who may call which endpoints and models.
 
-Keys come from the config (``auth.keys``), each with scopes (``inference``, ``admin``) and an
-optional model allow-list. A request presents one as ``Authorization: Bearer KEY`` or
-``X-Api-Key: KEY``. With no keys configured everything is open to clients (web pages are kept
-out by ``corral.proxy.websafety``; corral refuses to listen beyond loopback unless told
-``allow_unauthenticated``). Keys are printable ASCII (the config refuses others) and compared
-as bytes, in constant time, with the header's own bytes; they are never logged: logs carry the
-key's ``name``.
+Keys come from the config (``auth.keys``), each with scopes (``inference``, ``status``,
+``admin``; ``admin`` includes ``status``) and an optional model allow-list. A request presents
+one as ``Authorization: Bearer KEY`` or ``X-Api-Key: KEY``. With no keys configured everything
+is open to clients (web pages are kept out by ``corral.proxy.websafety``; corral refuses to
+listen beyond loopback unless told ``allow_unauthenticated``). Keys are printable ASCII (the
+config refuses others) and compared as bytes, in constant time, with the header's own bytes;
+they are never logged: logs carry the key's ``name``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from corral.config.schema import ResolvedKey
 from corral.errors import AuthenticationError, PermissionDeniedError
 
 # The identity of requests when no keys are configured.
-OPEN = ResolvedKey(name="anonymous", secret="", scopes=frozenset({"inference", "admin"}),
+OPEN = ResolvedKey(name="anonymous", secret="", scopes=frozenset({"inference", "status", "admin"}),
                    models=None)
 
 
