@@ -36,7 +36,8 @@ from corral.placement import PlacementPlan
 from corral.probe.host import make_ledger, prepare_socket_dir, socket_dir, state_file_path
 from corral.supervisor.children import ChildRegistry
 from corral.supervisor.events import Demand, NoDemand, Observers, SupervisorEvents
-from corral.supervisor.model import Lease, ManagedModel, StopReason
+from corral.supervisor.lifecycle import ModelLifecycle, StopReason
+from corral.supervisor.model import Lease, ManagedModel
 from corral.supervisor.placing import Candidate, place
 
 log = structlog.get_logger("corral.supervisor")
@@ -197,7 +198,7 @@ class Supervisor:
 
     # -- what models use of their host -------------------------------------------------------
 
-    async def place(self, model: ManagedModel) -> PlacementPlan:
+    async def place(self, model: ModelLifecycle) -> PlacementPlan:
         """Plan ``model`` and reserve its memory, evicting idle models or waiting for memory up
         to its queue timeout."""
         return await place(model.local_spec, self.config, self.ledger,
@@ -220,7 +221,7 @@ class Supervisor:
         finally:
             self._capacity_waiters -= 1
 
-    def _eviction_candidates(self, loading: ManagedModel) -> list[Candidate]:
+    def _eviction_candidates(self, loading: ModelLifecycle) -> list[Candidate]:
         return [Candidate(m.name, m.last_used, busy=m.busy, pinned=m.spec.pinned)
                 for m in self.models.values()
                 if m is not loading and self.ledger.holdings(m.name)]
@@ -232,7 +233,7 @@ class Supervisor:
         self.ledger.release(model)
         self.capacity_changed()
 
-    def forget(self, model: ManagedModel) -> None:
+    def forget(self, model: ModelLifecycle) -> None:
         """A retired model: gone for good (a reload that adds the name back makes a new one)."""
         if self.models.get(model.name) is model:
             del self.models[model.name]
