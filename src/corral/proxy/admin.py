@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+import json
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 import structlog
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from corral import __version__
 from corral.config import Config
-from corral.errors import ConfigError
+from corral.errors import BadRequestError, ConfigError
 from corral.placement.fitness import FitAnswer
 from corral.proxy.admission import AdmissionQueue, AdmissionQueues
 from corral.proxy.drain import DrainState
@@ -88,11 +92,49 @@ def status(corral: AdminHost) -> dict[str, Any]:
 
 Handler = Callable[[Request], Awaitable[Response]]
 
+# /admin/status/stream: seconds between two snapshots (?interval=), and the bounds on it.
+STREAM_INTERVAL = 1.0
+STREAM_INTERVAL_BOUNDS = (0.1, 60.0)
+
+
+def stream_interval(given: str | None) -> float:
+    """The ``interval`` a status stream asked for, in seconds; ``BadRequestError`` otherwise."""
+    if given is None:
+        return STREAM_INTERVAL
+    low, high = STREAM_INTERVAL_BOUNDS
+    try:
+        seconds = float(given)
+    except ValueError:
+        seconds = math.nan
+    if not low <= seconds <= high:  # NaN fails both
+        raise BadRequestError(f"interval: {given[:40]!r} is not a number of seconds from "
+                              f"{low:g} to {high:g}", code="invalid_interval")
+    return seconds
+
+
+async def status_snapshots(corral: AdminHost, interval: float) -> AsyncIterator[bytes]:
+    """``/admin/status`` as server-sent events, one ``status`` event every ``interval``
+    seconds: what a live view of slots, queues and memory draws from.
+
+    It ends once corral drains, after a last snapshot that says so (``draining: true``), so an
+    open view never holds a shutdown back.
+    """
+    while True:
+        await read_headers(list(corral.supervisor.models.values()))
+        snapshot = json.dumps(status(corral), separators=(",", ":"))
+        yield f"event: status\ndata: {snapshot}\n\n".encode()
+        if corral.drain.draining:
+            return
+        deadline = time.monotonic() + interval
+        while not corral.drain.draining and time.monotonic() < deadline:
+            await asyncio.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+
 
 def routes(corral: AdminHost) -> list[Route]:
-    """``/admin/status``, ``/admin/models``, ``/admin/models/{name}/load|unload|logs``,
-    ``/admin/reload``; with keys configured, the two reads need the ``status`` scope (which
-    ``admin`` includes), the rest ``admin`` (a child's log may hold what clients sent)."""
+    """``/admin/status`` (and ``/admin/status/stream``), ``/admin/models``,
+    ``/admin/models/{name}/load|unload|logs``, ``/admin/reload``; with keys configured, the
+    reads need the ``status`` scope (which ``admin`` includes), the rest ``admin`` (a child's
+    log may hold what clients sent)."""
     supervisor = corral.supervisor
 
     def admin_only(handler: Handler) -> Handler:
@@ -104,6 +146,12 @@ def routes(corral: AdminHost) -> list[Route]:
     async def get_status(request: Request) -> Response:
         await read_headers(list(supervisor.models.values()))
         return JSONResponse(status(corral))
+
+    async def stream_status(request: Request) -> Response:
+        interval = stream_interval(request.query_params.get("interval"))
+        return StreamingResponse(status_snapshots(corral, interval),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
     async def list_models(request: Request) -> Response:
         return JSONResponse({"models": [m.describe() for m in supervisor.models.values()]})
@@ -139,6 +187,7 @@ def routes(corral: AdminHost) -> list[Route]:
 
     return [
         Route("/admin/status", status_scope(get_status), methods=["GET"]),
+        Route("/admin/status/stream", status_scope(stream_status), methods=["GET"]),
         Route("/admin/models", status_scope(list_models), methods=["GET"]),
         Route("/admin/models/{name:path}/load", admin_only(load), methods=["POST"]),
         Route("/admin/models/{name:path}/unload", admin_only(unload), methods=["POST"]),
