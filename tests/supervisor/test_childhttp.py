@@ -252,9 +252,12 @@ async def test_a_connection_reset_before_an_answer_was_not_delivered(tmp_path: P
     # reports as "Can not write request body") is the child's "no answer", as a close is.
     import aiohttp
 
-    refused = _as_httpx(aiohttp, aiohttp.ClientOSError(None, "Can not write request body"),
-                        before_answer=True)
-    assert isinstance(refused, httpx.RemoteProtocolError)
+    for lost in (aiohttp.ClientOSError(None, "Can not write request body"),
+                 aiohttp.ClientConnectionResetError("Cannot write to closing transport"),
+                 aiohttp.ServerDisconnectedError()):
+        assert isinstance(_as_httpx(aiohttp, lost, before_answer=True),
+                          httpx.RemoteProtocolError)
+        assert isinstance(_as_httpx(aiohttp, lost, before_answer=False), httpx.ReadError)
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)

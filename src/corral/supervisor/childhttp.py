@@ -210,10 +210,11 @@ def _as_httpx(aiohttp: Any, exc: BaseException, before_answer: bool) -> BaseExce
         return httpx.ConnectTimeout(str(exc))
     if isinstance(exc, aiohttp.ServerTimeoutError | asyncio.TimeoutError):
         return httpx.ReadTimeout(str(exc) or "no data within the read timeout")
-    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError) and before_answer:
-        # Closed or reset before any answer (aiohttp says "Can not write request body" for a
-        # connection that was closing when the request went out): the child produced nothing
-        # for it. The retry sends it again only to a child still alive.
+    if isinstance(exc, aiohttp.ClientConnectionError) and before_answer:
+        # Closed or reset before any answer (aiohttp says "Server disconnected", "Can not
+        # write request body" or "Cannot write to closing transport" for a connection that was
+        # closing when the request went out): the child produced nothing for it. The retry
+        # sends it again only to a child still alive.
         return httpx.RemoteProtocolError(
             f"the child closed the connection without answering ({type(exc).__name__}: {exc})")
     if isinstance(exc, aiohttp.ClientError):
