@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from corral.probe.cgroup import cgroup_memory
+from corral.probe.cgroup import CgroupMemory, cgroup_memory
 from tests.conftest import CorralProcess
 
 MiB = 2**20
@@ -34,15 +34,25 @@ def test_v2_limit_and_usage_without_reclaimable_file_pages(tmp_path: Path) -> No
                        f"inactive_file {100 * MiB}\nshmem 0")
     found = cgroup_memory(tmp_path, "0::/kubepods/pod1\n")
     assert found is not None
-    assert (found.limit, found.used, found.free, found.version) == (
-        4096 * MiB, 600 * MiB, 3496 * MiB, 2)
+    assert (found.limit, found.free, found.version) == (4096 * MiB, 3496 * MiB, 2)
 
 
-def test_v2_a_parents_lower_limit_binds(tmp_path: Path) -> None:
-    write(tmp_path / "a", memory__max=2048 * MiB)
+def test_v2_a_parents_lower_limit_binds_with_what_its_other_children_use(
+        tmp_path: Path) -> None:
+    # The slice's 2 GiB are shared: a sibling of corral's cgroup uses 1.5 GiB of them.
+    write(tmp_path / "a", memory__max=2048 * MiB, memory__current=1546 * MiB)
     write(tmp_path / "a" / "b", memory__max="max", memory__current=10 * MiB)
     found = cgroup_memory(tmp_path, "0::/a/b")
-    assert found is not None and found.limit == 2048 * MiB and found.used == 10 * MiB
+    assert found is not None and (found.limit, found.free) == (2048 * MiB, 502 * MiB)
+
+
+def test_v2_a_cgroup_without_the_memory_controller_is_bounded_by_its_parent(
+        tmp_path: Path) -> None:
+    # No memory.* files in corral's own cgroup: its parent does not pass the controller down.
+    write(tmp_path / "a", memory__max=1024 * MiB, memory__current=24 * MiB)
+    write(tmp_path / "a" / "b", cgroup__procs=1)
+    found = cgroup_memory(tmp_path, "0::/a/b")
+    assert found is not None and (found.limit, found.free) == (1024 * MiB, 1000 * MiB)
 
 
 def test_no_limit_anywhere_is_none(tmp_path: Path) -> None:
@@ -60,15 +70,15 @@ def test_v1_takes_the_hierarchical_counters(tmp_path: Path) -> None:
                        f"total_active_file {150 * MiB}\ntotal_inactive_file {50 * MiB}")
     # A hybrid host: the v1 memory controller is the one that enforces.
     found = cgroup_memory(tmp_path, "12:cpu,cpuacct:/docker/c1\n9:memory:/docker/c1\n0::/x")
-    assert found is not None and (found.limit, found.used, found.version) == (
-        1024 * MiB, 500 * MiB, 1)
+    assert found is not None and (found.limit, found.free, found.version) == (
+        1024 * MiB, 524 * MiB, 1)
 
 
 def test_a_container_sees_its_own_cgroup_as_the_mount(tmp_path: Path) -> None:
     # Without a cgroup namespace the path names the host's hierarchy, which is not mounted.
     write(tmp_path, memory__max=512 * MiB, memory__current=100 * MiB)
     found = cgroup_memory(tmp_path, "0::/system.slice/docker-abc.scope")
-    assert found is not None and (found.limit, found.used) == (512 * MiB, 100 * MiB)
+    assert found is not None and (found.limit, found.free) == (512 * MiB, 412 * MiB)
 
 
 @pytest.mark.parametrize("membership", ["", "garbage", "0::/missing"])
@@ -135,3 +145,16 @@ def test_corral_in_a_container_plans_within_its_memory_limit(
     (child,) = server.children()
     with contextlib.suppress(FileNotFoundError):
         assert str(child.pid) in procs.read_text().split()  # the child runs under the limit
+
+
+def test_a_failed_reading_keeps_the_last_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The host's RAM in place of a container's limit for one reading would make the ledger
+    # count the difference as other programs' use, and stall loads until the next reading.
+    from corral.probe import devices
+
+    monkeypatch.setattr(devices, "_cgroup_last", None)
+    readings: list[CgroupMemory | None] = [CgroupMemory(64 * MiB, 32 * MiB, 2), None]
+    monkeypatch.setattr(devices, "cgroup_memory", lambda: readings.pop(0))
+    first, second = devices.discover_devices()[-1], devices.discover_devices()[-1]
+    assert (first.total, first.free) == (64 * MiB, 32 * MiB)
+    assert (second.total, second.free) == (64 * MiB, 32 * MiB)

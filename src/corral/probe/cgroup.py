@@ -4,7 +4,8 @@ Inside a container, ``/proc/meminfo`` (what psutil reads) describes the whole ho
 kernel kills the container's processes once its cgroup goes over its limit: a budget taken from
 psutil alone would place models the container cannot hold. Both cgroup versions are read; the
 limit is the lowest on the path from corral's cgroup up to the root of the mount, since a
-parent's limit binds its children too.
+parent's limit binds its children too, and what is free is the least left under any limit on
+that path (a parent's limit is shared with whatever else runs under it).
 
 Usage counts as psutil's "available" does: file pages (``active_file`` + ``inactive_file``,
 the model files llama-server maps among them) can be reclaimed, so they count as free.
@@ -27,15 +28,11 @@ _UNLIMITED_V1 = 2**62
 
 @dataclass(frozen=True)
 class CgroupMemory:
-    """A cgroup's memory limit and the bytes used under it that cannot be reclaimed."""
+    """The lowest memory limit over corral's cgroup, and the least free under any limit."""
 
     limit: int
-    used: int
+    free: int
     version: int  # 1 or 2
-
-    @property
-    def free(self) -> int:
-        return max(0, self.limit - self.used)
 
 
 def cgroup_memory(
@@ -77,16 +74,25 @@ def _read(mount: Path, path: str, limit_file: str, usage_file: str,
     if not own.is_dir():
         # A container without its own cgroup namespace sees its cgroup mounted as the root.
         own = mount
-    limits = [_limit((d / limit_file).read_text()) for d in _up_to(own, mount)
-              if (d / limit_file).exists()]
-    found = [value for value in limits if value is not None]
-    if not found:
-        return None
-    usage = int((own / usage_file).read_text())
-    stat = _stat(own / "memory.stat")
     prefix = "total_" if version == 1 else ""  # v1's own counters leave out child cgroups
-    files = stat.get(f"{prefix}active_file", 0) + stat.get(f"{prefix}inactive_file", 0)
-    return CgroupMemory(min(found), max(0, usage - files), version)
+    limits: list[int] = []
+    free: list[int] = []
+    # corral's own cgroup may have no memory controller (v2, when its parent does not pass it
+    # down): the limits and usage are read where they are.
+    for directory in _up_to(own, mount):
+        if not (directory / limit_file).exists():
+            continue
+        limit = _limit((directory / limit_file).read_text())
+        if limit is None:
+            continue
+        usage = int((directory / usage_file).read_text())
+        stat = _stat(directory / "memory.stat")
+        files = stat.get(f"{prefix}active_file", 0) + stat.get(f"{prefix}inactive_file", 0)
+        limits.append(limit)
+        free.append(max(0, limit - max(0, usage - files)))
+    if not limits:
+        return None
+    return CgroupMemory(min(limits), min(free), version)
 
 
 def _up_to(directory: Path, mount: Path) -> list[Path]:

@@ -17,7 +17,7 @@ from typing import Any
 import psutil
 
 from corral.placement.devices import CPU, Device, gpu, host
-from corral.probe.cgroup import cgroup_memory
+from corral.probe.cgroup import CgroupMemory, cgroup_memory
 
 log = logging.getLogger("corral.probe.devices")
 
@@ -76,11 +76,20 @@ def _gpus(nvml: Any | None) -> list[Device]:
     return found
 
 
+_cgroup_last: CgroupMemory | None = None
+
+
 def _host() -> Device:
     """The host's RAM, or the part of it corral's cgroup (a container) may use."""
     memory = psutil.virtual_memory()
     total, available = int(memory.total), int(memory.available)
+    global _cgroup_last
     limited = cgroup_memory()
+    if limited is None:
+        # A reading that failed keeps the last limit rather than fall back to the host's RAM
+        # (a limit lifted since would not change the ledger's total, set at start, anyway).
+        limited = _cgroup_last
+    _cgroup_last = limited
     if limited is None or limited.limit >= total:
         return host(total, available)
     return Device(CPU, "cpu", limited.limit, min(available, limited.free),
