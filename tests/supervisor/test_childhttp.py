@@ -6,8 +6,6 @@ silent on demand; the integration tests (tests/supervisor/test_faults.py) cover 
 from __future__ import annotations
 
 import asyncio
-import socket
-import struct
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -247,6 +245,39 @@ async def test_a_chunked_answers_connection_is_not_reused(tmp_path: Path) -> Non
         assert len(connections) == 4
 
 
+async def test_a_streamed_answers_connection_is_not_reused(tmp_path: Path) -> None:
+    # The answer ends only after the client has read its first event: the connection is still
+    # the response's when it is marked, as with a real token stream (the test above has the
+    # whole answer arrive with its headers).
+    connections: list[int] = []
+    first_read = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(id(writer))
+        while True:
+            try:
+                await read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n9\r\ndata: 1\n\n\r\n")
+            await writer.drain()
+            await first_read.wait()
+            first_read.clear()
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+
+    async with child(tmp_path, handler) as session:
+        for _ in range(2):
+            response = await send(session)
+            chunks = response.aiter_raw()
+            assert await anext(chunks) == b"data: 1\n\n"
+            first_read.set()
+            assert [chunk async for chunk in chunks] == []
+            await response.aclose()
+    assert len(connections) == 2
+
+
 async def test_a_connection_reset_before_an_answer_was_not_delivered(tmp_path: Path) -> None:
     # A reset (or a pooled connection found closing as the request goes out, which aiohttp
     # reports as "Can not write request body") is the child's "no answer", as a close is.
@@ -259,13 +290,34 @@ async def test_a_connection_reset_before_an_answer_was_not_delivered(tmp_path: P
                           httpx.RemoteProtocolError)
         assert isinstance(_as_httpx(aiohttp, lost, before_answer=False), httpx.ReadError)
 
+    # For real: a child that closes with the request's body unread resets the connection
+    # (aiohttp: ClientOSError, "Connection reset by peer"), before any answer.
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        sock = writer.get_extra_info("socket")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        writer.transport.abort()
+        await reader.readuntil(b"\r\n\r\n")
+        writer.close()
 
     async with child(tmp_path, handler) as session:
         with pytest.raises(UpstreamError) as caught:
-            await send(session)
+            await send_upstream(session, "m", "POST", "/v1/completions", b"", [],
+                                b"x" * 8_000_000)
     assert (caught.value.delivered, caught.value.refused) == (False, False)
+    assert "ClientOSError" in str(caught.value)
+
+
+async def test_a_large_body_arrives_whole(tmp_path: Path) -> None:
+    # Above 1 MiB the body goes in pieces (not one write): every byte, in order, once.
+    received: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await read_request(reader)
+        received.append(request.partition(b"\r\n\r\n")[2])
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        await writer.drain()
+
+    body = bytes(range(256)) * (3 * 2**20 // 256 + 7)
+    async with child(tmp_path, handler) as session:
+        response = await send_upstream(session, "m", "POST", "/v1/chat/completions", b"", [],
+                                       body)
+        assert await response.aread() == b"{}"
+        await response.aclose()
+    assert received == [body]

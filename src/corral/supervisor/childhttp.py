@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import io
 import re
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
 # Seconds to send a request to a child (httpx's write timeout before).
 WRITE_TIMEOUT = 60.0
 _PATH_SAFE = "/:@!$&'()*+,;=-._~"
+# Larger bodies (images in a chat, up to listen.max_body) go as a stream of 64 KiB writes with
+# a turn of the loop between them, not one write (aiohttp warns of the latter above 1 MiB).
+_LARGE_BODY = 2**20
 _LINE_END = re.compile(r"\r\n|\r|\n")
 
 
@@ -75,7 +79,8 @@ class ChildSession:
         try:
             async with asyncio.timeout(bound) as scope:
                 response = await self.session.request(
-                    method, url, data=body, headers=headers, timeout=timeout,
+                    method, url, data=body if len(body) <= _LARGE_BODY else io.BytesIO(body),
+                    headers=headers, timeout=timeout,
                     allow_redirects=False, compress=None)
         except TimeoutError as exc:
             if scope.expired():
