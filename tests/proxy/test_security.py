@@ -211,6 +211,11 @@ def test_key_config_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         "auth.keys.0.models: 'nope' is not a configured model or alias"]
     assert problems({"key": "a", "scopes": ["root"]}) == [
         "auth.keys.0.scopes.0: input should be 'inference', 'status' or 'admin', got 'root'"]
+    # A status or admin key reads /admin/status and /metrics, which name every model.
+    (wide,) = problems({"key": "a", "scopes": ["inference", "status"], "models": ["m"]})
+    assert wide.startswith("auth.keys.0: a key with the 'status' scope sees every model, so it "
+                           "cannot have a models list")
+    assert "'a'" not in wide  # the key itself stays out
 
 
 @pytest.mark.integration

@@ -377,6 +377,12 @@ class ApiKey(StrictModel):
         given = [k for k in ("key", "key_env", "key_file") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError("give exactly one of key, key_env, key_file")
+        wide = [s for s in self.scopes if s in ("status", "admin")]
+        if self.models is not None and wide:
+            # /admin/status and /metrics name every model: the list could not hold.
+            raise ValueError(f"a key with the {wide[0]!r} scope sees every model, so it cannot "
+                             "have a models list: give the clients limited to some models a "
+                             "key of their own")
         return self
 
 

@@ -158,6 +158,8 @@ class ModelLifecycle:
         elif self.state in (ModelState.UNLOADED, ModelState.FAILED, ModelState.CRASHED,
                             ModelState.GIVEN_UP):
             self._retire_now()
+        # starting, stopping: the transition's end sees the removal; retiring: the running
+        # retire reads the new deadline.
 
     async def _serve_then_stop(self) -> None:
         while self.state == ModelState.RETIRING and self._removal is not None:
