@@ -373,12 +373,13 @@ def test_a_reload_applies_the_shutdown_and_header_timeouts(
     with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n")
         assert sock.recv(1024) == b""
-        assert 1.0 <= time.monotonic() - began < 1.0 + 20.0
+        # Never before the new timeout; far sooner than the old one however busy the machine.
+        assert 1.0 <= time.monotonic() - began < 1.0 + 120.0
 
     # An endless stream is cut by the drain at the new shutdown timeout.
     assert server.http.post("/admin/models/m/load").status_code == 200
     took, received = sigterm_during_an_endless_stream(server)
-    assert 2.0 <= took < 2.0 + 20.0
+    assert 2.0 <= took < 2.0 + 120.0  # the old timeout was 5 minutes
     assert "data: [DONE]" not in received
 
 
