@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import functools
 import io
 import re
 from collections.abc import AsyncIterator
@@ -168,9 +169,7 @@ class ChildResponse:
         self._response.release() if self._response.content.at_eof() else self._response.close()
 
 
-_response_class: type[aiohttp.ClientResponse] | None = None
-
-
+@functools.cache
 def _one_use_if_chunked() -> type[aiohttp.ClientResponse]:
     """aiohttp's response, except that a chunked answer's connection is never pooled.
 
@@ -179,25 +178,22 @@ def _one_use_if_chunked() -> type[aiohttp.ClientResponse]:
     request sent on it before the child's FIN arrived failed ("Server disconnected" or "Can
     not write request body"): measured on every request so sent, each then retried.
     """
-    global _response_class
-    if _response_class is None:
-        import aiohttp
+    import aiohttp  # with the first child, as in ChildSession
 
-        class OneUseIfChunked(aiohttp.ClientResponse):
-            async def start(self, connection: aiohttp.connector.Connection) -> OneUseIfChunked:
-                protocol = connection.protocol
-                await super().start(connection)
-                if protocol is not None and "chunked" in self.headers.get(
-                        "Transfer-Encoding", "").lower():
-                    protocol.force_close()  # closed, not pooled, when the body ends
-                    if self.connection is None:
-                        # The whole body came with the headers: already pooled, in this same
-                        # step of the loop, so no other request can have taken it yet.
-                        protocol.close()
-                return self
+    class OneUseIfChunked(aiohttp.ClientResponse):
+        async def start(self, connection: aiohttp.connector.Connection) -> OneUseIfChunked:
+            protocol = connection.protocol
+            await super().start(connection)
+            if protocol is not None and "chunked" in self.headers.get(
+                    "Transfer-Encoding", "").lower():
+                protocol.force_close()  # closed, not pooled, when the body ends
+                if self.connection is None:
+                    # The whole body came with the headers: already pooled, in this same
+                    # step of the loop, so no other request can have taken it yet.
+                    protocol.close()
+            return self
 
-        _response_class = OneUseIfChunked
-    return _response_class
+    return OneUseIfChunked
 
 
 def _buffered(content: Any) -> bytes:
