@@ -144,7 +144,9 @@ def test_sse_passes_through_envoy_unbuffered(fleet: Fleet) -> None:
 
 
 def test_ndjson_passes_through_envoy_unbuffered(fleet: Fleet) -> None:
-    body = {"model": "b", "stream": True, "options": {"num_predict": 200},
+    # Greedy: a count goes on (at random the model may end it early, freeing the slot).
+    body = {"model": "b", "stream": True,
+            "options": {"num_predict": 300, "temperature": 0, "top_k": 1, "seed": 1},
             "messages": [{"role": "user", "content": "Count from 1 to 500, one per line."}]}
     with fleet.http.stream("POST", "/api/chat", json=body) as response:
         assert response.status_code == 200

@@ -96,7 +96,9 @@ def test_ten_streams_on_two_slots_never_exceed_two_upstream(
 
 
 def test_queue_full_gives_429_and_timeout_gives_503(corral: Start, smollm2: Path) -> None:
-    server = corral(config(smollm2, 1, max=1, timeout="2s"))
+    # The queued request must still be waiting when the next one comes: 10 s between two
+    # requests of the test is more than a busy machine takes, and not long to wait.
+    server = corral(config(smollm2, 1, max=1, timeout="10s"))
     assert server.http.post("/admin/models/m/load").status_code == 200
     with ThreadPoolExecutor(1) as pool, holding_a_slot(server, "m"):
         assert server.model_status("m")["slots_busy"] == 1
@@ -107,7 +109,7 @@ def test_queue_full_gives_429_and_timeout_gives_503(corral: Start, smollm2: Path
         assert full.status_code == 429
         assert full.headers["retry-after"] == "1"
         assert full.json()["error"]["code"] == "queue_full"
-        timed_out = queued.result()  # the slot stays busy past its 2 s queue timeout
+        timed_out = queued.result()  # the slot stays busy past its 10 s queue timeout
         assert timed_out.status_code == 503, timed_out.text
         assert timed_out.json()["error"]["code"] == "queue_timeout"
         assert "retry-after" in timed_out.headers

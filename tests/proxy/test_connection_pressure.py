@@ -9,6 +9,7 @@ CPU model decoding a few dozen tokens a second, would take minutes to produce.
 from __future__ import annotations
 
 import json
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -164,17 +165,19 @@ def test_a_body_costly_to_parse_is_refused_before_it_stalls_others(
 
     with ThreadPoolExecutor(4) as pool:
         attackers = [pool.submit(attack) for _ in range(4)]
-        slowest = 0.0
+        waits: list[float] = []
         try:
             for _ in range(10):
                 started = time.perf_counter()
                 assert server.http.get("/health", timeout=120).status_code == 200
-                slowest = max(slowest, time.perf_counter() - started)
+                waits.append(time.perf_counter() - started)
                 time.sleep(0.1)
         finally:
             stop.set()
         assert sum(a.result() for a in attackers) >= 4
-    assert slowest < parse / 2, (slowest, parse)
+    # The median: a parse holding the loop would delay most of them; one slow answer on a busy
+    # machine is the scheduler, not corral.
+    assert statistics.median(waits) < parse / 2, (waits, parse)
     # Parsed, it would have taken some 350 MiB; read and counted, a fraction of its size.
     assert grew < 4 * 16 * MiB, grew
     assert answer.status_code == 413, answer.text

@@ -103,11 +103,13 @@ def test_every_llama_cpp_endpoint_reaches_the_real_llama_server(
 
     # path, body, the status llama-server answers, what only llama-server's answer looks like
     cases: list[tuple[str, dict[str, Any], int, Callable[[Any], bool]]] = [
-        ("/chat/completions", {**chat, "max_tokens": 2}, 200,
+        # ignore_eos: an answer ended at once would count one token, not two.
+        ("/chat/completions", {**chat, "max_tokens": 2, "ignore_eos": True}, 200,
          lambda b: b["object"] == "chat.completion" and b["usage"]["completion_tokens"] == 2),
-        ("/completions", {"model": "m", "prompt": "Hi", "n_predict": 2}, 200,
+        ("/completions", {"model": "m", "prompt": "Hi", "n_predict": 2, "ignore_eos": True},
+         200,
          lambda b: b["tokens_predicted"] == 2 and "content" in b),
-        ("/v1/messages", {**chat, "max_tokens": 2}, 200,  # Anthropic's Messages API
+        ("/v1/messages", {**chat, "max_tokens": 2, "ignore_eos": True}, 200,  # Anthropic's
          lambda b: b["type"] == "message" and b["content"][0]["type"] == "text"),
         ("/v1/messages/count_tokens", chat, 200,
          lambda b: isinstance(b["input_tokens"], int) and b["input_tokens"] > 1),

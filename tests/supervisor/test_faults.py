@@ -112,7 +112,7 @@ def test_hung_child_is_killed_by_the_health_checks(corral: Start, smollm2: Path)
     assert error_event(events)["error"]["code"] == "upstream_failed"
     # Two probes missed, each after an interval and its own second: far sooner than the
     # defaults would find it (3 misses of 5 s + 5 s each), however busy the machine.
-    assert 2 * 1.0 <= took < 20.0
+    assert 2 * 1.0 <= took < 28.0
     server.wait_for(lambda: server.model("m")["state"] == "crashed")
     info = server.model("m")
     assert "stopped answering its health checks" in info["last_error"]
@@ -126,19 +126,20 @@ def test_a_non_streamed_answer_is_bounded_by_the_generation_timeout(
     # so only the generation timeout ends the wait. The read timeout (silence between chunks
     # of a stream) must not cut a non-streamed answer short: it is silent until complete.
     server = corral({"models": {"m": fake(smollm2, "slow:0.5")}, "health": FAST_HEALTH,
-                     "upstream": {"read_timeout": "1s", "generation_timeout": "5s"}})
+                     "upstream": {"read_timeout": "1s", "generation_timeout": "10s"}})
     body = {"model": "m", "messages": [{"role": "user", "content": "Hi"}]}
     reply = server.http.post("/v1/chat/completions", json={**body, "max_tokens": 4})
-    assert reply.status_code == 200, reply.text  # 2 s of silence: past read_timeout, fine
+    # 2 s of silence: past read_timeout, fine; 8 s left for a busy machine's delays.
+    assert reply.status_code == 200, reply.text
 
     started = time.monotonic()
     # 30 s of silence, cut at generation_timeout (the default would wait an hour).
     reply = server.http.post("/v1/chat/completions", json={**body, "max_tokens": 60})
-    assert 5.0 <= time.monotonic() - started < 5.0 + 15.0
+    assert 10.0 <= time.monotonic() - started < 10.0 + 60.0
     assert reply.status_code == 504, reply.text
     error = reply.json()["error"]
     assert error["code"] == "upstream_timeout"
-    assert "generation_timeout (5s)" in error["message"]
+    assert "generation_timeout (10s)" in error["message"]
     # The child is fine, only slow: it keeps running and the slot is free again.
     assert server.model("m")["state"] == "ready"
     server.wait_for(lambda: server.model("m")["in_flight"] == 0)

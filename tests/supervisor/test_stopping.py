@@ -22,11 +22,10 @@ from tests.conftest import FAKE_LLAMA_SERVER, CorralProcess, wait_until
 pytestmark = pytest.mark.integration
 
 Start = Callable[..., CorralProcess]
-STOP_TIMEOUT = 1.0
-# What a loaded machine may add on top of a timeout (starting the fake, the last metrics read,
-# the kill and its reaping); still below the defaults (10 s, 120 s) less the timeout, so an
-# ignored setting shows.
-SLACK = 7.0
+# Long enough for a busy machine to run the fake's SIGTERM handler (it records the signal)
+# before the kill; far below the default (10 s), so an ignored setting shows.
+STOP_TIMEOUT = 2.0
+DEFAULT_STOP_TIMEOUT = 10.0
 
 
 def fake(smollm2: Path, mode: str, record: Record) -> dict[str, Any]:
@@ -106,7 +105,7 @@ def test_a_child_that_ignores_sigterm_is_killed_with_its_group_after_stop_timeou
     assert record.lines().count("SIGTERM") == 1
     assert took >= STOP_TIMEOUT
     # ... then SIGKILLed the whole group: the grandchild ignored SIGTERM as well.
-    assert took < STOP_TIMEOUT + SLACK
+    assert took < DEFAULT_STOP_TIMEOUT
     assert gone(child)
     # A SIGKILLed process dies when it is next scheduled: on a busy machine, a moment later.
     wait_until(lambda: gone(grandchild), timeout=30)
@@ -123,7 +122,7 @@ def test_a_helper_left_in_the_group_goes_with_a_child_that_stopped_at_once(
     child, helper = started(server, record, "wrapped")
     began = time.monotonic()
     assert server.http.post("/admin/models/wrapped/unload").status_code == 200
-    assert time.monotonic() - began < SLACK
+    assert time.monotonic() - began < 25.0  # well below the stop_timeout of 30 s
     assert gone(child)
     wait_until(lambda: gone(helper))
 
@@ -137,7 +136,7 @@ def test_corrals_shutdown_kills_a_child_that_ignores_sigterm_and_its_group(
     assert server.stop(signal.SIGTERM) == 0
     took = time.monotonic() - began
     assert record.lines().count("SIGTERM") == 1
-    assert STOP_TIMEOUT <= took < STOP_TIMEOUT + SLACK
+    assert STOP_TIMEOUT <= took < DEFAULT_STOP_TIMEOUT
     assert gone(child)
     # No parent-death signal reaches a grandchild: only corral's group kill ends it (when it is
     # next scheduled: on a busy machine, a moment later).
@@ -161,7 +160,7 @@ def test_a_child_not_ready_within_startup_timeout_is_killed_and_reported(
     assert "llama-server was not ready within 2s" in error["message"]
     # The child's own output is quoted, so the user sees how far it got.
     assert "fake llama-server listening, mode never_ready" in error["message"]
-    assert 2.0 <= took < 2.0 + SLACK
+    assert 2.0 <= took < 60.0  # the default startup_timeout is 120 s
 
     (child,) = record.pids("pid")
     assert gone(child)  # killed before the answer went out

@@ -135,16 +135,23 @@ def test_generate_streamed_and_not_with_system_and_raw(server: CorralProcess) ->
     assert "".join(p.response for p in raw if p.response)
 
 
+# llama.cpp's grammar for this schema lets the model write whitespace at five places, each at
+# most 22 characters ("\n"{1,2} [ \t]{0,20}, common/json-schema-to-grammar.cpp), around 12
+# characters of JSON: at most 122 tokens of one character or more, then it must stop. A CI run
+# once saw the model fill 32 tokens with whitespace; 128 leaves it no way to run out.
+BOUNDED_JSON = {"num_predict": 128, "temperature": 0, "top_k": 1, "seed": 1}
+
+
 def test_format_schema_gives_json(server: CorralProcess) -> None:
-    # A boolean: the grammar ends the object within a few tokens, whatever the model wants.
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
               "additionalProperties": False}
     answer = client(server).chat(model="smol", messages=[{"role": "user", "content": "Ok?"}],
-                                 format=schema, options={"num_predict": 32})
+                                 format=schema, options=BOUNDED_JSON)
+    assert answer.done_reason == "stop", answer.message.content
     assert isinstance(json.loads(answer.message.content or "")["ok"], bool)
-    assert answer.done_reason == "stop"
     raw = client(server).generate(model="smol", prompt="Answer: ", raw=True, format=schema,
-                                  options={"num_predict": 32})
+                                  options=BOUNDED_JSON)
+    assert raw.done_reason == "stop", raw.response
     assert isinstance(json.loads(raw.response or "")["ok"], bool)
 
 
@@ -162,11 +169,12 @@ def _asked(city: str) -> list[dict[str, Any]]:
 
 # Two calls answered before: at temperature 0 SmolLM2 calls the tool a third time, through
 # the ``<tool_call>`` template that llama-server parses (and constrains with its grammar once
-# the model opens a call). Deterministic: greedy sampling, one slot.
+# the model opens a call). Deterministic: greedy sampling, one slot. The call's JSON may carry
+# whitespace the grammar allows (see BOUNDED_JSON): room for all of it.
 CALLING = [*_asked("Paris"), {"role": "tool", "content": "sunny", "tool_name": "get_weather"},
            *_asked("Berlin"), {"role": "tool", "content": "rain", "tool_name": "get_weather"},
            {"role": "user", "content": "Weather in Rome?"}]
-GREEDY = {"num_predict": 40, "temperature": 0, "top_k": 1, "seed": 1}
+GREEDY = {"num_predict": 160, "temperature": 0, "top_k": 1, "seed": 1}
 
 
 def _one_call(calls: Any) -> None:
