@@ -154,9 +154,11 @@ def llama_servers_since(started: float) -> list[psutil.Process]:
     """llama-servers this test session started (directly, or orphaned to init) and left."""
     me = os.getpid()
     found = []
-    for proc in psutil.process_iter(["name", "create_time", "ppid"]):
+    for proc in psutil.process_iter(["name", "create_time", "ppid", "status"]):
         if proc.info["name"] != "llama-server" or proc.info["create_time"] < started - 1:
             continue
+        if proc.info["status"] == psutil.STATUS_ZOMBIE:
+            continue  # dead: orphaned to a PID 1 that does not reap (a container's), not left
         try:
             ours = proc.info["ppid"] == 1 or any(p.pid == me for p in proc.parents())
         except psutil.Error:
