@@ -10,9 +10,11 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,6 +22,7 @@ import psutil
 import pytest
 import yaml
 
+from corral.probe.host import remove_socket_dir
 from tests.conftest import FAKE_LLAMA_SERVER, CorralProcess
 
 pytestmark = pytest.mark.integration
@@ -131,3 +134,20 @@ def test_corral_refuses_a_socket_directory_someone_prepared(
     assert f"corral: {ours}: the children's socket directory must be a directory of this user" \
         in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_socket_directory_is_removed_with_its_sockets_only() -> None:
+    # What a clean shutdown does to the directory once its children are gone; anything not a
+    # child's socket is not corral's to delete, so it stays, and the directory with it.
+    with tempfile.TemporaryDirectory() as base:  # short: a socket's path has 108 bytes
+        directory = Path(base) / "d"
+        directory.mkdir()
+        with socket.socket(socket.AF_UNIX) as listener:
+            listener.bind(str(directory / "m.sock"))
+        (directory / "notes.txt").write_text("someone's")
+        remove_socket_dir(directory)
+        assert [p.name for p in directory.iterdir()] == ["notes.txt"]
+        (directory / "notes.txt").unlink()
+        remove_socket_dir(directory)
+        assert not directory.exists() and Path(base).exists()
+        remove_socket_dir(directory)  # gone already: nothing to do, no error

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 
+from corral.probe.host import socket_dir
 from tests.conftest import CorralProcess, free_port, frozen
 
 pytestmark = pytest.mark.integration
@@ -40,6 +42,9 @@ def test_sigterm_finishes_requests_stops_children_and_exits_0(
         assert server.http.post(f"/admin/models/{name}/load").status_code == 200
     children = server.children()
     assert len(children) == 2
+    state_file = yaml.safe_load(server.config_path.read_text())["state_file"]
+    sockets = socket_dir(Path(state_file))
+    assert sorted(p.name for p in sockets.iterdir()) == ["a.sock", "b.sock"]
 
     def generate(_: int) -> tuple[int, str]:
         body = {"model": "a", "prompt": "Count:", "max_tokens": 8, "ignore_eos": True}
@@ -62,6 +67,8 @@ def test_sigterm_finishes_requests_stops_children_and_exits_0(
     assert all(text for _, text in finished)
     for child in children:
         assert not child.is_running()
+    assert not sockets.exists()  # the children's sockets go with them, and their directory
+    assert sockets.parent.exists()  # shared by every corral of this user
 
 
 def test_sigkill_of_corral_takes_the_children_with_it(corral: Start, smollm2: Path) -> None:

@@ -7,6 +7,7 @@ Both commands call these, so they decide alike; neither needs the supervisor for
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import shutil
@@ -209,6 +210,19 @@ def child_socket(directory: Path, model: str) -> Path:
     """The socket ``model``'s child listens on, inside ``directory``."""
     safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in model)[:48]
     return directory / f"{safe}.sock"
+
+
+def remove_socket_dir(directory: Path) -> None:
+    """Remove ``directory`` and the sockets in it, once no child listens there any more.
+
+    Anything else found in it stays, and so does the directory then: it is not corral's to
+    delete. The parent is shared by every corral of this user and stays too.
+    """
+    with contextlib.suppress(OSError):
+        for entry in directory.iterdir():
+            if entry.suffix == ".sock" and stat.S_ISSOCK(entry.lstat().st_mode):
+                entry.unlink()
+        directory.rmdir()
 
 
 def prepare_socket_dir(directory: Path) -> Path:

@@ -33,7 +33,13 @@ import structlog
 from corral.config import Config
 from corral.errors import ModelLoadError, ModelNotFoundError, ModelUnavailableError
 from corral.placement import PlacementPlan
-from corral.probe.host import make_ledger, prepare_socket_dir, socket_dir, state_file_path
+from corral.probe.host import (
+    make_ledger,
+    prepare_socket_dir,
+    remove_socket_dir,
+    socket_dir,
+    state_file_path,
+)
 from corral.supervisor.children import ChildRegistry
 from corral.supervisor.events import Demand, NoDemand, Observers, SupervisorEvents
 from corral.supervisor.lifecycle import ModelLifecycle, StopReason
@@ -151,6 +157,11 @@ class Supervisor:
         await asyncio.gather(*self._background, return_exceptions=True)
         await asyncio.gather(*(m.close() for m in list(self.models.values())),
                              return_exceptions=True)
+        # Each corral (state file) has a socket directory of its own: not left behind once
+        # every child is gone. A child still running keeps its socket: the next start stops it.
+        if all(m.process is None or m.process.returncode is not None
+               for m in self.models.values()):
+            remove_socket_dir(self.socket_dir)
 
     def reconfigure(self, config: Config) -> dict[str, list[str]]:
         """Apply a new, already validated configuration without dropping a request.
