@@ -142,6 +142,11 @@ class ChildRegistry:
         if self._entries.pop(pid, None) is not None:
             self._write()
 
+    @property
+    def pids(self) -> list[int]:
+        """The children started and not yet seen to exit."""
+        return list(self._entries)
+
     def reap_leftovers(self) -> list[int]:
         """Kill the children an earlier corral recorded and that still run; return their pids."""
         try:

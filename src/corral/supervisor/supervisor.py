@@ -158,9 +158,9 @@ class Supervisor:
         await asyncio.gather(*(m.close() for m in list(self.models.values())),
                              return_exceptions=True)
         # Each corral (state file) has a socket directory of its own: not left behind once
-        # every child is gone. A child still running keeps its socket: the next start stops it.
-        if all(m.process is None or m.process.returncode is not None
-               for m in self.models.values()):
+        # every child is gone (a retired model's too: the registry has them all). A child
+        # still running keeps its socket: the next start stops it.
+        if not self.registry.pids:
             remove_socket_dir(self.socket_dir)
 
     def reconfigure(self, config: Config) -> dict[str, list[str]]:
